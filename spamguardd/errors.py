@@ -1,0 +1,40 @@
+"""The exception hierarchy, grouped by what the caller does about each error.
+
+This module imports nothing from the package, so every layer may raise these.
+"""
+
+from __future__ import annotations
+
+
+class SpamguardError(Exception):
+    """Root of every error spamguardd raises on purpose."""
+
+
+class ConfigError(SpamguardError):
+    """The configuration is wrong; the daemon refuses to start (exit 78, EX_CONFIG).
+
+    Carries every problem found, so an admin fixes the file in one pass.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class ProtocolError(SpamguardError):
+    """A request or reply did not follow the query protocol."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something we cannot serve: answer ``error`` and close."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to send something the protocol cannot carry: a bug in spamguardd."""
+
+
+class StoreError(SpamguardError):
+    """A state file could not be read, parsed or written.
+
+    The message names the file (and the line, for a damaged file) and what is wrong.
+    """
