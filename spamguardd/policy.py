@@ -1,0 +1,227 @@
+"""The policy: per-user token buckets of failed recipients, and the blocked set. Pure code.
+
+Nothing here reads a clock, touches a file or knows about trio: :meth:`Policy.decide` takes the
+request and the time, updates the in-memory state and returns a :class:`Decision` naming the reply
+and the effects (persist a block, log a "would block") that the server carries out. A day of
+traffic therefore runs in a test in milliseconds.
+
+Invariants:
+
+1. A user key is in at most one of ``blocks`` (blocked) and ``_users`` (counting): a block forgets
+   the counters, which nothing needs any more, so a blocked spammer costs one record.
+2. ``generation`` grows by one on every change to ``blocks``; the server persists the block list
+   and answers a block verdict only once the store holds at least the generation it answered from.
+3. ``0 <= tokens <= rate.count`` in every bucket, for any sequence of times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Final
+
+import attrs
+
+from spamguardd import buckets
+from spamguardd.buckets import UserState
+from spamguardd.config import Mode, PolicyConfig
+from spamguardd.protocol import (
+    CheckRequest,
+    PingRequest,
+    RcptRequest,
+    Reply,
+    Request,
+    Verdict,
+    Verify,
+)
+from spamguardd.rate import Rate, format_duration
+
+ACCEPT: Final = Reply(Verdict.ACCEPT)
+PONG: Final = Reply(Verdict.PONG)
+
+
+@attrs.frozen
+class Block:
+    """One entry of the block list, as persisted in the block file."""
+
+    user: str
+    #: Wall-clock time of the block, seconds since the epoch (persisted, so not monotonic).
+    blocked_at: float
+    reason: str
+    #: ``auto`` for the policy's own blocks, ``admin`` (or ``admin:UID``) for an admin's.
+    by: str = "auto"
+
+
+@attrs.frozen
+class Blocked:
+    """Effect: *block* was just made. Persist it before answering, log it, tell the abuse desk."""
+
+    block: Block
+    rate: Rate
+
+
+@attrs.frozen
+class WouldBlock:
+    """Effect (monitor mode): *user* would have been blocked now by *rate*."""
+
+    user: str
+    rate: Rate
+
+
+Effect = Blocked | WouldBlock
+
+
+@attrs.frozen
+class Decision:
+    """What the policy decided for one request."""
+
+    reply: Reply
+    effects: tuple[Effect, ...] = ()
+    #: Whether this request counted a failure (False for accepts, duplicates, exemptions).
+    counted: bool = False
+    #: Tokens left per window after this request, when the user is being counted.
+    tokens_left: tuple[float, ...] | None = None
+    #: The block-list generation the reply depends on: the server answers only once the store
+    #: has persisted at least this generation. None when the reply does not depend on blocks.
+    needs_generation: int | None = None
+
+
+@attrs.frozen
+class PolicyStatistics:
+    """Counts for ``stats`` and metrics."""
+
+    tracked_users: int
+    blocked_users: int
+    would_block_users: int
+    generation: int
+
+
+class Policy:
+    """Counts failed recipients per user and decides verdicts. See the module docstring."""
+
+    def __init__(self, config: PolicyConfig, blocks: Iterable[Block] = ()) -> None:
+        self.config = config
+        self.blocks: dict[str, Block] = {block.user: block for block in blocks}
+        self.generation = 0
+        self._users: dict[str, bytes] = {}  # user -> buckets.dump(state)
+        self._would_block: set[str] = set()
+
+    # -- queries --------------------------------------------------------------------------
+
+    def decide(self, request: Request, *, now: float, wall_now: float) -> Decision:
+        """Decide the reply to *request* at monotonic time *now* (wall clock *wall_now*)."""
+        if isinstance(request, RcptRequest):
+            return self._rcpt(request, now=now, wall_now=wall_now)
+        if isinstance(request, CheckRequest):
+            return self._blocked_decision(request.user) or Decision(ACCEPT)
+        if isinstance(request, PingRequest):
+            return Decision(PONG)
+        raise TypeError(f"not a request: {request!r}")  # pragma: no cover - exhaustive above
+
+    def _blocked_decision(self, user: str) -> Decision | None:
+        block = self.blocks.get(user)
+        if block is None:
+            return None
+        return Decision(Reply(self.config.verdict, block.reason), needs_generation=self.generation)
+
+    def _is_exempt(self, request: RcptRequest) -> bool:
+        if request.user in self.config.exempt_users:
+            return True
+        ip = request.ip
+        return ip is not None and any(ip in net for net in self.config.exempt_networks)
+
+    def _rcpt(self, request: RcptRequest, *, now: float, wall_now: float) -> Decision:
+        blocked = self._blocked_decision(request.user)
+        if blocked is not None:
+            return blocked
+        if request.verify is Verify.OK or (
+            request.verify is Verify.DEFER and not self.config.count_defer
+        ):
+            return Decision(ACCEPT)
+        if self._is_exempt(request):
+            return Decision(ACCEPT)
+        return self._count_failure(request.user, request.rcpt, now=now, wall_now=wall_now)
+
+    def _count_failure(self, user: str, rcpt: str, *, now: float, wall_now: float) -> Decision:
+        rates = self.config.limits_for(user)
+        stored = self._users.get(user)
+        state = buckets.new_state(rates, now) if stored is None else buckets.load(stored)
+        counted, tripped = buckets.count_failure(state, rates, rcpt, now, _recent_limit(rates))
+        self._users[user] = buckets.dump(state)
+        tokens_left = buckets.tokens_left(state, rates)
+        if tripped is None:
+            return Decision(ACCEPT, counted=counted, tokens_left=tokens_left)
+        reason = f"{tripped.count} failed recipients within {format_duration(tripped.period)}"
+        if self.config.mode is Mode.MONITOR:
+            if user in self._would_block:
+                return Decision(ACCEPT, counted=counted, tokens_left=tokens_left)
+            self._would_block.add(user)
+            return Decision(
+                ACCEPT, (WouldBlock(user, tripped),), counted=counted, tokens_left=tokens_left
+            )
+        block = Block(user=user, blocked_at=wall_now, reason=reason, by="auto")
+        self._add_block(block)
+        return Decision(
+            Reply(self.config.verdict, reason),
+            (Blocked(block, tripped),),
+            counted=counted,
+            tokens_left=tokens_left,
+            needs_generation=self.generation,
+        )
+
+    def _add_block(self, block: Block) -> None:
+        self.blocks[block.user] = block
+        self._users.pop(block.user, None)
+        self.generation += 1
+
+    # -- housekeeping ---------------------------------------------------------------------
+
+    def forget_idle(self, now: float, users: Iterable[str] | None = None) -> int:
+        """Drop users whose buckets are full again and whose failures are all out of window.
+
+        Args:
+            now: the current time.
+            users: the users to look at (default: all). The daemon passes slices of
+                :meth:`tracked_users` so that a sweep over a million users never holds up
+                queries for long.
+
+        Returns:
+            How many users were forgotten.
+        """
+        limits_for = self.config.limits_for
+        tracked = self._users
+        idle = [
+            user
+            for user in (tracked if users is None else users)
+            if (stored := tracked.get(user)) is not None
+            and buckets.is_idle(buckets.load(stored), limits_for(user), now)
+        ]
+        for user in idle:
+            del tracked[user]
+        return len(idle)
+
+    def tracked_users(self) -> list[str]:
+        """The users being counted now (a copy, safe to walk while the policy changes)."""
+        return list(self._users)
+
+    def user_state(self, user: str) -> UserState | None:
+        """The counting state of *user*, if it is being counted (for inspection and tests)."""
+        stored = self._users.get(user)
+        return None if stored is None else buckets.load(stored)
+
+    def statistics(self) -> PolicyStatistics:
+        """Current counts, for ``stats`` and metrics."""
+        return PolicyStatistics(
+            tracked_users=len(self._users),
+            blocked_users=len(self.blocks),
+            would_block_users=len(self._would_block),
+            generation=self.generation,
+        )
+
+    def snapshot_blocks(self) -> tuple[int, Mapping[str, Block]]:
+        """The current generation and a copy of the block list, for the store to persist."""
+        return self.generation, dict(self.blocks)
+
+
+def _recent_limit(rates: Sequence[Rate]) -> int:
+    """Distinct recent failures remembered for a user with these limits."""
+    return max(buckets.MIN_RECENT, *(rate.count for rate in rates))

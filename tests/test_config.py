@@ -1,0 +1,170 @@
+"""Configuration: the documented example works as written, and every mistake is named."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from spamguardd.config import Config, Mode, load_config
+from spamguardd.errors import ConfigError
+from spamguardd.protocol import Verdict
+from spamguardd.rate import Rate
+
+EXAMPLE = """\
+mode = "enforce"                          # or "monitor"
+[limits]
+failed_recipients = ["100/1h", "300/1d"]  # or one string
+count_defer = false
+[block]
+verdict = "freeze"                        # freeze | reject | defer
+[[override]]
+user = "auth:newsletter@example.com"
+failed_recipients = ["1000/1h"]
+[exempt]
+users = ["auth:monitoring@example.com"]
+networks = ["192.0.2.0/24", "2001:db8::/32"]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "spamguardd.toml"
+    path.write_text(text)
+    return path
+
+
+class TestLoad:
+    def test_documented_example(self, tmp_path: Path) -> None:
+        """The example from the docs loads exactly as written."""
+        config = load_config(write(tmp_path, EXAMPLE))
+        policy = config.policy
+        assert policy.mode is Mode.ENFORCE
+        assert policy.failed_recipients == (Rate(100, 3600), Rate(300, 86400))
+        assert policy.count_defer is False
+        assert policy.verdict is Verdict.FREEZE
+        assert policy.limits_for("auth:newsletter@example.com") == (Rate(1000, 3600),)
+        assert policy.limits_for("auth:someone@example.com") == policy.failed_recipients
+        assert policy.exempt_users == {"auth:monitoring@example.com"}
+        assert policy.exempt_networks == (
+            ipaddress.ip_network("192.0.2.0/24"),
+            ipaddress.ip_network("2001:db8::/32"),
+        )
+
+    def test_docs_example_is_the_tested_one(self) -> None:
+        """docs/configuration.md shows this very example, so the docs cannot drift from it."""
+        docs = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+        assert EXAMPLE in docs
+
+    def test_embedded_defaults(self) -> None:
+        """No file: 100 failures per hour, freeze, sockets and state under the working directory."""
+        config = Config()
+        assert config.policy.failed_recipients == (Rate(100, 3600),)
+        assert config.policy.verdict is Verdict.FREEZE
+        assert config.server.query_socket == Path("run/spamguardd.sock")
+        assert config.server.socket_mode == 0o660
+        assert config.server.backlog >= 1024
+        assert config.state.dir == Path("var")
+
+    def test_empty_file_is_the_defaults(self, tmp_path: Path) -> None:
+        """Every key is optional."""
+        config = load_config(write(tmp_path, ""))
+        assert config.policy == Config().policy
+        assert config.server == Config().server
+
+    def test_one_rate_as_a_string(self, tmp_path: Path) -> None:
+        """failed_recipients may be one string instead of a list."""
+        config = load_config(write(tmp_path, '[limits]\nfailed_recipients = "5/1h"\n'))
+        assert config.policy.failed_recipients == (Rate(5, 3600),)
+
+    def test_server_and_state_keys(self, tmp_path: Path) -> None:
+        """Socket mode takes TOML octal or a string; times take seconds or Exim times."""
+        config = load_config(
+            write(
+                tmp_path,
+                '[server]\nquery_socket = "/run/x.sock"\nsocket_mode = 0o600\n'
+                'read_timeout = "2s"\nmax_connections = 10\n'
+                '[state]\ndir = "/var/lib/x"\ngroup = "Debian-exim"\n',
+            )
+        )
+        assert config.server.query_socket == Path("/run/x.sock")
+        assert config.server.socket_mode == 0o600
+        assert config.server.read_timeout == 2.0
+        assert config.server.max_connections == 10
+        assert config.state.group == "Debian-exim"
+
+
+class TestErrors:
+    def test_every_problem_is_reported_with_file_and_key(self, tmp_path: Path) -> None:
+        """One run lists every mistake, each with the file, the dotted key and what was found."""
+        path = write(
+            tmp_path,
+            'mode = "enforc"\n'
+            '[limits]\nfailed_recipients = ["100/1h", "1x"]\ncount_defr = 1\n'
+            '[block]\nverdict = "accept"\n'
+            '[[override]]\nfailed_recipients = ["1000/1h"]\n'
+            '[exempt]\nnetworks = ["192.0.2.0/33"]\n'
+            '[server]\nsocket_mode = "999"\nbacklog = 0\n',
+        )
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert info.value.problems == [
+            f"{path}: mode: expected enforce | monitor (got 'enforc')",
+            f"{path}: limits.count_defr: unknown key (known: count_defer, failed_recipients)",
+            f"{path}: limits.failed_recipients[1]: expected a rate such as 100/1h (got '1x')",
+            f"{path}: block.verdict: expected freeze | reject | defer (got 'accept')",
+            f"{path}: override[0].user: missing required key",
+            (
+                f"{path}: exempt.networks[0]: expected an IP network such as 192.0.2.0/24 (got "
+                "'192.0.2.0/33')"
+            ),
+            (
+                f'{path}: server.socket_mode: expected octal permission bits such as "0660" (got '
+                "'999')"
+            ),
+            f"{path}: server.backlog: must be between 1 and 1048576 (got 0)",
+        ]
+
+    @pytest.mark.parametrize(
+        ("text", "problem"),
+        [
+            ("unknown = 1\n", "unknown: unknown key"),
+            (
+                '[limits]\ncount_defer = "yes"\n',
+                "limits.count_defer: expected true or false (got a string)",
+            ),
+            ("[limits]\nfailed_recipients = []\n", "limits.failed_recipients: expected a rate"),
+            (
+                '[limits]\nfailed_recipients = ["1/1h", "2/60m"]\n',
+                "limits.failed_recipients: two rates with the same period",
+            ),
+            ("limits = 3\n", "limits: expected a table (got an integer)"),
+            (
+                (
+                    '[[override]]\nuser = "a"\nfailed_recipients = "1/1h"\n'
+                    '[[override]]\nuser = "a"\nfailed_recipients = "2/1h"\n'
+                ),
+                "override[1].user: 'a' already has an override",
+            ),
+            ('[exempt]\nusers = [""]\n', "exempt.users: expected a user key"),
+            ("[server]\nread_timeout = 0\n", "server.read_timeout: must be > 0"),
+            ('[log]\nlevel = "loud"\n', "log.level: expected debug | info"),
+        ],
+    )
+    def test_single_problem(self, tmp_path: Path, text: str, problem: str) -> None:
+        """Each kind of mistake gets a message naming the key."""
+        path = write(tmp_path, text)
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert any(f"{path}: {problem}" in p for p in info.value.problems), info.value.problems
+
+    def test_not_toml(self, tmp_path: Path) -> None:
+        """A syntax error names the file and the line."""
+        path = write(tmp_path, "mode = \n")
+        with pytest.raises(ConfigError, match=rf"{path}: not valid TOML: .*line 1"):
+            load_config(path)
+
+    def test_missing_file(self, tmp_path: Path) -> None:
+        """A missing file is a configuration error, not a traceback."""
+        with pytest.raises(ConfigError, match="cannot read: No such file or directory"):
+            load_config(tmp_path / "nope.toml")
