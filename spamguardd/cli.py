@@ -1,0 +1,100 @@
+"""Command-line entry points. The only place that reads argv, sets up logging and runs trio."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+import attrs
+import structlog
+import trio
+
+from spamguardd import __version__
+from spamguardd.config import Config, load_config
+from spamguardd.daemon import Daemon, load_policy
+from spamguardd.errors import ConfigError, StoreError
+from spamguardd.log import configure_logging
+
+EX_OK: Final = 0
+EX_FAILURE: Final = 1
+EX_USAGE: Final = 2
+EX_CONFIG: Final = 78  # sysexits.h: configuration error; systemd does not restart on it
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spamguardd",
+        description="Exim policy daemon: freezes the mail of users whose recipients keep "
+        "failing verification.",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML configuration file (default: embedded defaults, no file needed)",
+    )
+    parser.add_argument(
+        "--query-socket",
+        type=Path,
+        metavar="PATH",
+        help="Unix socket Exim queries (overrides server.query_socket)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="directory of the block list (overrides state.dir)",
+    )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration and the block file, then exit: "
+        "0 when valid, 78 with every problem listed otherwise",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """The configuration from ``--config`` (or the defaults) with command-line overrides.
+
+    Raises:
+        ConfigError: the file is unreadable or invalid.
+    """
+    config = load_config(args.config) if args.config else Config()
+    if args.query_socket is not None:
+        config = attrs.evolve(
+            config, server=attrs.evolve(config.server, query_socket=args.query_socket)
+        )
+    if args.state_dir is not None:
+        config = attrs.evolve(config, state=attrs.evolve(config.state, dir=args.state_dir))
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``spamguardd``; returns the process exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        config = build_config(args)
+        if args.check_config:
+            load_policy(config)
+            print(f"{config.source}: configuration is valid")
+            return EX_OK
+        configure_logging(config.log)
+        daemon = Daemon(config)
+    except (ConfigError, StoreError) as exc:
+        print(f"spamguardd: {exc}".replace("\n", "\nspamguardd: "), file=sys.stderr)
+        return EX_CONFIG
+    log = structlog.get_logger("spamguardd")
+    try:
+        trio.run(daemon.run)
+    except LookupError as exc:
+        log.error("start_failed", error=str(exc))
+        return EX_CONFIG
+    except OSError as exc:
+        log.error("start_failed", error=str(exc))
+        return EX_FAILURE
+    return EX_OK

@@ -1,0 +1,187 @@
+"""The spamguardd command: options, exit codes, and the real daemon process end to end."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spamguardd.cli import EX_CONFIG, main
+
+PYTHON = sys.executable
+
+
+def ask(path: Path, request: bytes) -> bytes:
+    """One readsocket-style exchange with a blocking socket (the daemon is another process)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(4096):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+class Daemon:
+    """A real ``python -m spamguardd`` process in a scratch directory."""
+
+    def __init__(self, workdir: Path, *args: str) -> None:
+        self.workdir = workdir
+        self.socket = workdir / "run" / "spamguardd.sock"
+        self.process = subprocess.Popen(
+            [PYTHON, "-m", "spamguardd", *args],
+            cwd=workdir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        # the daemon prints its "started" line once the socket accepts; poll the process' output
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        assert '"event": "started"' in line, (
+            line,
+            self.process.stderr.read() if self.process.stderr else "",
+        )
+
+    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
+        self.process.send_signal(sig)
+        out, _ = self.process.communicate(timeout=20)
+        return self.process.returncode, out
+
+
+@pytest.fixture(name="workdir")
+def _workdir(sock_dir: Path) -> Path:
+    return sock_dir
+
+
+class TestProcess:
+    def test_embedded_defaults_block_survives_restart(self, workdir: Path) -> None:
+        """No config file: the 100th failure freezes; after SIGTERM and restart it still does."""
+        daemon = Daemon(workdir)
+        try:
+            replies = [
+                ask(daemon.socket, f"rcpt user=auth:m rcpt=r{i}@x verify=fail".encode())
+                for i in range(100)
+            ]
+        finally:
+            code, out = daemon.stop()
+        assert replies[:99] == [b"accept\n"] * 99
+        assert replies[99] == b'freeze reason="100 failed recipients within 1h"\n'
+        assert code == 0
+        assert '"event": "user_blocked"' in out
+        assert '"event": "stopped"' in out
+        assert (workdir / "var" / "blocked").read_text().count('"auth:m"') == 1
+
+        again = Daemon(workdir)
+        try:
+            assert ask(again.socket, b"check user=auth:m").startswith(b"freeze ")
+            assert ask(again.socket, b"check user=auth:n") == b"accept\n"
+        finally:
+            assert again.stop(signal.SIGINT)[0] == 0
+
+    def test_damaged_block_file_stops_the_start(self, workdir: Path) -> None:
+        """A damaged block file is not overwritten: exit 78 naming file and line."""
+        state = workdir / "var"
+        state.mkdir()
+        damaged = b'"auth:a": blocked_at=2026-11-28T00:00:00Z\nauth:b garbage\n'
+        (state / "blocked").write_bytes(damaged)
+        result = subprocess.run(
+            [PYTHON, "-m", "spamguardd"],
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == EX_CONFIG
+        assert "var/blocked:2: the user key must be in double quotes" in result.stderr
+        assert (state / "blocked").read_bytes() == damaged
+
+    def test_help_runs(self) -> None:
+        """python -m spamguardd --help works from a clean process."""
+        result = subprocess.run(
+            [PYTHON, "-m", "spamguardd", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        assert "--check-config" in result.stdout
+
+
+class TestCheckConfig:
+    def test_valid(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """--check-config on a good file says so and exits 0."""
+        path = tmp_path / "c.toml"
+        path.write_text('[limits]\nfailed_recipients = "5/1h"\n')
+        assert (
+            main(["--config", str(path), "--state-dir", str(tmp_path / "s"), "--check-config"]) == 0
+        )
+        assert capsys.readouterr().out == f"{path}: configuration is valid\n"
+
+    def test_every_problem_and_78(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """--check-config on a bad file lists every problem, one per line, and exits 78."""
+        path = tmp_path / "c.toml"
+        path.write_text('mode = "x"\n[limits]\nfailed_recipients = "5"\n')
+        assert main(["--config", str(path), "--check-config"]) == EX_CONFIG
+        err = capsys.readouterr().err.splitlines()
+        assert err == [
+            f"spamguardd: {path}: mode: expected enforce | monitor (got 'x')",
+            (
+                f"spamguardd: {path}: limits.failed_recipients: "
+                "expected a rate such as 100/1h (got '5')"
+            ),
+        ]
+
+    def test_flags_override_the_file(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--state-dir wins over state.dir: a damaged file there is what gets reported."""
+        (tmp_path / "s").mkdir()
+        (tmp_path / "s" / "blocked").write_text("junk\n")
+        path = tmp_path / "c.toml"
+        path.write_text(f'[state]\ndir = "{tmp_path / "elsewhere"}"\n')
+        assert (
+            main(["--config", str(path), "--state-dir", str(tmp_path / "s"), "--check-config"])
+            == 78
+        )
+        assert f"{tmp_path}/s/blocked:1:" in capsys.readouterr().err
+
+    def test_missing_config_file(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A missing --config file is a configuration error with the path."""
+        assert main(["--config", str(tmp_path / "nope.toml")]) == EX_CONFIG
+        assert "nope.toml: cannot read" in capsys.readouterr().err
+
+    def test_bad_usage_exits_2(self) -> None:
+        """An unknown option is a usage error (argparse's exit 2)."""
+        with pytest.raises(SystemExit) as info:
+            main(["--frobnicate"])
+        assert info.value.code == 2
+
+
+def test_socket_in_use_exits_1(workdir: Path) -> None:
+    """A second daemon on the same socket refuses to start instead of stealing it."""
+    first = Daemon(workdir)
+    try:
+        result = subprocess.run(
+            [PYTHON, "-m", "spamguardd"],
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 1
+        assert "another process is listening" in result.stdout
+        assert ask(first.socket, b"ping") == b"pong\n"
+    finally:
+        first.stop()
