@@ -16,6 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
@@ -26,6 +27,7 @@ from spamguardd.buckets import UserState
 from spamguardd.config import Mode, PolicyConfig
 from spamguardd.protocol import (
     CheckRequest,
+    IPAddress,
     PingRequest,
     RcptRequest,
     Reply,
@@ -34,6 +36,12 @@ from spamguardd.protocol import (
     Verify,
 )
 from spamguardd.rate import Rate, format_duration
+
+#: Counted failures kept, across all users, as samples for people (most recent first out).
+#: A global ring keeps this bounded whatever the number of users: ~200 bytes an entry.
+SAMPLE_CAPACITY: Final = 10_000
+#: Samples attached to a block as its evidence.
+EVIDENCE_SAMPLES: Final = 10
 
 ACCEPT: Final = Reply(Verdict.ACCEPT)
 PONG: Final = Reply(Verdict.PONG)
@@ -52,11 +60,27 @@ class Block:
 
 
 @attrs.frozen
+class FailureSample:
+    """One counted failed recipient, kept for people: notices, ``show``, the journal."""
+
+    user: str
+    rcpt: str
+    ip: IPAddress | None
+    #: Wall-clock time, seconds since the epoch.
+    at: float
+
+
+@attrs.frozen
 class Blocked:
-    """Effect: *block* was just made. Persist it before answering, log it, tell the abuse desk."""
+    """Effect: *block* was just made. Persist it before answering, log it, tell the abuse desk.
+
+    *samples* are the user's most recent counted failures (at most :data:`EVIDENCE_SAMPLES`,
+    oldest first), the evidence a notice shows.
+    """
 
     block: Block
     rate: Rate
+    samples: tuple[FailureSample, ...] = ()
 
 
 @attrs.frozen
@@ -65,6 +89,7 @@ class WouldBlock:
 
     user: str
     rate: Rate
+    samples: tuple[FailureSample, ...] = ()
 
 
 Effect = Blocked | WouldBlock
@@ -103,6 +128,7 @@ class Policy:
         self.blocks: dict[str, Block] = {block.user: block for block in blocks}
         self.generation = 0
         self._users: dict[str, bytes] = {}  # user -> buckets.dump(state)
+        self._samples: collections.deque[FailureSample] = collections.deque(maxlen=SAMPLE_CAPACITY)
         self._would_block: set[str] = set()
 
     # -- queries --------------------------------------------------------------------------
@@ -139,30 +165,39 @@ class Policy:
             return Decision(ACCEPT)
         if self._is_exempt(request):
             return Decision(ACCEPT)
-        return self._count_failure(request.user, request.rcpt, now=now, wall_now=wall_now)
+        return self._count_failure(request, now=now, wall_now=wall_now)
 
-    def _count_failure(self, user: str, rcpt: str, *, now: float, wall_now: float) -> Decision:
+    def _count_failure(self, request: RcptRequest, *, now: float, wall_now: float) -> Decision:
+        user = request.user
         rates = self.config.limits_for(user)
         stored = self._users.get(user)
         state = buckets.new_state(rates, now) if stored is None else buckets.load(stored)
-        counted, tripped = buckets.count_failure(state, rates, rcpt, now, _recent_limit(rates))
+        counted, tripped = buckets.count_failure(
+            state, rates, request.rcpt, now, _recent_limit(rates)
+        )
         self._users[user] = buckets.dump(state)
         tokens_left = buckets.tokens_left(state, rates)
+        if counted:
+            self._samples.append(FailureSample(user, request.rcpt, request.ip, wall_now))
         if tripped is None:
             return Decision(ACCEPT, counted=counted, tokens_left=tokens_left)
         reason = f"{tripped.count} failed recipients within {format_duration(tripped.period)}"
+        evidence = tuple(reversed(self.failure_samples(user, EVIDENCE_SAMPLES)))
         if self.config.mode is Mode.MONITOR:
             if user in self._would_block:
                 return Decision(ACCEPT, counted=counted, tokens_left=tokens_left)
             self._would_block.add(user)
             return Decision(
-                ACCEPT, (WouldBlock(user, tripped),), counted=counted, tokens_left=tokens_left
+                ACCEPT,
+                (WouldBlock(user, tripped, evidence),),
+                counted=counted,
+                tokens_left=tokens_left,
             )
-        block = Block(user=user, blocked_at=wall_now, reason=reason, by="auto")
+        block = Block(user=user, blocked_at=float(int(wall_now)), reason=reason, by="auto")
         self._add_block(block)
         return Decision(
             Reply(self.config.verdict, reason),
-            (Blocked(block, tripped),),
+            (Blocked(block, tripped, evidence),),
             counted=counted,
             tokens_left=tokens_left,
             needs_generation=self.generation,
@@ -198,6 +233,16 @@ class Policy:
         for user in idle:
             del tracked[user]
         return len(idle)
+
+    def failure_samples(self, user: str, limit: int = EVIDENCE_SAMPLES) -> list[FailureSample]:
+        """The most recent counted failures of *user* still in the sample ring, newest first."""
+        found: list[FailureSample] = []
+        for sample in reversed(self._samples):
+            if sample.user == user:
+                found.append(sample)
+                if len(found) == limit:
+                    break
+        return found
 
     def tracked_users(self) -> list[str]:
         """The users being counted now (a copy, safe to walk while the policy changes)."""

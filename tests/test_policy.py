@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from spamguardd import buckets
 from spamguardd.buckets import fingerprint, is_empty, refilled
 from spamguardd.config import Mode, PolicyConfig
-from spamguardd.policy import Block, Blocked, Policy, WouldBlock
+from spamguardd.policy import Block, Blocked, FailureSample, Policy, WouldBlock
 from spamguardd.protocol import CheckRequest, PingRequest, RcptRequest, Reply, Verdict, Verify
 from spamguardd.rate import Rate
 from tests.helpers import T0
@@ -124,9 +124,9 @@ class TestThreshold:
             policy.decide(fail("auth:m", f"r{i}"), now=1.0, wall_now=T0 + 1) for i in range(8)
         ]
         effects = [e for d in decisions for e in d.effects]
-        assert effects == [
-            Blocked(Block("auth:m", T0 + 1, "5 failed recipients within 1h", "auto"), Rate(5, 3600))
-        ]
+        block = Block("auth:m", T0 + 1, "5 failed recipients within 1h", "auto")
+        evidence = tuple(FailureSample("auth:m", f"r{i}", None, T0 + 1) for i in range(5))
+        assert effects == [Blocked(block, Rate(5, 3600), evidence)]
         assert decisions[4].needs_generation == 1
         assert policy.blocks["auth:m"].blocked_at == T0 + 1
 
@@ -271,7 +271,9 @@ class TestMonitorMode:
         policy = Policy(attrs.evolve(FIVE_PER_HOUR, mode=Mode.MONITOR))
         decisions = [policy.decide(fail("auth:m", f"r{i}"), now=0.0, wall_now=T0) for i in range(9)]
         assert {d.reply.verdict for d in decisions} == {Verdict.ACCEPT}
-        assert [e for d in decisions for e in d.effects] == [WouldBlock("auth:m", Rate(5, 3600))]
+        [effect] = [e for d in decisions for e in d.effects]
+        assert isinstance(effect, WouldBlock)
+        assert (effect.user, effect.rate) == ("auth:m", Rate(5, 3600))
         assert not policy.blocks
         assert policy.statistics().would_block_users == 1
 
@@ -281,6 +283,31 @@ class TestMonitorMode:
             attrs.evolve(FIVE_PER_HOUR, mode=Mode.MONITOR), [Block("auth:m", T0, "earlier")]
         )
         assert run(policy, CheckRequest("auth:m"), 0.0).verdict is Verdict.FREEZE
+
+
+class TestSamples:
+    def test_evidence_is_the_latest_ten_counted_failures(self) -> None:
+        """A block carries the user's last 10 counted failures, oldest first, with time and IP."""
+        policy = Policy(PolicyConfig(failed_recipients=(Rate(15, 3600),)))
+        decisions = [
+            policy.decide(fail("auth:m", f"r{i}@x", ip="192.0.2.9"), now=i, wall_now=T0 + i)
+            for i in range(15)
+        ]
+        policy.decide(fail("auth:m", "r14@x"), now=15, wall_now=T0 + 15)  # blocked: not counted
+        [blocked] = decisions[-1].effects
+        assert isinstance(blocked, Blocked)
+        assert [s.rcpt for s in blocked.samples] == [f"r{i}@x" for i in range(5, 15)]
+        assert blocked.samples[-1].at == T0 + 14
+        assert str(blocked.samples[0].ip) == "192.0.2.9"
+
+    def test_samples_are_per_user_and_skip_retries(self) -> None:
+        """Another user's failures and uncounted retries are not anyone's evidence."""
+        policy = Policy(FIVE_PER_HOUR)
+        policy.decide(fail("auth:a", "x"), now=0, wall_now=T0)
+        policy.decide(fail("auth:a", "x"), now=1, wall_now=T0 + 1)
+        policy.decide(fail("auth:b", "y"), now=2, wall_now=T0 + 2)
+        assert [(s.rcpt, s.at) for s in policy.failure_samples("auth:a")] == [("x", T0)]
+        assert [s.rcpt for s in policy.failure_samples("auth:b")] == ["y"]
 
 
 class TestHousekeeping:
