@@ -56,7 +56,7 @@ log = structlog.get_logger("spamguardd.server")
 
 BUSY: Final = Reply(Verdict.DEFER, "spamguardd busy: too many connections")
 INTERNAL_ERROR: Final = Reply(Verdict.ERROR, "internal error in spamguardd; see its log")
-TIMEOUT: Final = Reply(Verdict.ERROR, "no complete request line before the read timeout")
+TIMEOUT_MESSAGE: Final = "no complete request line before the read timeout"
 #: How long a connection turned away as busy may take to send its request before the answer.
 BUSY_READ_TIMEOUT: Final = 1.0
 #: Connections accepted in one go before the accept loop yields to other tasks.
@@ -290,7 +290,7 @@ class QueryServer:
                     await self._reply_error(conn, self._protocol_error(str(exc)))
                     return
                 except trio.TooSlowError:
-                    await self._reply_error(conn, self._protocol_error(TIMEOUT.reason or ""))
+                    await self._reply_error(conn, self._protocol_error(TIMEOUT_MESSAGE))
                     return
                 except OSError as exc:
                     self._client_gone(conn, exc)

@@ -28,6 +28,18 @@ def ask(path: Path, request: bytes) -> bytes:
         return b"".join(chunks)
 
 
+def run_to_exit(workdir: Path) -> subprocess.CompletedProcess[str]:
+    """Start ``python -m spamguardd`` in *workdir* for a start that is expected to fail."""
+    return subprocess.run(
+        [PYTHON, "-m", "spamguardd"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 class Daemon:
     """A real ``python -m spamguardd`` process in a scratch directory."""
 
@@ -94,14 +106,7 @@ class TestProcess:
         state.mkdir()
         damaged = b'"auth:a": blocked_at=2026-11-28T00:00:00Z\nauth:b garbage\n'
         (state / "blocked").write_bytes(damaged)
-        result = subprocess.run(
-            [PYTHON, "-m", "spamguardd"],
-            cwd=workdir,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        result = run_to_exit(workdir)
         assert result.returncode == EX_CONFIG
         assert "var/blocked:2: the user key must be in double quotes" in result.stderr
         assert (state / "blocked").read_bytes() == damaged
@@ -172,14 +177,7 @@ def test_socket_in_use_exits_1(workdir: Path) -> None:
     """A second daemon on the same socket refuses to start instead of stealing it."""
     first = Daemon(workdir)
     try:
-        result = subprocess.run(
-            [PYTHON, "-m", "spamguardd"],
-            cwd=workdir,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        result = run_to_exit(workdir)
         assert result.returncode == 1
         assert "another process is listening" in result.stdout
         assert ask(first.socket, b"ping") == b"pong\n"
