@@ -23,7 +23,7 @@ from spamguardd.metrics_http import serve_metrics
 from spamguardd.persist import BlockPersister
 from spamguardd.policy import Policy
 from spamguardd.server import QueryServer, bind_unix_listener
-from spamguardd.snapshot import SnapshotStore
+from spamguardd.snapshot import Entry, SnapshotStore
 from spamguardd.store import BlockStore
 from spamguardd.systemd import Notifier
 
@@ -295,12 +295,22 @@ class Daemon:
     async def _snapshot_loop(self) -> None:
         while True:
             await trio.sleep(self.config.state.snapshot_interval)
-            entries = self.policy.counting_states(trio.current_time())
+            entries = await self._collect_states()
             save = functools.partial(self.snapshots.save, entries, offset=self._clock_offset())
             try:
                 await trio.to_thread.run_sync(save)
             except StoreError as exc:
                 log.error("snapshot_failed", error=str(exc))
+
+    async def _collect_states(self) -> list[Entry]:
+        """The snapshot's entries, gathered in batches so queries get through in between."""
+        entries: list[Entry] = []
+        users = self.policy.tracked_users()
+        for start in range(0, len(users), HOUSEKEEPING_BATCH):
+            batch = users[start : start + HOUSEKEEPING_BATCH]
+            entries += self.policy.counting_states(trio.current_time(), batch)
+            await trio.lowlevel.checkpoint()
+        return entries
 
     def _save_snapshot_logged(self) -> None:
         try:

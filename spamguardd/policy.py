@@ -267,15 +267,22 @@ class Policy:
             changed += 1
         return changed
 
-    def counting_states(self, now: float) -> list[tuple[str, tuple[Rate, ...], UserState]]:
+    def counting_states(
+        self, now: float, users: Iterable[str] | None = None
+    ) -> list[tuple[str, tuple[Rate, ...], UserState]]:
         """Users still being counted at *now*, with their limits and state (for a snapshot).
 
         Idle users (buckets full, failures out of window) are left out: forgetting them loses
-        nothing.
+        nothing. *users* restricts the walk to a slice of :meth:`tracked_users`, as for
+        :meth:`forget_idle`.
         """
         limits_for = self.config.limits_for
+        tracked = self._users
         out = []
-        for user, stored in self._users.items():
+        for user in tracked if users is None else users:
+            stored = tracked.get(user)
+            if stored is None:
+                continue
             rates = limits_for(user)
             state = buckets.load(stored)
             if not buckets.is_idle(state, rates, now):
