@@ -203,13 +203,15 @@ class Daemon:
     def _restore_snapshot(self) -> None:
         now = trio.current_time()
         entries = self.snapshots.load(offset=self._clock_offset())
-        for user, rates, state in entries:
-            self.policy.restore_state(user, rates, state, now)
+        restored = sum(
+            self.policy.restore_state(user, rates, state, now) for user, rates, state in entries
+        )
         if entries:
             log.info(
                 "snapshot_loaded",
                 file=str(self.snapshots.path),
-                users=self.policy.statistics().tracked_users,
+                users=restored,
+                skipped=len(entries) - restored,
             )
 
     def _status(self) -> str:

@@ -289,17 +289,24 @@ class Policy:
                 out.append((user, rates, state))
         return out
 
-    def restore_state(self, user: str, rates: Sequence[Rate], state: UserState, now: float) -> None:
+    def restore_state(self, user: str, rates: Sequence[Rate], state: UserState, now: float) -> bool:
         """Take over a counted user from a snapshot made under *rates* (maybe other limits).
 
-        A blocked user stays blocked and is not counted; a user counted already is kept as is.
+        A blocked user stays blocked and is not counted; a user counted already is kept as is;
+        past ``max_tracked_users`` the rest of the snapshot is not taken over.
+
+        Returns:
+            Whether the user is now counted from the snapshot's state.
         """
         if user in self.blocks or user in self._users:
-            return
+            return False
+        if len(self._users) >= self.config.max_tracked_users:
+            return False
         current = self.config.limits_for(user)
         if tuple(rates) != current:
             state = buckets.remap(state, rates, current, now, _recent_limit(current))
         self._users[user] = buckets.dump(state)
+        return True
 
     def failure_samples(self, user: str, limit: int = EVIDENCE_SAMPLES) -> list[FailureSample]:
         """The most recent counted failures of *user* still in the sample ring, newest first."""

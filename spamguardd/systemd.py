@@ -26,14 +26,15 @@ _LISTEN_VARS: Final = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
 
 
 def listen_fds(
-    environ: MutableMapping[str, str], *, pid: int | None = None
+    environ: MutableMapping[str, str], *, pid: int | None = None, start: int = LISTEN_FDS_START
 ) -> dict[str, socket.socket]:
     """The sockets systemd passed to this process, by ``FileDescriptorName=``.
 
     The variables are removed from *environ* (as ``sd_listen_fds(1)`` does), so a child process
     never mistakes them for its own. Descriptors meant for another process (``LISTEN_PID``
-    differs) are ignored. An unnamed descriptor is called ``unknown``, as systemd does; with two
-    of the same name, the later one gets a ``:N`` suffix so none is lost silently.
+    differs) are ignored. *start* is the first descriptor (only tests change it). An unnamed
+    descriptor is called ``unknown``, as systemd does; with two of the same name, the later one
+    gets a ``:N`` suffix so none is lost silently.
     """
     values = {name: environ.pop(name, None) for name in _LISTEN_VARS}
     count_text, pid_text, names_text = (
@@ -54,7 +55,7 @@ def listen_fds(
     names = names_text.split(":") if names_text else []
     sockets: dict[str, socket.socket] = {}
     for index in range(count):
-        fd = LISTEN_FDS_START + index
+        fd = start + index
         name = names[index] if index < len(names) and names[index] else "unknown"
         os.set_inheritable(fd, False)  # sd_listen_fds() sets FD_CLOEXEC too
         key = name if name not in sockets else f"{name}:{index}"

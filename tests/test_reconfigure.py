@@ -104,6 +104,15 @@ class TestCap:
         assert policy.tracked_users() == ["auth:b", "auth:c"]
         assert policy.evicted_users == 1
 
+    def test_snapshot_restore_stops_at_the_cap(self) -> None:
+        """A snapshot bigger than the cap fills the table up to the cap and no further."""
+        source = Policy(TEN_PER_HOUR)
+        for user in ("auth:a", "auth:b", "auth:c"):
+            fail(source, user, "r", 0.0)
+        target = Policy(PolicyConfig(failed_recipients=(Rate(10, 3600),), max_tracked_users=2))
+        restored = [target.restore_state(*entry, 0.0) for entry in source.counting_states(0.0)]
+        assert restored == [True, True, False]
+
 
 class TestSnapshot:
     def test_round_trip_credits_the_time_away(self, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ The process-level tests (systemd-socket-activate, signals, SIGKILL) are in test_
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,26 +65,18 @@ class TestListenFds:
         assert environ == {}
 
     def test_named_sockets(self) -> None:
-        """Descriptors 3.. are adopted under their FileDescriptorName."""
-        pair = socket.socketpair()
+        """Descriptors from the first one on are adopted under their FileDescriptorName."""
+        first, second = socket.socketpair()
         try:
-            # fd numbers are simulated by shifting the start; the real start is tested end to
-            # end with systemd-socket-activate
-            import spamguardd.systemd as sd  # noqa: PLC0415
-
-            start = sd.LISTEN_FDS_START
-            sd.LISTEN_FDS_START = pair[0].fileno()  # type: ignore[misc]
-            try:
-                environ = {"LISTEN_FDS": "1", "LISTEN_PID": "7", "LISTEN_FDNAMES": "query"}
-                sockets = listen_fds(environ, pid=7)
-            finally:
-                sd.LISTEN_FDS_START = start  # type: ignore[misc]
+            environ = {"LISTEN_FDS": "1", "LISTEN_PID": "7", "LISTEN_FDNAMES": "query"}
+            sockets = listen_fds(environ, pid=7, start=first.fileno())
             assert list(sockets) == ["query"]
-            assert sockets["query"].fileno() == pair[0].fileno()
+            assert sockets["query"].fileno() == first.fileno()
+            assert not os.get_inheritable(first.fileno())
             sockets["query"].detach()
         finally:
-            pair[0].close()
-            pair[1].close()
+            first.close()
+            second.close()
 
 
 class TestNotifier:
@@ -237,6 +230,29 @@ class TestDaemon:
                 daemon.stop()
         admin.close()
         assert config.metrics.listen is None
+
+    async def test_metrics_count_what_was_served(self, sock_dir: Path) -> None:
+        """The daemon's metrics reflect its queries and its policy."""
+        path = sock_dir / "c.toml"
+        write_config(path, sock_dir, "2/1h")
+        daemon = Daemon(load_config(path))
+        query = sock_dir / "q.sock"
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    lambda task_status: daemon.run(handle_signals=False, task_status=task_status)
+                )
+                await readsocket(query, fail(0))
+                await readsocket(query, fail(1))
+                await readsocket(query, fail(0, "auth:b"))
+                text = daemon.render_metrics()
+                daemon.stop()
+        assert 'spamguardd_queries_total{verb="rcpt",verdict="accept"} 2.0' in text
+        assert 'spamguardd_queries_total{verb="rcpt",verdict="freeze"} 1.0' in text
+        assert "spamguardd_blocks_total 1.0" in text
+        assert "spamguardd_blocked_users 1.0" in text
+        assert "spamguardd_tracked_users 1.0" in text
+        assert "spamguardd_query_duration_seconds_count 3.0" in text
 
 
 class TestMetrics:

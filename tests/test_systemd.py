@@ -157,7 +157,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
 
 
 def test_socket_activation_both_sockets_and_sd_notify(workdir: Path) -> None:
-    """Started by systemd-socket-activate: sockets adopted by name, sd_notify in order."""
+    """Started by systemd-socket-activate: sockets adopted by name, sd_notify in order, pings."""
     activate = shutil.which("systemd-socket-activate")
     assert activate is not None, "systemd-socket-activate is required (Debian package systemd)"
     query, admin = workdir / "query.sock", workdir / "admin.sock"
@@ -172,6 +172,7 @@ def test_socket_activation_both_sockets_and_sd_notify(workdir: Path) -> None:
                 f"--listen={admin}",
                 "--fdname=query:admin",
                 f"--setenv=NOTIFY_SOCKET={workdir / 'notify'}",
+                "--setenv=WATCHDOG_USEC=100000",
                 PYTHON,
                 "-m",
                 "spamguardd",
@@ -193,11 +194,13 @@ def test_socket_activation_both_sockets_and_sd_notify(workdir: Path) -> None:
             process.signal(signal.SIGTERM)
             assert process.close() == 0
             messages: list[str] = []
-            while len(messages) < 4:
+            while "STOPPING=1" not in messages:
                 messages.append(notify.recv(4096).decode().split("\n")[0])
         finally:
             process.close()
-    assert messages == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]
+    assert "WATCHDOG=1" in messages  # pinged every 50 ms with WatchdogSec=100ms
+    states = [message for message in messages if message != "WATCHDOG=1"]
+    assert states == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]
 
 
 def test_sighup_changes_limits_and_keeps_counters(workdir: Path, daemon: Process) -> None:
