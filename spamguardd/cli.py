@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         "--state-dir",
         type=Path,
         metavar="DIR",
-        help="directory of the block list (overrides state.dir)",
+        help="directory of the block list and the counter snapshot (overrides state.dir)",
     )
     parser.add_argument(
         "--check-config",

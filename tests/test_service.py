@@ -255,7 +255,41 @@ class TestDaemon:
         assert "spamguardd_query_duration_seconds_count 3.0" in text
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def http_get(port: int, path: bytes) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"GET " + path + b" HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := await stream.receive_some(4096):
+            data += chunk
+    return data
+
+
 class TestMetrics:
+    async def test_daemon_serves_metrics_when_configured(self, sock_dir: Path) -> None:
+        """With [metrics] listen, the daemon answers GET /metrics with its own counters."""
+        path = sock_dir / "c.toml"
+        port = free_port()
+        write_config(path, sock_dir, "2/1h", f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+        daemon = Daemon(load_config(path))
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    lambda task_status: daemon.run(handle_signals=False, task_status=task_status)
+                )
+                assert await readsocket(sock_dir / "q.sock", b"ping") == b"pong\n"
+                reply = await http_get(port, b"/metrics")
+                daemon.stop()
+        assert reply.startswith(b"HTTP/1.0 200 OK")
+        assert b'spamguardd_queries_total{verb="ping",verdict="pong"} 1.0' in reply
+
     def test_render(self) -> None:
         """Every family is present, parseable, and zero where nothing happened yet."""
         latency = LatencyHistogram()
@@ -299,15 +333,7 @@ class TestMetrics:
             async with trio.open_nursery() as nursery:
                 listeners = await nursery.start(serve_metrics, "127.0.0.1", 0, lambda: "m 1\n")
                 port = listeners[0].socket.getsockname()[1]
-                replies = []
-                for path in (b"/metrics", b"/other"):
-                    stream = await trio.open_tcp_stream("127.0.0.1", port)
-                    async with stream:
-                        await stream.send_all(b"GET " + path + b" HTTP/1.0\r\n\r\n")
-                        data = b""
-                        while chunk := await stream.receive_some(4096):
-                            data += chunk
-                    replies.append(data)
+                replies = [await http_get(port, path) for path in (b"/metrics", b"/other")]
                 nursery.cancel_scope.cancel()
         assert replies[0].startswith(b"HTTP/1.0 200 OK\r\n")
         assert b"text/plain; version=0.0.4" in replies[0]
