@@ -160,3 +160,57 @@ def is_idle(state: UserState, rates: Sequence[Rate], now: float) -> bool:
             if now - state[offset + index] < rate.period:
                 return False
     return True
+
+
+def remap(
+    state: UserState, old: Sequence[Rate], new: Sequence[Rate], now: float, limit: int
+) -> UserState:
+    """The same user's state under new limits, keeping what it has already used up.
+
+    Windows are matched by period. In a kept window the tokens used (old capacity minus tokens
+    left, after refilling to *now*) stay used: after 3 failures under ``10/1h``, a change to
+    ``4/1h`` leaves 1 token and the 4th failure trips. A new window starts full; a dropped one
+    vanishes. Recent failures keep their times in the kept windows and count as never seen in a
+    new one. At most *limit* recent failures are kept, the newest.
+    """
+    refill(state, old, now)
+    old_index = {rate.period: index for index, rate in enumerate(old)}
+    out = array.array("d", [state[0]])
+    for rate in new:
+        index = old_index.get(rate.period)
+        if index is None:
+            out.append(float(rate.count))
+            continue
+        used = old[index].count - state[1 + index]
+        out.append(min(float(rate.count), max(0.0, rate.count - used)))
+    width = 1 + len(old)
+    records = [state[offset : offset + width] for offset in range(width, len(state), width)]
+    for record in records[-limit:] if limit > 0 else []:
+        out.append(record[0])
+        for rate in new:
+            index = old_index.get(rate.period)
+            out.append(_NEVER if index is None else record[1 + index])
+    return out
+
+
+def shift_times(state: UserState, rates: Sequence[Rate], offset: float) -> None:
+    """Add *offset* to every time in *state* (between the monotonic and the wall clock).
+
+    "Never" stays never.
+    """
+    state[0] += offset
+    width = 1 + len(rates)
+    for offset_index in range(width, len(state), width):
+        for index in range(1, width):
+            if state[offset_index + index] != _NEVER:
+                state[offset_index + index] += offset
+
+
+def is_valid(state: UserState, rates: Sequence[Rate]) -> bool:
+    """Whether *state* has this layout and its levels are in range (for data read from disk)."""
+    width = 1 + len(rates)
+    if len(state) < width or (len(state) - width) % width:
+        return False
+    if not all(math.isfinite(value) for value in state[:width]):
+        return False
+    return all(0.0 <= state[1 + index] <= rate.count for index, rate in enumerate(rates))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from spamguardd.config import Config, load_config
 from spamguardd.daemon import Daemon, load_policy
 from spamguardd.errors import ConfigError, StoreError
 from spamguardd.log import configure_logging
+from spamguardd.systemd import Notifier, listen_fds, watchdog_interval
 
 EX_OK: Final = 0
 EX_FAILURE: Final = 1
@@ -46,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         "--state-dir",
         type=Path,
         metavar="DIR",
-        help="directory of the block list (overrides state.dir)",
+        help="directory of the block list and the counter snapshot (overrides state.dir)",
     )
     parser.add_argument(
         "--check-config",
@@ -84,7 +86,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{config.source}: configuration is valid")
             return EX_OK
         configure_logging(config.log)
-        daemon = Daemon(config)
+        daemon = Daemon(
+            config,
+            inherited=listen_fds(os.environ),
+            notifier=Notifier.from_environ(os.environ),
+            load_config=lambda: build_config(args),
+            watchdog_interval=watchdog_interval(os.environ),
+        )
     except (ConfigError, StoreError) as exc:
         print(f"spamguardd: {exc}".replace("\n", "\nspamguardd: "), file=sys.stderr)
         return EX_CONFIG

@@ -64,6 +64,18 @@ class StateConfig:
     #: Group given read access to the block file, so Exim's ACL can read it with lsearch while
     #: the daemon is down (``Debian-exim`` in the shipped units). None keeps the process's group.
     group: str | None = None
+    #: Seconds between two snapshots of the counters (``buckets``): a crash forgets at most
+    #: this much counting.
+    snapshot_interval: float = 30.0
+
+
+@attrs.frozen(kw_only=True)
+class MetricsConfig:
+    """The optional Prometheus endpoint."""
+
+    #: ``(host, port)`` of an HTTP listener for ``GET /metrics``, loopback only; None for none
+    #: (``spamguardctl metrics`` still works).
+    listen: tuple[str, int] | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -85,6 +97,9 @@ class PolicyConfig:
     overrides: Mapping[str, tuple[Rate, ...]] = attrs.field(factory=dict)
     exempt_users: frozenset[str] = frozenset()
     exempt_networks: tuple[Network, ...] = ()
+    #: Users counted at once, bounding memory (~200 bytes each). At the cap, the user counted
+    #: first is forgotten to make room for a new one (blocks are never dropped).
+    max_tracked_users: int = 1_000_000
 
     def limits_for(self, user: str) -> tuple[Rate, ...]:
         """The windows that apply to *user*: its override, else the defaults."""
@@ -116,6 +131,7 @@ class Config:
     server: ServerConfig = ServerConfig()
     state: StateConfig = StateConfig()
     log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, source: str) -> Config:
@@ -190,7 +206,9 @@ class _Reader:
 
     def config(self, raw: Mapping[str, Any]) -> Config:
         top = self.table(
-            raw, "", {"mode", "limits", "block", "override", "exempt", "server", "state", "log"}
+            raw,
+            "",
+            {"mode", "limits", "block", "override", "exempt", "server", "state", "log", "metrics"},
         )
         policy = self.policy(top)
         server_raw = self.table(
@@ -212,6 +230,15 @@ class _Reader:
         state = StateConfig(
             dir=self.value(state_raw, "state", "dir", s.dir, _path),
             group=self.value(state_raw, "state", "group", s.group, _name),
+            snapshot_interval=self.value(
+                state_raw, "state", "snapshot_interval", s.snapshot_interval, _seconds
+            ),
+        )
+        metrics_raw = self.table(
+            top.get("metrics", {}), "metrics", set(attrs.fields_dict(MetricsConfig))
+        )
+        metrics = MetricsConfig(
+            listen=self.value(metrics_raw, "metrics", "listen", None, _loopback_address),
         )
         log_raw = self.table(top.get("log", {}), "log", set(attrs.fields_dict(LogConfig)))
         lg = LogConfig()
@@ -219,14 +246,28 @@ class _Reader:
             level=self.value(log_raw, "log", "level", lg.level, _log_level),
             format=self.value(log_raw, "log", "format", lg.format, _enum(LogFormat)),
         )
-        return Config(source=self.source, policy=policy, server=server, state=state, log=log)
+        return Config(
+            source=self.source,
+            policy=policy,
+            server=server,
+            state=state,
+            log=log,
+            metrics=metrics,
+        )
 
     def policy(self, top: Mapping[str, Any]) -> PolicyConfig:
         d = PolicyConfig()
         mode = self.value(top, "", "mode", d.mode, _enum(Mode))
-        limits = self.table(top.get("limits", {}), "limits", {"failed_recipients", "count_defer"})
+        limits = self.table(
+            top.get("limits", {}),
+            "limits",
+            {"failed_recipients", "count_defer", "max_tracked_users"},
+        )
         rates = self.value(limits, "limits", "failed_recipients", d.failed_recipients, _rates)
         count_defer = self.value(limits, "limits", "count_defer", d.count_defer, _bool)
+        max_tracked = self.value(
+            limits, "limits", "max_tracked_users", d.max_tracked_users, _int_range(1, 1 << 30)
+        )
         block = self.table(top.get("block", {}), "block", {"verdict"})
         verdict = self.value(block, "block", "verdict", d.verdict, _block_verdict)
         overrides: dict[str, tuple[Rate, ...]] = {}
@@ -257,6 +298,7 @@ class _Reader:
             mode=mode,
             failed_recipients=rates,
             count_defer=count_defer,
+            max_tracked_users=max_tracked,
             verdict=verdict,
             overrides=overrides,
             exempt_users=users,
@@ -322,6 +364,22 @@ def _seconds(value: Any) -> float:
     if value <= 0:
         raise ValueError(f"must be > 0 (got {value})")
     return float(value)
+
+
+def _loopback_address(value: Any) -> tuple[str, int]:
+    text = _string(value)
+    host, sep, port_text = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f'expected HOST:PORT such as "127.0.0.1:9466" (got {text!r})')
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"expected an IP address as the host (got {host!r})") from None
+    if not address.is_loopback:
+        # the metrics say who is being counted; they are for the local scraper only
+        raise ValueError(f"must be a loopback address such as 127.0.0.1 (got {host!r})")
+    return str(address), int(port_text)
 
 
 def _mode_bits(value: Any) -> int:

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import functools
 import grp
 import signal
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final
 
+import attrs
 import structlog
 import trio
 import trio.lowlevel
 
 from spamguardd import __version__
 from spamguardd.config import Config
-from spamguardd.errors import ConfigError
+from spamguardd.errors import ConfigError, StoreError
+from spamguardd.metrics import render_metrics
+from spamguardd.metrics_http import serve_metrics
 from spamguardd.persist import BlockPersister
 from spamguardd.policy import Policy
 from spamguardd.server import QueryServer, bind_unix_listener
+from spamguardd.snapshot import Entry, SnapshotStore
 from spamguardd.store import BlockStore
+from spamguardd.systemd import Notifier
 
 log = structlog.get_logger("spamguardd")
 
@@ -48,11 +55,54 @@ def load_policy(config: Config) -> tuple[Policy, BlockStore]:
     return Policy(config.policy, store.load()), store
 
 
-class Daemon:
-    """One spamguardd: owns the policy, the query server and their lifetime."""
+@attrs.frozen
+class ReloadResult:
+    """What a reload did, for the log, sd_notify and an admin ``reload`` command."""
 
-    def __init__(self, config: Config, *, wall_clock: Callable[[], float] = time.time) -> None:
+    #: False when the new file was rejected and the running configuration kept.
+    ok: bool
+    source: str
+    #: Every problem found in the new file (empty when *ok*).
+    problems: tuple[str, ...] = ()
+    #: Users whose counters were carried over to changed limits.
+    carried_users: int = 0
+    #: Settings that changed in the file but only take effect at the next start.
+    needs_restart: tuple[str, ...] = ()
+
+
+class Daemon:
+    """One spamguardd: owns the policy, the query server and their lifetime.
+
+    Args:
+        config: the configuration to start with.
+        wall_clock: the wall clock (tests pass a fake one).
+        inherited: sockets systemd passed in, by ``FileDescriptorName=``: ``query`` is served
+            instead of binding ``server.query_socket``; ``admin`` is kept here for the admin
+            server.
+        notifier: where to send sd_notify state changes, when systemd asked for them.
+        load_config: re-reads the configuration on reload (default: the one given).
+        watchdog_interval: seconds between ``WATCHDOG=1`` pings, when systemd watches us.
+    """
+
+    def __init__(  # noqa: PLR0913 - keyword-only seams, one per collaborator
+        self,
+        config: Config,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        inherited: Mapping[str, socket.socket] | None = None,
+        notifier: Notifier | None = None,
+        load_config: Callable[[], Config] | None = None,
+        watchdog_interval: float | None = None,
+    ) -> None:
         self.config = config
+        self.wall_clock = wall_clock
+        self.inherited: dict[str, socket.socket] = dict(inherited or {})
+        self.notifier = notifier
+        self.watchdog_interval = watchdog_interval
+        self._load_config = load_config or (lambda: self.config)
+        self.snapshots = SnapshotStore(config.state.dir)
+        #: Event counters fed by other parts (notices, unblocks), exposed as metrics.
+        self.events: dict[str, int] = {}
         self.policy, self.store = load_policy(config)
         self.persister = BlockPersister(self.policy, self.store)
         self.server = QueryServer(
@@ -65,7 +115,108 @@ class Daemon:
 
     def stop(self) -> None:
         """Stop accepting and exit once in-flight answers are sent."""
+        if self.notifier is not None:
+            self.notifier.stopping()
         self.server.stop()
+
+    def reload(self) -> ReloadResult:
+        """Re-read and validate the configuration; apply it only if it is valid.
+
+        The limits, overrides, exemptions, mode, verdict and the snapshot interval change at
+        once, without losing counters or blocks (:meth:`Policy.reconfigure`). Sockets, the state
+        directory, metrics and logging settings need a restart; a change to them is reported in
+        ``needs_restart`` and otherwise ignored. Must be called from within trio.
+        """
+        if self.notifier is not None:
+            self.notifier.reloading()
+        try:
+            new = self._load_config()
+        except ConfigError as exc:
+            result = ReloadResult(ok=False, source=self.config.source, problems=tuple(exc.problems))
+            log.error(
+                "reload_failed",
+                problems=list(result.problems),
+                action="keeping the running configuration",
+            )
+        else:
+            old = self.config
+            needs_restart = tuple(
+                name
+                for name, before, after in (
+                    ("server", old.server, new.server),
+                    ("state.dir", old.state.dir, new.state.dir),
+                    ("state.group", old.state.group, new.state.group),
+                    ("metrics", old.metrics, new.metrics),
+                    ("log", old.log, new.log),
+                )
+                if before != after
+            )
+            carried = self.policy.reconfigure(new.policy, trio.current_time())
+            self.config = attrs.evolve(
+                old,
+                source=new.source,
+                policy=new.policy,
+                state=attrs.evolve(old.state, snapshot_interval=new.state.snapshot_interval),
+            )
+            result = ReloadResult(
+                ok=True, source=new.source, carried_users=carried, needs_restart=needs_restart
+            )
+            log.info(
+                "reloaded",
+                config=new.source,
+                mode=str(new.policy.mode),
+                limits=[str(rate) for rate in new.policy.failed_recipients],
+                carried_users=carried,
+                needs_restart=list(needs_restart),
+            )
+        if self.notifier is not None:
+            self.notifier.ready(self._status())
+        return result
+
+    def render_metrics(self) -> str:
+        """The current metrics in the Prometheus text format."""
+        return render_metrics(
+            self.policy.statistics(),
+            self.server.statistics(),
+            self.server.latency,
+            auto_blocks=self.policy.auto_blocks,
+            events=self.events,
+        )
+
+    def save_snapshot(self) -> int:
+        """Write the counters of users still being counted to the snapshot now.
+
+        Returns:
+            How many users were saved.
+
+        Raises:
+            StoreError: the snapshot could not be written; the previous one is intact.
+        """
+        entries = self.policy.counting_states(trio.current_time())
+        self.snapshots.save(entries, offset=self._clock_offset())
+        return len(entries)
+
+    def _clock_offset(self) -> float:
+        """Wall clock minus trio's clock: converts the buckets' times for the snapshot."""
+        return self.wall_clock() - trio.current_time()
+
+    def _restore_snapshot(self) -> None:
+        now = trio.current_time()
+        entries = self.snapshots.load(offset=self._clock_offset())
+        restored = sum(
+            self.policy.restore_state(user, rates, state, now) for user, rates, state in entries
+        )
+        if entries:
+            log.info(
+                "snapshot_loaded",
+                file=str(self.snapshots.path),
+                users=restored,
+                skipped=len(entries) - restored,
+            )
+
+    def _status(self) -> str:
+        stats = self.policy.statistics()
+        return f"serving; {stats.tracked_users} users counted, {stats.blocked_users} blocked"
 
     async def run(
         self,
@@ -79,44 +230,97 @@ class Daemon:
             OSError: the socket cannot be bound (another daemon, a non-socket at the path, ...).
             LookupError: the socket group does not exist.
         """
-        server_config = self.config.server
-        server_config.query_socket.parent.mkdir(parents=True, exist_ok=True)
-        sock = bind_unix_listener(
-            server_config.query_socket,
-            mode=server_config.socket_mode,
-            group=server_config.socket_group,
-            backlog=server_config.backlog,
-        )
+        self._restore_snapshot()
+        sock = self.inherited.pop("query", None)
+        query_socket = "inherited:query"
+        if sock is None:
+            server_config = self.config.server
+            server_config.query_socket.parent.mkdir(parents=True, exist_ok=True)
+            sock = bind_unix_listener(
+                server_config.query_socket,
+                mode=server_config.socket_mode,
+                group=server_config.socket_group,
+                backlog=server_config.backlog,
+            )
+            query_socket = str(server_config.query_socket)
         async with trio.open_nursery() as nursery:
             if handle_signals:
-                nursery.start_soon(self._stop_on_signal)
+                nursery.start_soon(self._handle_signals)
             nursery.start_soon(self._housekeeping)
+            nursery.start_soon(self._snapshot_loop)
+            if self.watchdog_interval is not None:
+                nursery.start_soon(self._watchdog, self.watchdog_interval)
+            listen = self.config.metrics.listen
+            if listen is not None:
+                await nursery.start(serve_metrics, listen[0], listen[1], self.render_metrics)
             async with trio.open_nursery() as serving:
                 await serving.start(self.server.serve, [sock])
-                self._log_started()
+                self._log_started(query_socket)
+                if self.notifier is not None:
+                    self.notifier.ready(self._status())
                 task_status.started()
             # serve() has returned: stop() was called and in-flight answers went out
             nursery.cancel_scope.cancel()
+        self._save_snapshot_logged()
         log.info("stopped")
 
-    def _log_started(self) -> None:
+    def _log_started(self, query_socket: str) -> None:
         log.info(
             "started",
             version=__version__,
             config=self.config.source,
-            query_socket=str(self.config.server.query_socket),
+            query_socket=query_socket,
+            inherited=sorted(self.inherited),
             state_dir=str(self.config.state.dir),
             mode=str(self.config.policy.mode),
             limits=[str(rate) for rate in self.config.policy.failed_recipients],
             blocked_users=self.policy.statistics().blocked_users,
         )
 
-    async def _stop_on_signal(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    async def _handle_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self.reload()
+                    continue
                 log.info("stopping", signal=signal.Signals(signum).name)
                 self.stop()
                 return
+
+    async def _watchdog(self, interval: float) -> None:
+        # pinged from the event loop itself: a stuck loop stops the pings and systemd restarts us
+        assert self.notifier is not None  # noqa: S101 - only started with a notifier
+        while True:
+            self.notifier.watchdog()
+            await trio.sleep(interval)
+
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.state.snapshot_interval)
+            entries = await self._collect_states()
+            save = functools.partial(self.snapshots.save, entries, offset=self._clock_offset())
+            try:
+                await trio.to_thread.run_sync(save)
+            except StoreError as exc:
+                log.error("snapshot_failed", error=str(exc))
+
+    async def _collect_states(self) -> list[Entry]:
+        """The snapshot's entries, gathered in batches so queries get through in between."""
+        entries: list[Entry] = []
+        users = self.policy.tracked_users()
+        for start in range(0, len(users), HOUSEKEEPING_BATCH):
+            batch = users[start : start + HOUSEKEEPING_BATCH]
+            entries += self.policy.counting_states(trio.current_time(), batch)
+            await trio.lowlevel.checkpoint()
+        return entries
+
+    def _save_snapshot_logged(self) -> None:
+        try:
+            saved = self.save_snapshot()
+        except StoreError as exc:
+            log.error("snapshot_failed", error=str(exc))
+        else:
+            log.info("snapshot_saved", file=str(self.snapshots.path), users=saved)
 
     async def _housekeeping(self) -> None:
         while True:

@@ -130,6 +130,9 @@ class Policy:
         self._users: dict[str, bytes] = {}  # user -> buckets.dump(state)
         self._samples: collections.deque[FailureSample] = collections.deque(maxlen=SAMPLE_CAPACITY)
         self._would_block: set[str] = set()
+        #: Blocks this policy made itself, and users dropped at ``max_tracked_users`` (metrics).
+        self.auto_blocks = 0
+        self.evicted_users = 0
 
     # -- queries --------------------------------------------------------------------------
 
@@ -171,6 +174,11 @@ class Policy:
         user = request.user
         rates = self.config.limits_for(user)
         stored = self._users.get(user)
+        if stored is None and len(self._users) >= self.config.max_tracked_users:
+            # At the cap the user counted first (dict order) makes room: what is failing now
+            # keeps being counted, and memory stays bounded whatever floods the table.
+            del self._users[next(iter(self._users))]
+            self.evicted_users += 1
         state = buckets.new_state(rates, now) if stored is None else buckets.load(stored)
         counted, tripped = buckets.count_failure(
             state, rates, request.rcpt, now, _recent_limit(rates)
@@ -195,6 +203,7 @@ class Policy:
             )
         block = Block(user=user, blocked_at=float(int(wall_now)), reason=reason, by="auto")
         self._add_block(block)
+        self.auto_blocks += 1
         return Decision(
             Reply(self.config.verdict, reason),
             (Blocked(block, tripped, evidence),),
@@ -233,6 +242,71 @@ class Policy:
         for user in idle:
             del tracked[user]
         return len(idle)
+
+    def reconfigure(self, config: PolicyConfig, now: float) -> int:
+        """Switch to *config* (a reload) without forgiving anything.
+
+        Blocks stay. Each counted user keeps what it has used up in every window whose period
+        is still configured (:func:`buckets.remap`), so lowering a limit takes effect on the
+        next failure. Users whose limits did not change are not touched.
+
+        Returns:
+            How many users' counters were carried over to new limits.
+        """
+        old = self.config
+        self.config = config
+        changed = 0
+        for user, stored in list(self._users.items()):
+            old_rates, new_rates = old.limits_for(user), config.limits_for(user)
+            if old_rates == new_rates:
+                continue
+            state = buckets.remap(
+                buckets.load(stored), old_rates, new_rates, now, _recent_limit(new_rates)
+            )
+            self._users[user] = buckets.dump(state)
+            changed += 1
+        return changed
+
+    def counting_states(
+        self, now: float, users: Iterable[str] | None = None
+    ) -> list[tuple[str, tuple[Rate, ...], UserState]]:
+        """Users still being counted at *now*, with their limits and state (for a snapshot).
+
+        Idle users (buckets full, failures out of window) are left out: forgetting them loses
+        nothing. *users* restricts the walk to a slice of :meth:`tracked_users`, as for
+        :meth:`forget_idle`.
+        """
+        limits_for = self.config.limits_for
+        tracked = self._users
+        out = []
+        for user in tracked if users is None else users:
+            stored = tracked.get(user)
+            if stored is None:
+                continue
+            rates = limits_for(user)
+            state = buckets.load(stored)
+            if not buckets.is_idle(state, rates, now):
+                out.append((user, rates, state))
+        return out
+
+    def restore_state(self, user: str, rates: Sequence[Rate], state: UserState, now: float) -> bool:
+        """Take over a counted user from a snapshot made under *rates* (maybe other limits).
+
+        A blocked user stays blocked and is not counted; a user counted already is kept as is;
+        past ``max_tracked_users`` the rest of the snapshot is not taken over.
+
+        Returns:
+            Whether the user is now counted from the snapshot's state.
+        """
+        if user in self.blocks or user in self._users:
+            return False
+        if len(self._users) >= self.config.max_tracked_users:
+            return False
+        current = self.config.limits_for(user)
+        if tuple(rates) != current:
+            state = buckets.remap(state, rates, current, now, _recent_limit(current))
+        self._users[user] = buckets.dump(state)
+        return True
 
     def failure_samples(self, user: str, limit: int = EVIDENCE_SAMPLES) -> list[FailureSample]:
         """The most recent counted failures of *user* still in the sample ring, newest first."""

@@ -37,6 +37,7 @@ import trio
 
 from spamguardd.config import ServerConfig
 from spamguardd.errors import RemoteProtocolError, StoreError
+from spamguardd.metrics import LatencyHistogram
 from spamguardd.persist import BlockPersister
 from spamguardd.policy import Blocked, Policy, WouldBlock
 from spamguardd.protocol import (
@@ -178,6 +179,8 @@ class QueryServer:
         self._store_failures = 0
         self._open = 0
         self._stopping = trio.Event()
+        #: Time from accept to decision of every query, for the metrics.
+        self.latency = LatencyHistogram()
 
     def statistics(self) -> ServerStatistics:
         """Current counters."""
@@ -367,6 +370,7 @@ class QueryServer:
                 log.warning("user_would_block", user=effect.user, limit=str(effect.rate))
         verb = _VERBS[type(request)]
         self._queries[verb, decision.reply.verdict.value] += 1
+        self.latency.observe(trio.current_time() - started)
         if self.log_decisions:
             log.debug(
                 "policy_decision",

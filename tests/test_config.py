@@ -110,7 +110,10 @@ class TestErrors:
             load_config(path)
         assert info.value.problems == [
             f"{path}: mode: expected enforce | monitor (got 'enforc')",
-            f"{path}: limits.count_defr: unknown key (known: count_defer, failed_recipients)",
+            (
+                f"{path}: limits.count_defr: unknown key "
+                "(known: count_defer, failed_recipients, max_tracked_users)"
+            ),
             f"{path}: limits.failed_recipients[1]: expected a rate such as 100/1h (got '1x')",
             f"{path}: block.verdict: expected freeze | reject | defer (got 'accept')",
             f"{path}: override[0].user: missing required key",
