@@ -27,7 +27,6 @@ import email.policy
 import email.utils
 import enum
 import json
-import math
 import os
 import platform
 import shlex
@@ -203,7 +202,9 @@ def build_message(
     # RFC 3834: no vacation replies or other automatic answers to this
     message["Auto-Submitted"] = "auto-generated"
     message["X-Spamguard-Event"] = notice.event.value
-    message.set_content(_body(notice), charset="utf-8")
+    body = _body(notice)
+    # quoted-printable rather than 8bit for non-ASCII keys: a relay without 8BITMIME takes it
+    message.set_content(body, charset="utf-8", cte="7bit" if body.isascii() else "quoted-printable")
     return message
 
 
@@ -521,7 +522,10 @@ class Notifier:
     # -- consumer side ------------------------------------------------------------------------
 
     async def deliver(self, notice: Notice) -> None:
-        """Mail *notice* (when configured) and run the hook, each retried within the budget."""
+        """Mail *notice* (when configured) and run the hook, each retried within the budget.
+
+        The hook is not run for ``would_block``: monitor mode only observes.
+        """
         mail = self.config.mail_enabled and (
             notice.event is not NoticeEvent.UNBLOCK or self.config.notify_unblock
         )
@@ -532,7 +536,8 @@ class Notifier:
                 log.info("notice_sent", notice_event=notice.event.value, user=notice.user)
             else:
                 self._failed += 1
-        if self.hook is not None:
+        # monitor mode must not act on anyone: a suspend hook would make it enforce mode
+        if self.hook is not None and notice.event is not NoticeEvent.WOULD_BLOCK:
             hook = self.hook
             if await self._with_retries("hook", notice, lambda: hook.run(notice)):
                 self._hooks_ok += 1
@@ -544,7 +549,9 @@ class Notifier:
     ) -> bool:
         deadline = trio.current_time() + self.config.retry_for
         delay = INITIAL_BACKOFF
-        for tries in range(1, _max_tries(self.config.retry_for) + 1):
+        tries = 0
+        while True:
+            tries += 1
             try:
                 await attempt()
             except NotifyError as exc:
@@ -601,11 +608,6 @@ class Notifier:
                 append_journal(self.journal, records)
             except OSError as exc:
                 log.error("journal_write_failed", path=str(self.journal), error=str(exc))
-
-
-def _max_tries(budget: float) -> int:
-    """Upper bound on attempts within *budget*: a guard, the deadline check ends retries first."""
-    return 2 + math.ceil(budget / INITIAL_BACKOFF)
 
 
 def _default_transport(config: NotifyConfig) -> Transport:

@@ -36,7 +36,7 @@ import structlog
 import trio
 import trio.testing
 
-from spamguardd.config import Config, NotifyConfig, PolicyConfig, ServerConfig, StateConfig
+from spamguardd.config import Config, Mode, NotifyConfig, PolicyConfig, ServerConfig, StateConfig
 from spamguardd.daemon import Daemon
 from spamguardd.errors import NotifyError
 from spamguardd.notify import (
@@ -367,6 +367,18 @@ class TestMessage:
             f"  spamguardctl unblock {shell_word(HOSTILE)} --release",
         ]
 
+    def test_non_ascii_is_quoted_printable_and_round_trips(self) -> None:
+        """A non-ASCII user key travels as quoted-printable UTF-8 and reads back unchanged."""
+        notice = attrs.evolve(BLOCKED, user="auth:josé@exämple.com")
+        raw = build_message(notice, self.CONFIG, sender="s@example.com").as_bytes()
+        assert raw.isascii()
+        message = parse(raw)
+        assert message["Content-Transfer-Encoding"] == "quoted-printable"
+        assert "User:       auth:josé@exämple.com" in body_of(message)
+        assert message["Subject"] == (
+            "[abuse-bot] blocked auth:josé@exämple.com: 5 failed recipients within 1h"
+        )
+
     @pytest.mark.parametrize("user", ["auth:m@example.com", "auth:o'neil", HOSTILE, "ip:::1"])
     def test_shell_word_round_trips_through_bash(self, user: str) -> None:
         """The undo command in a notice, pasted into bash, passes the user key unchanged."""
@@ -553,6 +565,32 @@ class TestDelivery:
         assert notifier.statistics().failed == 2
         assert notifier.statistics().sent == 0
 
+    async def test_a_bug_in_a_transport_fails_one_notice_not_the_worker(
+        self, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+    ) -> None:
+        """An unexpected exception is logged with its traceback; the next notice still goes."""
+
+        @attrs.define
+        class Buggy(RecordingTransport):
+            async def send(self, message: EmailMessage) -> None:
+                if "auth:bug" in str(message["Subject"]):
+                    raise RuntimeError("boom")
+                await super().send(message)
+
+        transport = Buggy()
+        notifier = notifier_with(transport)
+        await nursery.start(run_notifier, notifier.receive_channel, notifier)
+        with structlog.testing.capture_logs() as logs:
+            notifier.submit(attrs.evolve(BLOCKED, user="auth:bug"))
+            notifier.submit(BLOCKED)
+            await notifier.aclose()
+        assert [m["Subject"] for m in transport.sent] == [
+            "[spamguardd] blocked auth:m@example.com: 5 failed recipients within 1h"
+        ]
+        [failed] = [e for e in logs if e["event"] == "notice_failed"]
+        assert failed["error"] == "internal error: RuntimeError('boom')"
+        assert [e["log_level"] for e in logs if e["event"] == "notice_error"] == ["error"]
+
     async def test_full_queue_drops_without_waiting(self) -> None:
         """Past queue_size a notice is dropped at once, logged and counted."""
         notifier = notifier_with(RecordingTransport(), queue_size=1)
@@ -705,6 +743,24 @@ class TestQueryPath:
             await running.finish()
         assert len(mails(sock_dir / "mail")) == 21
         assert running.notifier.statistics().sent == 21
+
+    async def test_monitor_mode_mails_would_block_once_and_runs_no_hook(
+        self, nursery: trio.Nursery, sock_dir: Path
+    ) -> None:
+        """Monitor mode: one WOULD BLOCK mail per user, every answer accept, the hook untouched."""
+        program = fake_sendmail(sock_dir / "mail")
+        hook = fake_hook(sock_dir / "hook")
+        notify = NotifyConfig(to=TO, sendmail=(str(program),), hook=(str(hook),))
+        running = await start(nursery, sock_dir, notify, attrs.evolve(FIVE, mode=Mode.MONITOR))
+        with trio.fail_after(10):
+            replies = [await running.ask(fail("auth:trial", f"r{i}")) for i in range(8)]
+            await running.finish()
+        assert {r.verdict for r in replies} == {Verdict.ACCEPT}
+        [data] = mails(sock_dir / "mail")
+        message = parse(data)
+        assert "WOULD BLOCK auth:trial (monitor mode)" in message["Subject"]
+        assert message["X-Spamguard-Event"] == "would_block"
+        assert hook_calls(sock_dir / "hook") == []
 
 
 class TestDaemon:
