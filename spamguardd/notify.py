@@ -33,7 +33,7 @@ import shlex
 import smtplib
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Final, Protocol
@@ -459,6 +459,8 @@ class Notifier:
         self.shutdown_scope = trio.CancelScope()
         self._running = False
         self._finished = trio.Event()
+        #: What is still to do for the notice being delivered (see :meth:`record_unsent`).
+        self._due: list[str] = []
         self._queued = self._sent = self._failed = self._dropped = self._unsent = 0
         self._retries = self._hooks_ok = self._hooks_failed = 0
 
@@ -521,28 +523,39 @@ class Notifier:
 
     # -- consumer side ------------------------------------------------------------------------
 
-    async def deliver(self, notice: Notice) -> None:
-        """Mail *notice* (when configured) and run the hook, each retried within the budget.
+    def parts(self, notice: Notice) -> list[str]:
+        """What is done for *notice*: ``mail`` and/or ``hook``.
 
-        The hook is not run for ``would_block``: monitor mode only observes.
+        No mail for an unblock unless ``notify_unblock``; no hook for ``would_block``, because
+        monitor mode must act on nobody (a suspend hook would turn it into enforce mode).
         """
-        mail = self.config.mail_enabled and (
+        parts = []
+        if self.config.mail_enabled and (
             notice.event is not NoticeEvent.UNBLOCK or self.config.notify_unblock
-        )
-        if mail:
+        ):
+            parts.append("mail")
+        if self.hook is not None and notice.event is not NoticeEvent.WOULD_BLOCK:
+            parts.append("hook")
+        return parts
+
+    async def deliver(self, notice: Notice) -> None:
+        """Mail *notice* and run the hook, as :meth:`parts` says, each retried within budget."""
+        self._due = self.parts(notice)
+        if "mail" in self._due:
             message = build_message(notice, self.config, sender=self.sender)
             if await self._with_retries("mail", notice, lambda: self.transport.send(message)):
                 self._sent += 1
                 log.info("notice_sent", notice_event=notice.event.value, user=notice.user)
             else:
                 self._failed += 1
-        # monitor mode must not act on anyone: a suspend hook would make it enforce mode
-        if self.hook is not None and notice.event is not NoticeEvent.WOULD_BLOCK:
+            self._due.remove("mail")
+        if self.hook is not None and "hook" in self._due:
             hook = self.hook
             if await self._with_retries("hook", notice, lambda: hook.run(notice)):
                 self._hooks_ok += 1
             else:
                 self._hooks_failed += 1
+            self._due.remove("hook")
 
     async def _with_retries(
         self, what: str, notice: Notice, attempt: Callable[[], Awaitable[None]]
@@ -586,12 +599,22 @@ class Notifier:
         )
         return False
 
-    def record_unsent(self, notices: Iterable[Notice]) -> None:
-        """Log notices left at shutdown, and append them to the journal so nothing is lost."""
+    def record_unsent(self, notices: Iterable[Notice], *, in_flight: Notice | None = None) -> None:
+        """Log notices left at shutdown, and append them to the journal so nothing is lost.
+
+        Args:
+            notices: notices never started.
+            in_flight: the notice being delivered when time ran out; only what was still due
+                for it (``mail``, ``hook``) is recorded.
+        """
         records = []
-        for notice in notices:
+        left = [(in_flight, list(self._due))] if in_flight is not None else []
+        left += [(notice, self.parts(notice)) for notice in notices]
+        for notice, parts in left:
             self._unsent += 1
-            log.error("notice_unsent", notice_event=notice.event.value, user=notice.user)
+            log.error(
+                "notice_unsent", notice_event=notice.event.value, user=notice.user, parts=parts
+            )
             records.append(
                 {
                     "event": "notice_unsent",
@@ -601,6 +624,7 @@ class Notifier:
                     "when": _time(notice.when),
                     "reason": notice.reason,
                     "by": notice.by,
+                    "parts": parts,
                 }
             )
         if records and self.journal is not None:
@@ -617,7 +641,7 @@ def _default_transport(config: NotifyConfig) -> Transport:
     return SendmailTransport(config.sendmail, config.send_timeout)
 
 
-def append_journal(path: Path, records: Iterable[dict[str, str]]) -> None:
+def append_journal(path: Path, records: Iterable[Mapping[str, object]]) -> None:
     """Append *records* to the JSON-lines journal at *path*, one object per line, fsynced.
 
     Raises:
@@ -653,10 +677,10 @@ async def run_notifier(
                 await notifier.deliver(notice)
                 current = None
     finally:
-        left = [] if current is None else [current]
+        queued: list[Notice] = []
         with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
             while True:
-                left.append(receive_channel.receive_nowait())
+                queued.append(receive_channel.receive_nowait())
         receive_channel.close()
-        notifier.record_unsent(left)
+        notifier.record_unsent(queued, in_flight=current)
         notifier._finished.set()  # noqa: SLF001

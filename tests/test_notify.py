@@ -654,12 +654,34 @@ class TestDelivery:
         unsent = [e["notice_event"] for e in logs if e["event"] == "notice_unsent"]
         assert unsent == ["blocked", "unblock"]
         records = [json.loads(line) for line in journal.read_text().splitlines()]
-        assert [(r["event"], r["notice_event"], r["user"]) for r in records] == [
-            ("notice_unsent", "blocked", BLOCK.user),
-            ("notice_unsent", "unblock", BLOCK.user),
+        assert [(r["event"], r["notice_event"], r["user"], r["parts"]) for r in records] == [
+            ("notice_unsent", "blocked", BLOCK.user, ["mail"]),
+            ("notice_unsent", "unblock", BLOCK.user, ["mail"]),
         ]
         assert records[0]["reason"] == "5 failed recipients within 1h"
         assert notifier.statistics().unsent == 2
+
+    async def test_unsent_names_only_what_was_still_due(
+        self, nursery: trio.Nursery, sock_dir: Path
+    ) -> None:
+        """Mail sent, hook still running at the end of the grace period: only the hook is due."""
+        transport = RecordingTransport()
+        notifier = notifier_with(
+            transport,
+            hook=("sh", "-c", "exec sleep 60", "hook"),
+            hook_timeout=120.0,
+            shutdown_grace=0.3,
+        )
+        notifier.journal = sock_dir / "journal"
+        await nursery.start(run_notifier, notifier.receive_channel, notifier)
+        with structlog.testing.capture_logs() as logs, trio.fail_after(10):
+            notifier.submit(BLOCKED)
+            await transport.started.wait()
+            await notifier.aclose()
+        assert len(transport.sent) == 1
+        assert [e["parts"] for e in logs if e["event"] == "notice_unsent"] == [["hook"]]
+        [record] = [json.loads(line) for line in notifier.journal.read_text().splitlines()]
+        assert record["parts"] == ["hook"]
 
 
 # -- through the query socket -----------------------------------------------------------------
