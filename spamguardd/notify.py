@@ -394,7 +394,7 @@ class HookCommand:
         argv = (*self.argv, notice.event.value, notice.user)
         with _time_limit(self.timeout, f"hook {self.argv[0]}"):
             result = await _run(argv, b"", env=env)
-        log.info(
+        (log.info if result.returncode == 0 else log.warning)(
             "hook_finished",
             hook=self.argv[0],
             notice_event=notice.event.value,

@@ -22,6 +22,8 @@ import functools
 import ipaddress
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -825,3 +827,51 @@ class TestDaemon:
         journal = (sock_dir / "state" / "journal").read_text()
         assert [json.loads(line)["user"] for line in journal.splitlines()] == ["auth:a", "auth:b"]
         assert mails(sock_dir / "mail") == []
+
+
+def test_real_process_mails_the_block_and_exits_cleanly_on_sigterm(sock_dir: Path) -> None:
+    """``python -m spamguardd`` with a [notify] file: a block is mailed; SIGTERM exits 0."""
+    program = fake_sendmail(sock_dir / "mail")
+    hook = fake_hook(sock_dir / "hook")
+    config = sock_dir / "spamguardd.toml"
+    config.write_text(
+        '[limits]\nfailed_recipients = "3/1h"\n'
+        f"[notify]\nto = {json.dumps(list(TO))}\nsendmail = {json.dumps([str(program), '-t'])}\n"
+        f"hook = {json.dumps([str(hook)])}\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "spamguardd", "--config", str(config)],
+        cwd=sock_dir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert '"event": "started"' in process.stdout.readline()
+        replies = [
+            ask_blocking(sock_dir / "run" / "spamguardd.sock", fail("auth:proc", f"r{i}"))
+            for i in range(4)
+        ]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+    assert replies[2:] == [b'freeze reason="3 failed recipients within 1h"\n'] * 2
+    assert process.returncode == 0, err
+    assert '"event": "notice_sent"' in out
+    [data] = mails(sock_dir / "mail")
+    assert parse(data)["Subject"] == "[spamguardd] blocked auth:proc: 3 failed recipients within 1h"
+    assert [c["argv"][1:] for c in hook_calls(sock_dir / "hook")] == [["blocked", "auth:proc"]]
+
+
+def ask_blocking(path: Path, request: bytes) -> bytes:
+    """One readsocket-style exchange from a plain blocking socket (the daemon is a process)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(4096):
+            chunks.append(chunk)
+        return b"".join(chunks)
