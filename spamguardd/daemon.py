@@ -15,7 +15,7 @@ import trio.lowlevel
 from spamguardd import __version__
 from spamguardd.config import Config
 from spamguardd.errors import ConfigError
-from spamguardd.notify import Notifier, run_notifier
+from spamguardd.notify import NoticeDispatcher, run_notifier
 from spamguardd.persist import BlockPersister
 from spamguardd.policy import Policy
 from spamguardd.server import QueryServer, bind_unix_listener
@@ -56,7 +56,7 @@ class Daemon:
         self.config = config
         self.policy, self.store = load_policy(config)
         self.persister = BlockPersister(self.policy, self.store)
-        self.notifier = Notifier(
+        self.notices = NoticeDispatcher(
             config.notify,
             verdict=config.policy.verdict,
             journal=config.state.dir / "journal",
@@ -69,7 +69,7 @@ class Daemon:
             wall_clock=wall_clock,
             log_decisions=config.log.level == "debug",
         )
-        self.server.on_effect = self.notifier.on_effect
+        self.server.on_effect = self.notices.on_effect
 
     def stop(self) -> None:
         """Stop accepting and exit once in-flight answers are sent."""
@@ -99,13 +99,13 @@ class Daemon:
             if handle_signals:
                 nursery.start_soon(self._stop_on_signal)
             nursery.start_soon(self._housekeeping)
-            await nursery.start(run_notifier, self.notifier.receive_channel, self.notifier)
+            await nursery.start(run_notifier, self.notices.receive_channel, self.notices)
             async with trio.open_nursery() as serving:
                 await serving.start(self.server.serve, [sock])
                 self._log_started()
                 task_status.started()
             # serve() has returned: stop() was called and in-flight answers went out
-            await self.notifier.aclose()  # queued notices get the shutdown grace period
+            await self.notices.aclose()  # queued notices get the shutdown grace period
             nursery.cancel_scope.cancel()
         log.info("stopped")
 

@@ -41,4 +41,4 @@ class StoreError(SpamguardError):
 
 
 class NotifyError(SpamguardError):
-    """A notice could not be handed over (mail system or hook); the notifier retries it."""
+    """A notice could not be handed over (mail system or hook); the dispatcher retries it."""

@@ -1,10 +1,10 @@
 """Side effects of blocks: one abuse notice per block event, and the hook command.
 
-The policy returns effects; the server hands each to :meth:`Notifier.on_effect`, which only puts a
-:class:`Notice` on a bounded queue (``send_nowait``): a verdict never waits for a mail. One worker
-task, :func:`run_notifier`, takes notices off the queue in order (a hook sees a block before the
-unblock that follows it), mails them and runs the hook, retrying failures with backoff for a
-bounded time.
+The policy returns effects; the server hands each to :meth:`NoticeDispatcher.on_effect`, which
+only puts a :class:`Notice` on a bounded queue (``send_nowait``): a verdict never waits for a
+mail. One worker task, :func:`run_notifier`, takes notices off the queue in order (a hook sees a
+block before the unblock that follows it), mails them and runs the hook, retrying failures with
+backoff for a bounded time.
 
 Nothing user-controlled ever passes through a shell: sendmail and the hook get argv lists, the user
 key is one argv entry of its own, and in the message it is shown escaped (a user key may hold
@@ -12,11 +12,11 @@ newlines and bytes that are not UTF-8).
 
 Invariants:
 
-1. Every notice accepted by :meth:`Notifier.submit` ends as exactly one of: delivered (``sent``),
-   given up after its retry budget (``failed``, logged ``notice_failed``), or left at shutdown
-   (``unsent``, logged and written to the journal). A notice refused by a full queue is
+1. Every notice accepted by :meth:`NoticeDispatcher.submit` ends as exactly one of: delivered
+   (``sent``), given up after its retry budget (``failed``, logged ``notice_failed``), or left at
+   shutdown (``unsent``, logged and written to the journal). A notice refused by a full queue is
    ``dropped`` and logged ``notice_dropped``.
-2. The query path calls only :meth:`Notifier.on_effect`, which never waits and never raises.
+2. The query path calls only :meth:`NoticeDispatcher.on_effect`, which never waits and never raises.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ class Notice:
 
 
 @attrs.frozen
-class NotifierStatistics:
+class NoticeStatistics:
     """Counts for ``stats`` and metrics."""
 
     queued: int
@@ -160,6 +160,14 @@ class NotifierStatistics:
     retries: int
     hooks_ok: int
     hooks_failed: int
+
+    def metric_events(self) -> dict[str, int]:
+        """The counters under the names the metrics export uses (``notices_sent``, ...)."""
+        return {
+            "notices_sent": self.sent,
+            "notices_failed": self.failed,
+            "notices_dropped": self.dropped,
+        }
 
 
 # -- the message ------------------------------------------------------------------------------
@@ -435,7 +443,7 @@ def _stderr(result: subprocess.CompletedProcess[bytes]) -> str:
 # -- the queue and the worker -----------------------------------------------------------------
 
 
-class Notifier:
+class NoticeDispatcher:
     """The notice queue, its delivery with retries, and its counters. See the module docstring."""
 
     def __init__(
@@ -469,9 +477,9 @@ class Notifier:
         """Whether anything is done for a notice: mail to someone, or a hook."""
         return self.config.mail_enabled or self.hook is not None
 
-    def statistics(self) -> NotifierStatistics:
+    def statistics(self) -> NoticeStatistics:
         """Current counters."""
-        return NotifierStatistics(
+        return NoticeStatistics(
             queued=self._queued,
             sent=self._sent,
             failed=self._failed,
@@ -658,23 +666,23 @@ def append_journal(path: Path, records: Iterable[Mapping[str, object]]) -> None:
 
 async def run_notifier(
     receive_channel: trio.MemoryReceiveChannel[Notice],
-    notifier: Notifier,
+    dispatcher: NoticeDispatcher,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Deliver notices from *receive_channel* in order until it is closed and empty.
 
-    After :meth:`Notifier.close`, what is still queued gets the grace period; whatever is left
-    then (or when this task is cancelled) is recorded as unsent.
+    After :meth:`NoticeDispatcher.close`, what is still queued gets the grace period; whatever is
+    left then (or when this task is cancelled) is recorded as unsent.
     """
     current: Notice | None = None
-    notifier._running = True  # noqa: SLF001 - the worker half of Notifier, kept a function
+    dispatcher._running = True  # noqa: SLF001 - the worker half of NoticeDispatcher, kept a function
     task_status.started()
     try:
-        with notifier.shutdown_scope:
+        with dispatcher.shutdown_scope:
             async for notice in receive_channel:
                 current = notice
-                await notifier.deliver(notice)
+                await dispatcher.deliver(notice)
                 current = None
     finally:
         queued: list[Notice] = []
@@ -682,5 +690,5 @@ async def run_notifier(
             while True:
                 queued.append(receive_channel.receive_nowait())
         receive_channel.close()
-        notifier.record_unsent(queued, in_flight=current)
-        notifier._finished.set()  # noqa: SLF001
+        dispatcher.record_unsent(queued, in_flight=current)
+        dispatcher._finished.set()  # noqa: SLF001

@@ -8,8 +8,8 @@ Rules for these tests:
   a child process in flight would let the mock clock jump past its timeouts;
 * sockets live in a short directory under /tmp (``sock_dir``), and every test that could hang
   runs under ``trio.fail_after``;
-* no sleeps: a test waits for the notifier by closing it (:meth:`Notifier.aclose` returns once
-  the queue is delivered) or on an event.
+* no sleeps: a test waits for the dispatcher by closing it (:meth:`NoticeDispatcher.aclose`
+  returns once the queue is delivered) or on an event.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from spamguardd.errors import NotifyError
 from spamguardd.notify import (
     HookCommand,
     Notice,
-    Notifier,
+    NoticeDispatcher,
     SendmailTransport,
     SmtpTransport,
     build_message,
@@ -246,7 +246,7 @@ class _LineReader:
 @attrs.define
 class Running:
     server: QueryServer
-    notifier: Notifier
+    dispatcher: NoticeDispatcher
     path: Path
 
     async def ask(self, request: bytes) -> Reply:
@@ -254,7 +254,7 @@ class Running:
 
     async def finish(self) -> None:
         self.server.stop()
-        await self.notifier.aclose()
+        await self.dispatcher.aclose()
 
 
 async def start(
@@ -263,24 +263,24 @@ async def start(
     notify: NotifyConfig,
     policy_config: PolicyConfig = FIVE,
 ) -> Running:
-    """A query server on a real socket with its notifier worker, wired as the daemon wires it."""
+    """A query server on a real socket with its dispatcher worker, wired as the daemon wires it."""
     store = BlockStore(sock_dir / "state")
     store.prepare()
     policy = Policy(policy_config, store.load())
     config = ServerConfig(query_socket=sock_dir / "q.sock")
     wall = lambda: T0 + trio.current_time()  # noqa: E731
     server = QueryServer(config, policy, BlockPersister(policy, store), wall_clock=wall)
-    notifier = Notifier(
+    dispatcher = NoticeDispatcher(
         notify,
         verdict=policy_config.verdict,
         journal=sock_dir / "state" / "journal",
         wall_clock=wall,
     )
-    server.on_effect = notifier.on_effect
+    server.on_effect = dispatcher.on_effect
     sock = bind_unix_listener(config.query_socket, mode=0o660, group=None, backlog=1024)
     await nursery.start(server.serve, [sock])
-    await nursery.start(run_notifier, notifier.receive_channel, notifier)
-    return Running(server, notifier, config.query_socket)
+    await nursery.start(run_notifier, dispatcher.receive_channel, dispatcher)
+    return Running(server, dispatcher, config.query_socket)
 
 
 def fail(user: str, rcpt: str) -> bytes:
@@ -517,9 +517,11 @@ class TestHook:
 # -- delivery discipline ----------------------------------------------------------------------
 
 
-def notifier_with(transport: RecordingTransport, **options: Any) -> Notifier:
+def dispatcher_with(transport: RecordingTransport, **options: Any) -> NoticeDispatcher:
     config = attrs.evolve(NotifyConfig(to=TO), **options)
-    return Notifier(config, verdict=Verdict.FREEZE, transport=transport, wall_clock=lambda: T0)
+    return NoticeDispatcher(
+        config, verdict=Verdict.FREEZE, transport=transport, wall_clock=lambda: T0
+    )
 
 
 class TestDelivery:
@@ -528,15 +530,15 @@ class TestDelivery:
     ) -> None:
         """Two failures are retried after 1 s and 2 s; the third attempt delivers, once."""
         transport = RecordingTransport(fail_times=2)
-        notifier = notifier_with(transport)
-        await nursery.start(run_notifier, notifier.receive_channel, notifier)
+        dispatcher = dispatcher_with(transport)
+        await nursery.start(run_notifier, dispatcher.receive_channel, dispatcher)
         start = trio.current_time()
         with structlog.testing.capture_logs() as logs:
-            assert notifier.submit(BLOCKED)
-            await notifier.aclose()
+            assert dispatcher.submit(BLOCKED)
+            await dispatcher.aclose()
         assert len(transport.sent) == 1
         assert [t - start for t in transport.attempted_at] == [0.0, 1.0, 3.0]
-        stats = notifier.statistics()
+        stats = dispatcher.statistics()
         assert (stats.queued, stats.sent, stats.failed, stats.retries) == (1, 1, 0, 2)
         assert [e["error"] for e in logs if e["event"] == "notice_retry"] == [
             "relay said 451 try later"
@@ -548,13 +550,13 @@ class TestDelivery:
     ) -> None:
         """A transport that always fails is retried with backoff for retry_for, then logged."""
         transport = RecordingTransport(fail_times=1000)
-        notifier = notifier_with(transport, retry_for=300.0, shutdown_grace=10_000.0)
-        await nursery.start(run_notifier, notifier.receive_channel, notifier)
+        dispatcher = dispatcher_with(transport, retry_for=300.0, shutdown_grace=10_000.0)
+        await nursery.start(run_notifier, dispatcher.receive_channel, dispatcher)
         start = trio.current_time()
         with structlog.testing.capture_logs() as logs:
-            notifier.submit(BLOCKED)
-            notifier.submit(attrs.evolve(BLOCKED, user="auth:second"))
-            await notifier.aclose()
+            dispatcher.submit(BLOCKED)
+            dispatcher.submit(attrs.evolve(BLOCKED, user="auth:second"))
+            await dispatcher.aclose()
         offsets = [t - start for t in transport.attempted_at]
         # waits of 1, 2, 4, ... s capped at 60 s, while the next attempt fits in 300 s; then the
         # second notice gets a budget of its own
@@ -564,8 +566,8 @@ class TestDelivery:
         assert [e["user"] for e in failed] == ["auth:m@example.com", "auth:second"]
         assert failed[0]["error"] == "relay said 451 try later"
         assert failed[0]["attempts"] == len(one)
-        assert notifier.statistics().failed == 2
-        assert notifier.statistics().sent == 0
+        assert dispatcher.statistics().failed == 2
+        assert dispatcher.statistics().sent == 0
 
     async def test_a_bug_in_a_transport_fails_one_notice_not_the_worker(
         self, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
@@ -580,12 +582,12 @@ class TestDelivery:
                 await super().send(message)
 
         transport = Buggy()
-        notifier = notifier_with(transport)
-        await nursery.start(run_notifier, notifier.receive_channel, notifier)
+        dispatcher = dispatcher_with(transport)
+        await nursery.start(run_notifier, dispatcher.receive_channel, dispatcher)
         with structlog.testing.capture_logs() as logs:
-            notifier.submit(attrs.evolve(BLOCKED, user="auth:bug"))
-            notifier.submit(BLOCKED)
-            await notifier.aclose()
+            dispatcher.submit(attrs.evolve(BLOCKED, user="auth:bug"))
+            dispatcher.submit(BLOCKED)
+            await dispatcher.aclose()
         assert [m["Subject"] for m in transport.sent] == [
             "[spamguardd] blocked auth:m@example.com: 5 failed recipients within 1h"
         ]
@@ -595,21 +597,26 @@ class TestDelivery:
 
     async def test_full_queue_drops_without_waiting(self) -> None:
         """Past queue_size a notice is dropped at once, logged and counted."""
-        notifier = notifier_with(RecordingTransport(), queue_size=1)
+        dispatcher = dispatcher_with(RecordingTransport(), queue_size=1)
         with structlog.testing.capture_logs() as logs:
-            assert notifier.submit(BLOCKED)
-            assert not notifier.submit(attrs.evolve(BLOCKED, user="auth:late"))
+            assert dispatcher.submit(BLOCKED)
+            assert not dispatcher.submit(attrs.evolve(BLOCKED, user="auth:late"))
         assert [(e["event"], e["user"], e["reason"]) for e in logs] == [
             ("notice_dropped", "auth:late", "queue full")
         ]
-        assert notifier.statistics().dropped == 1
+        assert dispatcher.statistics().dropped == 1
+        assert dispatcher.statistics().metric_events() == {
+            "notices_sent": 0,
+            "notices_failed": 0,
+            "notices_dropped": 1,
+        }
 
     async def test_off_without_recipients_or_hook(self) -> None:
         """No ``to`` and no hook: effects are ignored, nothing is queued or counted as dropped."""
-        notifier = Notifier(NotifyConfig(), verdict=Verdict.FREEZE)
-        assert not notifier.enabled
-        notifier.on_effect(Blocked(BLOCK, Rate(5, 3600)))
-        assert notifier.statistics() == notifier_with(RecordingTransport()).statistics()
+        dispatcher = NoticeDispatcher(NotifyConfig(), verdict=Verdict.FREEZE)
+        assert not dispatcher.enabled
+        dispatcher.on_effect(Blocked(BLOCK, Rate(5, 3600)))
+        assert dispatcher.statistics() == dispatcher_with(RecordingTransport()).statistics()
 
     async def test_unblock_mail_is_optional_the_hook_always_runs(
         self, nursery: trio.Nursery, sock_dir: Path
@@ -617,18 +624,18 @@ class TestDelivery:
         """notify_unblock = false mails no unblock; the hook still hears of it."""
         program = fake_hook(sock_dir / "hook")
         transport = RecordingTransport()
-        notifier = notifier_with(transport, notify_unblock=False, hook=(str(program),))
-        await nursery.start(run_notifier, notifier.receive_channel, notifier)
+        dispatcher = dispatcher_with(transport, notify_unblock=False, hook=(str(program),))
+        await nursery.start(run_notifier, dispatcher.receive_channel, dispatcher)
         with trio.fail_after(10):
-            notifier.submit(BLOCKED)
-            notifier.submit(Notice.unblock(BLOCK.user, when=T0 + 600, by="admin:0"))
-            await notifier.aclose()
+            dispatcher.submit(BLOCKED)
+            dispatcher.submit(Notice.unblock(BLOCK.user, when=T0 + 600, by="admin:0"))
+            await dispatcher.aclose()
         assert [m["X-Spamguard-Event"] for m in transport.sent] == ["blocked"]
         assert [c["argv"][1:] for c in hook_calls(sock_dir / "hook")] == [
             ["blocked", BLOCK.user],
             ["unblock", BLOCK.user],
         ]
-        assert notifier.statistics().hooks_ok == 2
+        assert dispatcher.statistics().hooks_ok == 2
 
     async def test_shutdown_grace_then_unsent_goes_to_the_journal(
         self, nursery: trio.Nursery, sock_dir: Path, autojump_clock: trio.testing.MockClock
@@ -637,22 +644,22 @@ class TestDelivery:
         transport = RecordingTransport(hang=True)
         journal = sock_dir / "journal"
         config = NotifyConfig(to=TO, shutdown_grace=5.0)
-        notifier = Notifier(
+        dispatcher = NoticeDispatcher(
             config,
             verdict=Verdict.FREEZE,
             journal=journal,
             transport=transport,
             wall_clock=lambda: T0 + trio.current_time(),
         )
-        await nursery.start(run_notifier, notifier.receive_channel, notifier)
-        notifier.submit(BLOCKED)
-        notifier.submit(Notice.unblock(BLOCK.user, when=T0 + 600, by="admin:0"))
+        await nursery.start(run_notifier, dispatcher.receive_channel, dispatcher)
+        dispatcher.submit(BLOCKED)
+        dispatcher.submit(Notice.unblock(BLOCK.user, when=T0 + 600, by="admin:0"))
         await transport.started.wait()
         start = trio.current_time()
         with structlog.testing.capture_logs() as logs:
-            await notifier.aclose()
+            await dispatcher.aclose()
         assert trio.current_time() - start == pytest.approx(5.0)
-        assert not notifier.submit(BLOCKED)  # closed: dropped, not queued
+        assert not dispatcher.submit(BLOCKED)  # closed: dropped, not queued
         unsent = [e["notice_event"] for e in logs if e["event"] == "notice_unsent"]
         assert unsent == ["blocked", "unblock"]
         records = [json.loads(line) for line in journal.read_text().splitlines()]
@@ -661,28 +668,28 @@ class TestDelivery:
             ("notice_unsent", "unblock", BLOCK.user, ["mail"]),
         ]
         assert records[0]["reason"] == "5 failed recipients within 1h"
-        assert notifier.statistics().unsent == 2
+        assert dispatcher.statistics().unsent == 2
 
     async def test_unsent_names_only_what_was_still_due(
         self, nursery: trio.Nursery, sock_dir: Path
     ) -> None:
         """Mail sent, hook still running at the end of the grace period: only the hook is due."""
         transport = RecordingTransport()
-        notifier = notifier_with(
+        dispatcher = dispatcher_with(
             transport,
             hook=("sh", "-c", "exec sleep 60", "hook"),
             hook_timeout=120.0,
             shutdown_grace=0.3,
         )
-        notifier.journal = sock_dir / "journal"
-        await nursery.start(run_notifier, notifier.receive_channel, notifier)
+        dispatcher.journal = sock_dir / "journal"
+        await nursery.start(run_notifier, dispatcher.receive_channel, dispatcher)
         with structlog.testing.capture_logs() as logs, trio.fail_after(10):
-            notifier.submit(BLOCKED)
+            dispatcher.submit(BLOCKED)
             await transport.started.wait()
-            await notifier.aclose()
+            await dispatcher.aclose()
         assert len(transport.sent) == 1
         assert [e["parts"] for e in logs if e["event"] == "notice_unsent"] == [["hook"]]
-        [record] = [json.loads(line) for line in notifier.journal.read_text().splitlines()]
+        [record] = [json.loads(line) for line in dispatcher.journal.read_text().splitlines()]
         assert record["parts"] == ["hook"]
 
 
@@ -716,7 +723,7 @@ class TestQueryPath:
         body = body_of(message)
         assert "Client IPs: 192.0.2.7" in body
         assert len([line for line in body.splitlines() if "@x.test" in line]) == 5
-        assert running.notifier.statistics().sent == 1
+        assert running.dispatcher.statistics().sent == 1
 
     async def test_hostile_user_reaches_the_hook_from_the_wire(
         self, nursery: trio.Nursery, sock_dir: Path
@@ -761,12 +768,12 @@ class TestQueryPath:
                 assert reply.verdict in {Verdict.ACCEPT, Verdict.FREEZE}
             # 20 users x 10 failures: 20 more blocks, queued behind the hung one
             assert mails(sock_dir / "mail") == []
-            assert running.notifier.statistics().sent == 0
+            assert running.dispatcher.statistics().sent == 0
             assert max(latencies) < 0.25, max(latencies)
             writer.close()  # let sendmail finish
             await running.finish()
         assert len(mails(sock_dir / "mail")) == 21
-        assert running.notifier.statistics().sent == 21
+        assert running.dispatcher.statistics().sent == 21
 
     async def test_monitor_mode_mails_would_block_once_and_runs_no_hook(
         self, nursery: trio.Nursery, sock_dir: Path
