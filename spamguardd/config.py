@@ -122,6 +122,43 @@ class LogConfig:
     format: LogFormat = LogFormat.AUTO
 
 
+DEFAULT_SENDMAIL = ("/usr/sbin/sendmail", "-t", "-oi")
+
+
+@attrs.frozen(kw_only=True)
+class NotifyConfig:
+    """Abuse notices and the hook command run on blocks and unblocks.
+
+    Notices are off while ``to`` is empty: a fresh install must not mail anyone by surprise.
+    The hook runs whenever it is set, whatever ``to`` holds.
+    """
+
+    to: tuple[str, ...] = ()
+    #: Sender address; None means ``spamguardd@`` the host name, chosen when a notice is built.
+    sender: str | None = None
+    subject: str = "[spamguardd]"
+    #: argv of a sendmail-compatible program fed the message on stdin (never run by a shell).
+    sendmail: tuple[str, ...] = DEFAULT_SENDMAIL
+    #: ``(host, port)`` of an SMTP relay; when set it replaces ``sendmail``.
+    smtp: tuple[str, int] | None = None
+    #: Seconds one attempt to hand a notice to sendmail or the relay may take.
+    send_timeout: float = 30.0
+    hook: tuple[str, ...] = ()
+    hook_timeout: float = 30.0
+    notify_unblock: bool = True
+    #: Notices waiting to go out; past it new ones are dropped (a verdict never waits for one).
+    queue_size: int = 100
+    #: Seconds a failing notice keeps being retried, with backoff, before it is given up.
+    retry_for: float = 600.0
+    #: Seconds queued notices get to go out at shutdown; the rest is logged as unsent.
+    shutdown_grace: float = 5.0
+
+    @property
+    def mail_enabled(self) -> bool:
+        """Whether notices are mailed at all."""
+        return bool(self.to)
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     """The whole configuration."""
@@ -132,6 +169,7 @@ class Config:
     state: StateConfig = StateConfig()
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
+    notify: NotifyConfig = NotifyConfig()
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, source: str) -> Config:
@@ -208,7 +246,18 @@ class _Reader:
         top = self.table(
             raw,
             "",
-            {"mode", "limits", "block", "override", "exempt", "server", "state", "log", "metrics"},
+            {
+                "mode",
+                "limits",
+                "block",
+                "override",
+                "exempt",
+                "server",
+                "state",
+                "log",
+                "metrics",
+                "notify",
+            },
         )
         policy = self.policy(top)
         server_raw = self.table(
@@ -246,6 +295,7 @@ class _Reader:
             level=self.value(log_raw, "log", "level", lg.level, _log_level),
             format=self.value(log_raw, "log", "format", lg.format, _enum(LogFormat)),
         )
+        notify = self.notify(top.get("notify", {}))
         return Config(
             source=self.source,
             policy=policy,
@@ -253,6 +303,45 @@ class _Reader:
             state=state,
             log=log,
             metrics=metrics,
+            notify=notify,
+        )
+
+    def notify(self, raw: Any) -> NotifyConfig:
+        known = {
+            "to",
+            "from",
+            "subject",
+            "sendmail",
+            "smtp",
+            "send_timeout",
+            "hook",
+            "hook_timeout",
+            "notify_unblock",
+            "queue_size",
+            "retry_for",
+            "shutdown_grace",
+        }
+        table = self.table(raw, "notify", known)
+        d = NotifyConfig()
+        if "sendmail" in table and "smtp" in table:
+            self.problem("notify.smtp", "set either notify.sendmail or notify.smtp, not both")
+        return NotifyConfig(
+            to=self.value(table, "notify", "to", d.to, _addresses),
+            sender=self.value(table, "notify", "from", d.sender, _address),
+            subject=self.value(table, "notify", "subject", d.subject, _header_text),
+            sendmail=self.value(table, "notify", "sendmail", d.sendmail, _argv),
+            smtp=self.value(table, "notify", "smtp", d.smtp, _host_port),
+            send_timeout=self.value(table, "notify", "send_timeout", d.send_timeout, _seconds),
+            hook=self.value(table, "notify", "hook", d.hook, _argv_or_empty),
+            hook_timeout=self.value(table, "notify", "hook_timeout", d.hook_timeout, _seconds),
+            notify_unblock=self.value(table, "notify", "notify_unblock", d.notify_unblock, _bool),
+            queue_size=self.value(
+                table, "notify", "queue_size", d.queue_size, _int_range(1, 1_000_000)
+            ),
+            retry_for=self.value(table, "notify", "retry_for", d.retry_for, _seconds),
+            shutdown_grace=self.value(
+                table, "notify", "shutdown_grace", d.shutdown_grace, _seconds
+            ),
         )
 
     def policy(self, top: Mapping[str, Any]) -> PolicyConfig:
@@ -475,3 +564,65 @@ def _networks(value: Any) -> tuple[Network, ...]:
                 f"[{index}]: expected an IP network such as 192.0.2.0/24 (got {text!r})"
             ) from None
     return tuple(networks)
+
+
+def _address(value: Any) -> str:
+    text = _string(value)
+    # one plain addr-spec: no display name, no list, nothing that could break a header line
+    if (
+        text.count("@") != 1
+        or text.startswith("@")
+        or text.endswith("@")
+        or any(c.isspace() or c in '<>,;:"()[]\\' or not c.isprintable() for c in text)
+    ):
+        raise ValueError(f"expected a mail address such as abuse@example.com (got {text!r})")
+    return text
+
+
+def _addresses(value: Any) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise TypeError(f"expected an array of mail addresses (got {_kind(value)})")
+    addresses = []
+    for index, item in enumerate(items):
+        try:
+            addresses.append(_address(item))
+        except (TypeError, ValueError) as exc:
+            where = f"[{index}]: " if isinstance(value, list) else ""
+            raise ValueError(f"{where}{exc}") from exc
+    return tuple(addresses)
+
+
+def _header_text(value: Any) -> str:
+    text = _string(value)
+    if not text.isprintable():
+        raise ValueError(f"expected one line of printable text (got {text!r})")
+    return text
+
+
+def _argv_or_empty(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise TypeError(
+            'expected a command as an array of non-empty strings, such as ["/usr/local/sbin/x"]'
+            f" (got {_kind(value)})"
+        )
+    if any("\x00" in item for item in value):
+        raise ValueError("a command must not contain a NUL character")
+    return tuple(value)
+
+
+def _argv(value: Any) -> tuple[str, ...]:
+    argv = _argv_or_empty(value)
+    if not argv:
+        raise ValueError("expected a command (got an empty array)")
+    return argv
+
+
+def _host_port(value: Any) -> tuple[str, int]:
+    text = _string(value)
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # [::1]:25
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f'expected "host:port" such as "127.0.0.1:25" (got {text!r})')
+    return host, int(port)

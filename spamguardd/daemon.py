@@ -20,6 +20,7 @@ from spamguardd.config import Config
 from spamguardd.errors import ConfigError, StoreError
 from spamguardd.metrics import render_metrics
 from spamguardd.metrics_http import serve_metrics
+from spamguardd.notify import NoticeDispatcher, run_notifier
 from spamguardd.persist import BlockPersister
 from spamguardd.policy import Policy
 from spamguardd.server import QueryServer, bind_unix_listener
@@ -105,6 +106,12 @@ class Daemon:
         self.events: dict[str, int] = {}
         self.policy, self.store = load_policy(config)
         self.persister = BlockPersister(self.policy, self.store)
+        self.notices = NoticeDispatcher(
+            config.notify,
+            verdict=config.policy.verdict,
+            journal=config.state.dir / "journal",
+            wall_clock=wall_clock,
+        )
         self.server = QueryServer(
             config.server,
             self.policy,
@@ -112,6 +119,7 @@ class Daemon:
             wall_clock=wall_clock,
             log_decisions=config.log.level == "debug",
         )
+        self.server.on_effect = self.notices.on_effect
 
     def stop(self) -> None:
         """Stop accepting and exit once in-flight answers are sent."""
@@ -148,10 +156,12 @@ class Daemon:
                     ("state.group", old.state.group, new.state.group),
                     ("metrics", old.metrics, new.metrics),
                     ("log", old.log, new.log),
+                    ("notify", old.notify, new.notify),
                 )
                 if before != after
             )
             carried = self.policy.reconfigure(new.policy, trio.current_time())
+            self.notices.verdict = new.policy.verdict
             self.config = attrs.evolve(
                 old,
                 source=new.source,
@@ -180,7 +190,7 @@ class Daemon:
             self.server.statistics(),
             self.server.latency,
             auto_blocks=self.policy.auto_blocks,
-            events=self.events,
+            events={**self.events, **self.notices.statistics().metric_events()},
         )
 
     def save_snapshot(self) -> int:
@@ -253,6 +263,7 @@ class Daemon:
             listen = self.config.metrics.listen
             if listen is not None:
                 await nursery.start(serve_metrics, listen[0], listen[1], self.render_metrics)
+            await nursery.start(run_notifier, self.notices.receive_channel, self.notices)
             async with trio.open_nursery() as serving:
                 await serving.start(self.server.serve, [sock])
                 self._log_started(query_socket)
@@ -260,6 +271,7 @@ class Daemon:
                     self.notifier.ready(self._status())
                 task_status.started()
             # serve() has returned: stop() was called and in-flight answers went out
+            await self.notices.aclose()  # queued notices get the shutdown grace period
             nursery.cancel_scope.cancel()
         self._save_snapshot_logged()
         log.info("stopped")

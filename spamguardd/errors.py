@@ -38,3 +38,7 @@ class StoreError(SpamguardError):
 
     The message names the file (and the line, for a damaged file) and what is wrong.
     """
+
+
+class NotifyError(SpamguardError):
+    """A notice could not be handed over (mail system or hook); the dispatcher retries it."""

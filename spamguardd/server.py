@@ -39,7 +39,7 @@ from spamguardd.config import ServerConfig
 from spamguardd.errors import RemoteProtocolError, StoreError
 from spamguardd.metrics import LatencyHistogram
 from spamguardd.persist import BlockPersister
-from spamguardd.policy import Blocked, Policy, WouldBlock
+from spamguardd.policy import Blocked, Effect, Policy, WouldBlock
 from spamguardd.protocol import (
     MAX_REQUEST_SIZE,
     NEED_DATA,
@@ -166,6 +166,9 @@ class QueryServer:
         log_decisions: bool = False,
     ) -> None:
         self.config = config
+        #: Set by the owner to hand each effect to its side effects (notices, hooks). Called on
+        #: the query path, so it must never wait or raise.
+        self.on_effect: Callable[[Effect], None] | None = None
         #: Log every decision (at debug level). Off by default, because even a filtered log
         #: call builds its arguments, and that is measurable at thousands of queries a second.
         self.log_decisions = log_decisions
@@ -368,6 +371,8 @@ class QueryServer:
                 )
             elif isinstance(effect, WouldBlock):
                 log.warning("user_would_block", user=effect.user, limit=str(effect.rate))
+            if self.on_effect is not None:
+                self.on_effect(effect)
         verb = _VERBS[type(request)]
         self._queries[verb, decision.reply.verdict.value] += 1
         self.latency.observe(trio.current_time() - started)

@@ -171,3 +171,81 @@ class TestErrors:
         """A missing file is a configuration error, not a traceback."""
         with pytest.raises(ConfigError, match="cannot read: No such file or directory"):
             load_config(tmp_path / "nope.toml")
+
+
+class TestNotifySection:
+    def test_defaults_mail_nobody(self) -> None:
+        """Without ``to`` no notice is mailed; sendmail is the default transport."""
+        notify = Config().notify
+        assert notify.to == ()
+        assert not notify.mail_enabled
+        assert notify.sendmail == ("/usr/sbin/sendmail", "-t", "-oi")
+        assert notify.smtp is None
+        assert notify.hook == ()
+
+    def test_every_key(self, tmp_path: Path) -> None:
+        """Each [notify] key is read; times take seconds or Exim times."""
+        config = load_config(
+            write(
+                tmp_path,
+                "[notify]\n"
+                'to = ["abuse@example.com", "noc@example.com"]\n'
+                'from = "spamguardd@relay.example.com"\n'
+                'subject = "[relay1]"\n'
+                'smtp = "[::1]:2525"\n'
+                'send_timeout = "10s"\n'
+                'hook = ["/usr/local/sbin/suspend-mailbox", "--reason=spam"]\n'
+                "hook_timeout = 5\n"
+                "notify_unblock = false\n"
+                "queue_size = 10\n"
+                'retry_for = "1h"\n'
+                "shutdown_grace = 2.5\n",
+            )
+        )
+        notify = config.notify
+        assert notify.to == ("abuse@example.com", "noc@example.com")
+        assert notify.sender == "spamguardd@relay.example.com"
+        assert notify.subject == "[relay1]"
+        assert notify.smtp == ("::1", 2525)
+        assert notify.send_timeout == 10.0
+        assert notify.hook == ("/usr/local/sbin/suspend-mailbox", "--reason=spam")
+        assert notify.hook_timeout == 5.0
+        assert notify.notify_unblock is False
+        assert notify.queue_size == 10
+        assert notify.retry_for == 3600.0
+        assert notify.shutdown_grace == 2.5
+
+    def test_one_address_as_a_string(self, tmp_path: Path) -> None:
+        """``to`` may be one string."""
+        config = load_config(write(tmp_path, '[notify]\nto = "abuse@example.com"\n'))
+        assert config.notify.to == ("abuse@example.com",)
+
+    @pytest.mark.parametrize(
+        ("text", "problem"),
+        [
+            ('to = ["abuse@example.com", "x"]', "notify.to[1]: expected a mail address"),
+            ('to = ["a@b\\nBcc: victim@example.com"]', "notify.to[0]: expected a mail address"),
+            ('from = "Abuse <a@b>"', "notify.from: expected a mail address"),
+            ('subject = "x\\ny"', "notify.subject: expected one line of printable text"),
+            ("sendmail = []", "notify.sendmail: expected a command (got an empty array)"),
+            ('sendmail = "/usr/sbin/sendmail -t"', "notify.sendmail: expected a command as an"),
+            ('smtp = "localhost"', 'notify.smtp: expected "host:port"'),
+            ('smtp = "localhost:99999"', 'notify.smtp: expected "host:port"'),
+            (
+                'smtp = "localhost:25"\nsendmail = ["/usr/sbin/sendmail"]',
+                "notify.smtp: set either notify.sendmail or notify.smtp, not both",
+            ),
+            ('hook = ["/bin/x", ""]', "notify.hook: expected a command as an array"),
+            ("hook_timeout = 0", "notify.hook_timeout: must be > 0"),
+            ("queue_size = 0", "notify.queue_size: must be between 1 and 1000000 (got 0)"),
+            ('retry_for = "soon"', "notify.retry_for:"),
+            ("notify_unblock = 1", "notify.notify_unblock: expected true or false"),
+            ("tto = []", "notify.tto: unknown key"),
+        ],
+    )
+    def test_single_problem(self, tmp_path: Path, text: str, problem: str) -> None:
+        """Each mistake in [notify] names the file and the dotted key."""
+        path = write(tmp_path, f"[notify]\n{text}\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert any(f"{path}: {problem}" in p for p in info.value.problems), info.value.problems
