@@ -17,7 +17,7 @@ from spamguardd.config import Config
 from spamguardd.errors import ConfigError
 from spamguardd.persist import BlockPersister
 from spamguardd.policy import Policy
-from spamguardd.server import QueryServer, bind_unix_listener
+from spamguardd.server import QueryServer, bind_inet_listener, bind_unix_listener
 from spamguardd.store import BlockStore
 
 log = structlog.get_logger("spamguardd")
@@ -87,12 +87,20 @@ class Daemon:
             group=server_config.socket_group,
             backlog=server_config.backlog,
         )
+        listeners = [sock]
+        if server_config.query_listen is not None:
+            try:
+                host, port = server_config.query_listen
+                listeners.append(bind_inet_listener(host, port, backlog=server_config.backlog))
+            except BaseException:
+                sock.close()
+                raise
         async with trio.open_nursery() as nursery:
             if handle_signals:
                 nursery.start_soon(self._stop_on_signal)
             nursery.start_soon(self._housekeeping)
             async with trio.open_nursery() as serving:
-                await serving.start(self.server.serve, [sock])
+                await serving.start(self.server.serve, listeners)
                 self._log_started()
                 task_status.started()
             # serve() has returned: stop() was called and in-flight answers went out
@@ -105,6 +113,7 @@ class Daemon:
             version=__version__,
             config=self.config.source,
             query_socket=str(self.config.server.query_socket),
+            query_listen=self.config.server.query_listen,
             state_dir=str(self.config.state.dir),
             mode=str(self.config.policy.mode),
             limits=[str(rate) for rate in self.config.policy.failed_recipients],
