@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from tests.eximlab import (
@@ -268,3 +269,19 @@ def statements(text: str) -> str:
     """The non-comment, non-blank lines of an Exim configuration fragment."""
     lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
     return "\n".join(lines) + "\n"
+
+
+def test_demo_tells_the_story() -> None:
+    """``make demo`` runs to the end: block, frozen queue, fallback, release."""
+    result = subprocess.run(
+        [sys.executable, str(CONTRIB.parent / "demo.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    story = result.stdout
+    assert "user_blocked user=auth:mallory reason='5 failed recipients within 1h'" in story
+    assert "*** frozen ***" in story
+    assert "with the daemon stopped the message is frozen" in story
+    assert re.search(r"here: exim -Mt \S+; exim -M \S+ -> delivered", story)
