@@ -7,8 +7,10 @@ failed recipient of a user blocks it. A missing Exim fails these tests; they nev
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
+import smtplib
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ from tests.eximlab import (
     CONTRIB,
     FOREIGN_IP,
     LATE_DOMAIN,
+    PASSWORD,
     RELAY_IP,
     EximLab,
     exim_binary,
@@ -168,6 +171,50 @@ class TestDaemonDown:
             lab.spamguard.start()
             again = lab.send(["ok@remote.test"], user="alice")
             assert_delivered(lab, again.message_id, "ok@remote.test")
+
+
+def messages_in_one_session(lab: EximLab, count: int) -> list[int]:
+    """Send *count* messages over one SMTP connection, each with a bad and a good recipient;
+    return the reply code to each good RCPT (stops at the first 421)."""
+    codes = []
+    smtp = smtplib.SMTP("127.0.0.1", lab.port, timeout=30)
+    try:
+        smtp.ehlo("client.test")
+        smtp.login("alice", PASSWORD)
+        for n in range(count):
+            smtp.mail("alice@example.test")
+            assert smtp.rcpt(f"bad{n}@example.test")[0] == 550
+            code = smtp.rcpt(f"ok{n}@remote.test")[0]
+            codes.append(code)
+            if code == 421:
+                break
+            assert smtp.data(b"Subject: x\r\n\r\nhi\r\n")[0] == 250
+    finally:
+        with contextlib.suppress(smtplib.SMTPException, OSError):
+            smtp.quit()
+        smtp.close()
+    return codes
+
+
+class TestStaleDescriptor:
+    """Exim 4.96 reuses a closed descriptor after a refused Unix-socket readsocket (EXIM.md
+    §1.6); the ACL's once-per-connection guard cannot undo the close at DATA. These tests pin
+    down what docs/exim.md says: use a socket that never refuses, or the TCP listener."""
+
+    def test_tcp_listener_keeps_a_multi_message_session_clean(self) -> None:
+        """With SPAMGUARD_SOCKET = inet:..., a stopped daemon costs nothing but counting."""
+        with running_lab(use_tcp=True) as lab:
+            lab.spamguard.stop()
+            assert messages_in_one_session(lab, 3) == [250, 250, 250]
+            no_panic(lab)
+
+    def test_refused_unix_socket_breaks_the_next_message_of_the_session(self) -> None:
+        """The documented Exim bug: the 2nd message of the session gets 421 (temporary, the
+        client retries; nothing is lost). If this starts failing, Exim has been fixed."""
+        with running_lab() as lab:
+            lab.spamguard.stop()
+            assert messages_in_one_session(lab, 2) == [250, 421]
+            assert "failed to write to reject log" in lab.paniclog.read_text()
 
 
 class TestDeliveryTimeFailures:
