@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.eximlab import (
     CONTRIB,
     FOREIGN_IP,
@@ -239,21 +241,20 @@ class TestDeliveryTimeFailures:
 
 
 class TestDebian:
-    def test_wrapper_acl_against_debians_generated_config(self, exim_lab: EximLab) -> None:
+    @pytest.mark.parametrize("flavour", ["unsplit", "split"])
+    def test_wrapper_acl_against_debians_generated_config(
+        self, exim_lab: EximLab, flavour: str
+    ) -> None:
         """acl_spamguardd_rcpt as MAIN_ACL_CHECK_RCPT of update-exim4.conf's output, under
         exim -bh: unknown recipients are refused and counted, the 3rd freezes, Debian's own
-        ACL still accepts good ones and refuses relaying for a foreign host."""
+        ACL still accepts good ones and refuses relaying for a foreign host.
+
+        unsplit: Debian's configuration as installed, the macro given with -D. split: a copy of
+        /etc/exim4 switched to the split files, the macro in conf.d/main/000_localmacros as
+        docs/exim.md says (update-exim4.conf reads the unsplit localmacros file only from
+        /etc/exim4, whatever --confdir says, so that flavour cannot be tested from a copy).
+        """
         lab = exim_lab
-        debian = lab.dir / "debian.conf"
-        subprocess.run(
-            [
-                shutil.which("update-exim4.conf") or "/usr/sbin/update-exim4.conf",
-                "--output",
-                str(debian),
-            ],
-            check=True,
-            timeout=60,
-        )
         # the shipped file with its two paths pointed at the lab (and nothing else changed)
         text = (CONTRIB / "acl_spamguardd_rcpt").read_text()
         assert "{/run/spamguardd/query.sock}" in text
@@ -265,14 +266,39 @@ class TestDebian:
             )
         )
         acl.chmod(0o644)
+        debian = lab.dir / "debian.conf"
+        update = shutil.which("update-exim4.conf") or "/usr/sbin/update-exim4.conf"
+        defines: list[str] = []
+        if flavour == "unsplit":
+            subprocess.run([update, "--output", str(debian)], check=True, timeout=60)
+            defines = [f"-DMAIN_ACL_CHECK_RCPT={acl}"]
+        else:
+            confdir = lab.dir / "exim4"
+            shutil.copytree("/etc/exim4", confdir)
+            settings = confdir / "update-exim4.conf.conf"
+            settings.write_text(
+                re.sub(
+                    r"^dc_use_split_config=.*$",
+                    "dc_use_split_config='true'",
+                    settings.read_text(),
+                    flags=re.MULTILINE,
+                )
+            )
+            (confdir / "conf.d" / "main" / "000_localmacros").write_text(
+                f"MAIN_ACL_CHECK_RCPT = {acl}\n"
+            )
+            subprocess.run(
+                [update, "--confdir", str(confdir), "--output", str(debian)],
+                check=True,
+                timeout=60,
+            )
         auth = ["-oMaa", "PLAIN", "-oMai", "Mallory"]
-        define = f"-DMAIN_ACL_CHECK_RCPT={acl}"
         smtp = ["EHLO client.test", "MAIL FROM:<mallory@localhost>"]
         rcpts = [f"RCPT TO:<nosuch{i}@localhost>" for i in range(3)]
         output = lab.host_test(
             "127.0.0.1",
             [*smtp, *rcpts, "RCPT TO:<postmaster@localhost>", "QUIT"],
-            define,
+            *defines,
             *auth,
             config=debian,
         )
@@ -284,7 +310,7 @@ class TestDebian:
         foreign = lab.host_test(
             "192.0.2.9",
             ["EHLO far.test", "MAIL FROM:<x@far.test>", "RCPT TO:<x@elsewhere.example>", "QUIT"],
-            define,
+            *defines,
             config=debian,
         )
         assert "550 relay not permitted" in foreign
