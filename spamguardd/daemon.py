@@ -48,6 +48,14 @@ def load_policy(config: Config) -> tuple[Policy, BlockStore]:
     return Policy(config.policy, store.load()), store
 
 
+def _inet_spec(address: tuple[str, int] | None) -> str | None:
+    """(host, port) as Exim's readsocket spells it, for the log."""
+    if address is None:
+        return None
+    host, port = address
+    return f"inet:[{host}]:{port}" if ":" in host else f"inet:{host}:{port}"
+
+
 class Daemon:
     """One spamguardd: owns the policy, the query server and their lifetime."""
 
@@ -113,7 +121,7 @@ class Daemon:
             version=__version__,
             config=self.config.source,
             query_socket=str(self.config.server.query_socket),
-            query_listen=self.config.server.query_listen,
+            query_listen=_inet_spec(self.config.server.query_listen),
             state_dir=str(self.config.state.dir),
             mode=str(self.config.policy.mode),
             limits=[str(rate) for rate in self.config.policy.failed_recipients],
