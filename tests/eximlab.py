@@ -171,7 +171,9 @@ class FakeMX(socketserver.ThreadingTCPServer):
 class Spamguard:
     """``python -m spamguardd`` as Exim's peer, with its JSON log in a file."""
 
-    def __init__(self, lab: EximLab, *, limit: str, query_listen: str | None) -> None:
+    def __init__(
+        self, lab: EximLab, *, limit: str, query_listen: str | None, verdict: str = "freeze"
+    ) -> None:
         self.lab = lab
         self.socket = lab.dir / "run" / "query.sock"
         self.state = lab.dir / "state"
@@ -181,7 +183,7 @@ class Spamguard:
         if query_listen:
             server.append(f'query_listen = "{query_listen}"')
         self.config.write_text(
-            f'[limits]\nfailed_recipients = "{limit}"\n'
+            f'[limits]\nfailed_recipients = "{limit}"\n[block]\nverdict = "{verdict}"\n'
             f"[server]\n{chr(10).join(server)}\n"
             f'[state]\ngroup = "{EXIM_USER}"\n[log]\nformat = "json"\n'
         )
@@ -345,6 +347,7 @@ class EximLab:
         use_tcp: bool = False,
         keep: bool = False,
         macros: dict[str, str] | None = None,
+        verdict: str = "freeze",
     ) -> None:
         self.exim = exim_binary()
         self.dir = Path(tempfile.mkdtemp(prefix="eximlab-", dir="/tmp"))
@@ -356,7 +359,7 @@ class EximLab:
         self.mx = FakeMX()
         self.tcp_port = free_port() if use_tcp else None
         listen = None if self.tcp_port is None else f"inet:127.0.0.1:{self.tcp_port}"
-        self.spamguard = Spamguard(self, limit=limit, query_listen=listen)
+        self.spamguard = Spamguard(self, limit=limit, query_listen=listen, verdict=verdict)
         self.config = self.dir / "exim.conf"
         self.pidfile = self.dir / "exim.pid"
 
@@ -510,10 +513,14 @@ class EximLab:
 
 @contextlib.contextmanager
 def running_lab(
-    *, limit: str = "3/1h", use_tcp: bool = False, macros: dict[str, str] | None = None
+    *,
+    limit: str = "3/1h",
+    use_tcp: bool = False,
+    macros: dict[str, str] | None = None,
+    verdict: str = "freeze",
 ) -> Iterator[EximLab]:
     """An :class:`EximLab` that is started and always stopped."""
-    lab = EximLab(limit=limit, use_tcp=use_tcp, macros=macros)
+    lab = EximLab(limit=limit, use_tcp=use_tcp, macros=macros, verdict=verdict)
     try:
         lab.start()
         yield lab

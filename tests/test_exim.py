@@ -142,6 +142,21 @@ class TestCounting:
         lab.wait_queue_settled(sent.message_id)
         assert lab.frozen_ids() == []
 
+    @pytest.mark.parametrize(
+        ("verdict", "answer"),
+        [
+            ("reject", (550, b"sending suspended: too many failed recipients")),
+            ("defer", (451, b"sending temporarily suspended, try later")),
+        ],
+    )
+    def test_reject_and_defer_verdicts(self, verdict: str, answer: tuple[int, bytes]) -> None:
+        """With block.verdict = reject or defer the blocked user's recipients get 550 / 451."""
+        with running_lab(verdict=verdict) as lab:
+            lab.send(["bad1@remote.test", "bad2@remote.test", "bad3@remote.test"], user="eve")
+            sent = lab.send(["ok@remote.test"], user="eve")
+            assert sent.refused == {"ok@remote.test": answer}
+            assert lab.frozen_ids() == []
+
 
 class TestDaemonDown:
     def test_block_file_keeps_a_blocked_user_frozen(self, exim_lab: EximLab) -> None:
