@@ -113,7 +113,7 @@ class _SMTPHandler(socketserver.StreamRequestHandler):
             elif verb == "RCPT":
                 address = _address(command)
                 self.server.rcpt_log.append(address)
-                if rejects(address):
+                if self.server.rejects(address):
                     self.reply(f"550 5.1.1 <{address}>: no such user here")
                 else:
                     recipients.append(address)
@@ -138,13 +138,19 @@ def _address(command: str) -> str:
 
 
 class FakeMX(socketserver.ThreadingTCPServer):
-    """A remote MX on 127.0.0.1 that refuses ``bad*`` recipients at RCPT (callout or delivery)."""
+    """A remote MX on 127.0.0.1 that refuses chosen recipients (``bad*`` by default) at RCPT.
+
+    The same refusal serves a callout at RCPT time and a delivery: recipients at
+    :data:`LATE_DOMAIN` get no callout, so theirs happens only at delivery time.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self) -> None:
+    def __init__(self, rejects: Callable[[str], bool] = rejects) -> None:
         super().__init__(("127.0.0.1", 0), _SMTPHandler)
+        #: Which recipients do not exist here (refused at RCPT, for callouts and deliveries).
+        self.rejects = rejects
         self.port = int(self.server_address[1])
         self.received: list[Received] = []
         self.rcpt_log: list[str] = []

@@ -157,6 +157,23 @@ class TestCounting:
             assert sent.refused == {"ok@remote.test": answer}
             assert lab.frozen_ids() == []
 
+    def test_main_log_records_refusals_and_the_freeze(
+        self, exim_lab: EximLab, exim_mainlog: Path
+    ) -> None:
+        """The log lines docs/exim.md shows are what Exim writes (and log readers get)."""
+        sent = exim_lab.send(
+            ["ok@remote.test", "bad1@remote.test", "bad2@remote.test", "bad3@remote.test"],
+            user="mallory",
+        )
+        assert sent.message_id is not None
+        exim_lab.wait_queue_settled(sent.message_id)
+        log = exim_mainlog.read_text()
+        assert re.search(
+            r"A=plain:mallory rejected RCPT <bad1@remote\.test>: Callout verification failed:", log
+        )
+        assert log.count("spamguardd: freezing message from auth:mallory") == 1
+        assert f"{sent.message_id} frozen by ACL" in log
+
 
 class TestDaemonDown:
     def test_block_file_keeps_a_blocked_user_frozen(self, exim_lab: EximLab) -> None:
