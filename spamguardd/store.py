@@ -206,13 +206,15 @@ class BlockStore:
             StoreError: it cannot be created.
         """
         directory = self.path.parent
+        created = not directory.exists()
         try:
             directory.mkdir(mode=0o750, parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"{directory}: cannot create: {exc.strerror}") from exc
-        if self.group is not None and directory.stat().st_gid != self.group:
-            # Exim's lsearch fallback needs search permission on the directory, not only read
-            # permission on the file
+        if created and self.group is not None:
+            # Exim's lsearch fallback needs search permission on the directory too. A directory
+            # that already exists is left alone: its owner (systemd's StateDirectory=, an admin)
+            # chose its permissions, and systemd re-chowns one whose group was changed.
             try:
                 os.chown(directory, -1, self.group)
             except OSError as exc:
