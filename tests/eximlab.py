@@ -424,13 +424,31 @@ class EximLab:
         return True
 
     def stop(self) -> None:
-        """Stop everything and remove the scratch directory (unless *keep*)."""
+        """Stop everything and remove the scratch directory (unless *keep*).
+
+        Waits for every Exim process of this lab (the daemon and any delivery it started, all
+        run with ``-C`` this config) to end first: one still running would recreate its log or
+        spool directory after the removal.
+        """
         with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
             os.kill(int(self.pidfile.read_text().split()[0]), signal.SIGTERM)
+        with contextlib.suppress(AssertionError):
+            wait_for("this lab's Exim processes to end", lambda: not self._exim_processes(), 15)
         self.spamguard.stop()
         self.mx.stop()
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _exim_processes(self) -> list[int]:
+        """Pids of processes whose command line names this lab's config."""
+        needle = os.fsencode(self.config)
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if needle in (entry / "cmdline").read_bytes().split(b"\0"):
+                        found.append(int(entry.name))
+        return found
 
     # -- running Exim ---------------------------------------------------------------------
 
