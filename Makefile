@@ -1,7 +1,8 @@
 # Two commands set everything up on a fresh Debian machine:
 #   make run    create .venv, install spamguardd, run the daemon in the foreground (embedded defaults)
 #   make test   install what the tests need (Python packages, Debian's Exim), run the whole suite
-# Other targets: make lint (ruff + mypy), make bench, make clean.
+# Other targets: make lint (ruff + mypy), make bench, make demo (Exim + spamguardd on loopback,
+# a compromised account gets frozen; needs root), make clean.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # Debian packages the real-Exim tests drive (exim -be/-bh/-bd, exiqgrep, swaks)
 DEBIAN_TEST_PACKAGES := exim4-daemon-light swaks
 
-.PHONY: run test lint bench debian-test-deps clean
+.PHONY: run test lint bench demo debian-test-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +45,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/query_load.py
+
+demo: $(STAMP) debian-test-deps
+	$(BIN)/python contrib/demo.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage run var

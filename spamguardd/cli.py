@@ -14,7 +14,7 @@ import structlog
 import trio
 
 from spamguardd import __version__
-from spamguardd.config import Config, load_config
+from spamguardd.config import Config, load_config, parse_inet_listen
 from spamguardd.daemon import Daemon, load_policy
 from spamguardd.errors import ConfigError, StoreError
 from spamguardd.log import configure_logging
@@ -45,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
         help="Unix socket Exim queries (overrides server.query_socket)",
     )
     parser.add_argument(
+        "--query-listen",
+        type=_inet_listen,
+        metavar="inet:HOST:PORT",
+        help="also listen on this loopback TCP address, e.g. inet:127.0.0.1:9925 "
+        "(overrides server.query_listen)",
+    )
+    parser.add_argument(
         "--state-dir",
         type=Path,
         metavar="DIR",
@@ -60,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _inet_listen(text: str) -> tuple[str, int] | None:
+    try:
+        return parse_inet_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_config(args: argparse.Namespace) -> Config:
     """The configuration from ``--config`` (or the defaults) with command-line overrides.
 
@@ -70,6 +84,10 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.query_socket is not None:
         config = attrs.evolve(
             config, server=attrs.evolve(config.server, query_socket=args.query_socket)
+        )
+    if args.query_listen is not None:
+        config = attrs.evolve(
+            config, server=attrs.evolve(config.server, query_listen=args.query_listen)
         )
     if args.state_dir is not None:
         config = attrs.evolve(config, state=attrs.evolve(config.state, dir=args.state_dir))

@@ -54,6 +54,9 @@ class ServerConfig:
     read_timeout: float = 5.0
     #: Connections served at once; past this, new ones get ``defer`` at once instead of waiting.
     max_connections: int = 512
+    #: An extra loopback TCP listener (host, port), from ``"inet:127.0.0.1:PORT"``: Exim's
+    #: ``inet:`` readsocket survives a refused connect, its Unix-socket one does not.
+    query_listen: tuple[str, int] | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -273,6 +276,9 @@ class _Reader:
             max_connections=self.value(
                 server_raw, "server", "max_connections", d.max_connections, _int_range(1, 1 << 20)
             ),
+            query_listen=self.value(
+                server_raw, "server", "query_listen", d.query_listen, parse_inet_listen
+            ),
         )
         state_raw = self.table(top.get("state", {}), "state", set(attrs.fields_dict(StateConfig)))
         s = StateConfig()
@@ -417,6 +423,34 @@ def _string(value: Any) -> str:
 def _name(value: Any) -> str | None:
     text = _string(value).strip()
     return text or None
+
+
+def parse_inet_listen(value: Any) -> tuple[str, int] | None:
+    """``"inet:127.0.0.1:9925"`` or ``"inet:[::1]:9925"`` as (host, port); ``""`` is none.
+
+    Only loopback addresses are accepted: the query socket changes counts and has no
+    authentication, so it must not be reachable from other hosts.
+    """
+    text = _string(value).strip()
+    if not text:
+        return None
+    expected = f"expected inet:127.0.0.1:PORT or inet:[::1]:PORT (got {text!r})"
+    if not text.startswith("inet:"):
+        raise ValueError(expected)
+    host, colon, port_text = text.removeprefix("inet:").rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        address = ipaddress.ip_address(host)
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(expected) from None
+    if not colon or not 0 < port < 65536:
+        raise ValueError(expected)
+    if not address.is_loopback:
+        raise ValueError(
+            f"must be a loopback address: the query socket has no authentication (got {host!r})"
+        )
+    return str(address), port
 
 
 def _path(value: Any) -> Path:

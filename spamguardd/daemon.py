@@ -23,7 +23,7 @@ from spamguardd.metrics_http import serve_metrics
 from spamguardd.notify import NoticeDispatcher, run_notifier
 from spamguardd.persist import BlockPersister
 from spamguardd.policy import Policy
-from spamguardd.server import QueryServer, bind_unix_listener
+from spamguardd.server import QueryServer, bind_inet_listener, bind_unix_listener
 from spamguardd.snapshot import Entry, SnapshotStore
 from spamguardd.store import BlockStore
 from spamguardd.systemd import Notifier
@@ -54,6 +54,14 @@ def load_policy(config: Config) -> tuple[Policy, BlockStore]:
     store = BlockStore(config.state.dir, group=gid)
     store.prepare()
     return Policy(config.policy, store.load()), store
+
+
+def _inet_spec(address: tuple[str, int] | None) -> str | None:
+    """(host, port) as Exim's readsocket spells it, for the log."""
+    if address is None:
+        return None
+    host, port = address
+    return f"inet:[{host}]:{port}" if ":" in host else f"inet:{host}:{port}"
 
 
 @attrs.frozen
@@ -253,6 +261,15 @@ class Daemon:
                 backlog=server_config.backlog,
             )
             query_socket = str(server_config.query_socket)
+        listeners = [sock]
+        query_listen = self.config.server.query_listen
+        if query_listen is not None:
+            try:
+                host, port = query_listen
+                listeners.append(bind_inet_listener(host, port, backlog=self.config.server.backlog))
+            except BaseException:
+                sock.close()
+                raise
         async with trio.open_nursery() as nursery:
             if handle_signals:
                 nursery.start_soon(self._handle_signals)
@@ -265,7 +282,7 @@ class Daemon:
                 await nursery.start(serve_metrics, listen[0], listen[1], self.render_metrics)
             await nursery.start(run_notifier, self.notices.receive_channel, self.notices)
             async with trio.open_nursery() as serving:
-                await serving.start(self.server.serve, [sock])
+                await serving.start(self.server.serve, listeners)
                 self._log_started(query_socket)
                 if self.notifier is not None:
                     self.notifier.ready(self._status())
@@ -283,6 +300,7 @@ class Daemon:
             config=self.config.source,
             query_socket=query_socket,
             inherited=sorted(self.inherited),
+            query_listen=_inet_spec(self.config.server.query_listen),
             state_dir=str(self.config.state.dir),
             mode=str(self.config.policy.mode),
             limits=[str(rate) for rate in self.config.policy.failed_recipients],

@@ -31,6 +31,7 @@ from spamguardd.protocol import (
     PingRequest,
     RcptRequest,
     Reply,
+    ReportRequest,
     Request,
     Verdict,
     Verify,
@@ -140,6 +141,8 @@ class Policy:
         """Decide the reply to *request* at monotonic time *now* (wall clock *wall_now*)."""
         if isinstance(request, RcptRequest):
             return self._rcpt(request, now=now, wall_now=wall_now)
+        if isinstance(request, ReportRequest):
+            return self._rcpt(request.as_rcpt(), now=now, wall_now=wall_now)
         if isinstance(request, CheckRequest):
             return self._blocked_decision(request.user) or Decision(ACCEPT)
         if isinstance(request, PingRequest):

@@ -76,6 +76,28 @@ class RcptRequest:
 
 
 @attrs.frozen
+class ReportRequest:
+    """A recipient that failed at delivery time: ``report user= rcpt= event= [ip=]``.
+
+    Sent from an smtp transport's ``event_action``. It counts like ``rcpt verify=fail`` (or
+    ``verify=defer`` for a deferral event), through the same path, so a recipient already
+    counted at RCPT time in the same window is not counted again.
+    """
+
+    user: str
+    rcpt: str
+    #: Exim's ``$event_name``, e.g. ``msg:fail:delivery`` or ``msg:rcpt:defer``.
+    event: str
+    ip: IPAddress | None = None
+
+    def as_rcpt(self) -> RcptRequest:
+        """The equivalent RCPT-time request: a deferral event is ``defer``, anything else
+        ``fail``."""
+        verify = Verify.DEFER if "defer" in self.event.split(":") else Verify.FAIL
+        return RcptRequest(user=self.user, rcpt=self.rcpt, verify=verify, ip=self.ip)
+
+
+@attrs.frozen
 class CheckRequest:
     """Is this user blocked: ``check user=``."""
 
@@ -87,7 +109,7 @@ class PingRequest:
     """Liveness probe: ``ping``, answered ``pong``."""
 
 
-Request = RcptRequest | CheckRequest | PingRequest
+Request = RcptRequest | ReportRequest | CheckRequest | PingRequest
 
 
 @attrs.frozen
@@ -128,7 +150,7 @@ _BARE_SAFE: Final = re.compile(rb"[^ \t\"\r\n\\\x00-\x1f\x7f]+")
 _QUOTED_BODY: Final = re.compile(rb'(?:[^"\\]|\\.)*', re.DOTALL)
 _KEY: Final = re.compile(rb"[A-Za-z0-9_.-]+")
 _SPACE: Final = re.compile(rb"[ \t]*")
-_COMMON_KEYS: Final = frozenset({b"user", b"rcpt", b"verify", b"ip", b"sender"})
+_COMMON_KEYS: Final = frozenset({b"user", b"rcpt", b"verify", b"ip", b"sender", b"event"})
 _VERIFY: Final = {verify.value: verify for verify in Verify}
 
 
@@ -275,6 +297,16 @@ def _parse_ip(text: str) -> IPAddress:
     return ipaddress.ip_address(text)
 
 
+def _ip(fields: dict[str, str]) -> IPAddress | None:
+    raw_ip = fields.get("ip", "")
+    if not raw_ip:
+        return None
+    try:
+        return _parse_ip(raw_ip)
+    except ValueError:
+        raise RemoteProtocolError(f"ip must be an IP address (got {raw_ip[:60]!r})") from None
+
+
 def _rcpt(fields: dict[str, str]) -> RcptRequest:
     user = _user(fields)
     rcpt = _required(fields, "rcpt")
@@ -282,14 +314,17 @@ def _rcpt(fields: dict[str, str]) -> RcptRequest:
     verify = _VERIFY.get(raw_verify.lower())
     if verify is None:
         raise RemoteProtocolError(f"verify must be ok, fail or defer (got {raw_verify[:40]!r})")
-    ip: IPAddress | None = None
-    raw_ip = fields.get("ip", "")
-    if raw_ip:
-        try:
-            ip = _parse_ip(raw_ip)
-        except ValueError:
-            raise RemoteProtocolError(f"ip must be an IP address (got {raw_ip[:60]!r})") from None
+    ip = _ip(fields)
     return RcptRequest(user=user, rcpt=rcpt, verify=verify, ip=ip, sender=fields.get("sender"))
+
+
+def _report(fields: dict[str, str]) -> ReportRequest:
+    user = _user(fields)
+    rcpt = _required(fields, "rcpt")
+    event = _required(fields, "event")
+    if not event:
+        raise RemoteProtocolError("event must not be empty (Exim's $event_name)")
+    return ReportRequest(user=user, rcpt=rcpt, event=event.lower(), ip=_ip(fields))
 
 
 def parse_request(line: bytes) -> Request:
@@ -304,11 +339,15 @@ def parse_request(line: bytes) -> Request:
     verb, fields = parse_fields(line)
     if verb == "rcpt":
         return _rcpt(fields)
+    if verb == "report":
+        return _report(fields)
     if verb == "check":
         return CheckRequest(user=_user(fields))
     if verb == "ping":
         return PingRequest()
-    raise RemoteProtocolError(f"unknown verb {verb[:40]!r} on the query socket (rcpt, check, ping)")
+    raise RemoteProtocolError(
+        f"unknown verb {verb[:40]!r} on the query socket (rcpt, report, check, ping)"
+    )
 
 
 def serialize_request(request: Request) -> bytes:
@@ -317,6 +356,12 @@ def serialize_request(request: Request) -> bytes:
         return b"ping\n"
     if isinstance(request, CheckRequest):
         return b"check user=" + quote(request.user) + b"\n"
+    if isinstance(request, ReportRequest):
+        parts = [b"report", b"user=" + quote(request.user), b"rcpt=" + quote(request.rcpt)]
+        parts.append(b"event=" + quote(request.event))
+        if request.ip is not None:
+            parts.append(b"ip=" + str(request.ip).encode())
+        return b" ".join(parts) + b"\n"
     parts = [b"rcpt", b"user=" + quote(request.user), b"rcpt=" + quote(request.rcpt)]
     parts.append(b"verify=" + request.verify.encode())
     if request.ip is not None:

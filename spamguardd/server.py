@@ -48,6 +48,7 @@ from spamguardd.protocol import (
     PolicyConnection,
     RcptRequest,
     Reply,
+    ReportRequest,
     Request,
     Verdict,
 )
@@ -70,7 +71,12 @@ DRAIN_LIMIT: Final = 64 * 1024
 _ACCEPT_CAPACITY_ERRNOS: Final = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _ACCEPT_RETRY_SLEEP: Final = 0.1
 
-_VERBS: Final = {RcptRequest: "rcpt", CheckRequest: "check", PingRequest: "ping"}
+_VERBS: Final = {
+    RcptRequest: "rcpt",
+    ReportRequest: "report",
+    CheckRequest: "check",
+    PingRequest: "ping",
+}
 
 
 @attrs.frozen
@@ -113,6 +119,28 @@ def bind_unix_listener(path: Path, *, mode: int, group: str | None, backlog: int
     except BaseException:
         sock.close()
         _unlink_if_present(tmp)
+        raise
+    return sock
+
+
+def bind_inet_listener(host: str, port: int, *, backlog: int) -> socket.socket:
+    """Create a listening TCP socket on *host*:*port* (a loopback address, checked by config).
+
+    Exim's readsocket to an ``inet:`` spec resets its descriptor after a failed connect, so
+    this listener is immune to the stale-descriptor bug of Unix-socket readsocket (EXIM.md §1.6).
+
+    Raises:
+        OSError: the address cannot be bound (in use, not local, ...).
+    """
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    family, kind, proto, _, address = info[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
         raise
     return sock
 

@@ -205,10 +205,22 @@ class BlockStore:
         Raises:
             StoreError: it cannot be created.
         """
+        directory = self.path.parent
+        created = not directory.exists()
         try:
-            self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            directory.mkdir(mode=0o750, parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreError(f"{self.path.parent}: cannot create: {exc.strerror}") from exc
+            raise StoreError(f"{directory}: cannot create: {exc.strerror}") from exc
+        if created and self.group is not None:
+            # Exim's lsearch fallback needs search permission on the directory too. A directory
+            # that already exists is left alone: its owner (systemd's StateDirectory=, an admin)
+            # chose its permissions, and systemd re-chowns one whose group was changed.
+            try:
+                os.chown(directory, -1, self.group)
+            except OSError as exc:
+                raise StoreError(
+                    f"{directory}: cannot give it group {self.group}: {exc.strerror}"
+                ) from exc
 
     def load(self) -> list[Block]:
         """Read the block list; a missing file is an empty list.

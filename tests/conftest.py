@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.eximlab import EximLab, running_lab
+
 
 @pytest.fixture(name="sock_dir")
 def _sock_dir() -> Iterator[Path]:
@@ -16,3 +18,16 @@ def _sock_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="sg-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(name="exim_lab")
+def _exim_lab() -> Iterator[EximLab]:
+    """A running Exim + fake MX + spamguardd (limit 3/1h) on loopback; see tests/eximlab.py."""
+    with running_lab() as lab:
+        yield lab
+
+
+@pytest.fixture(name="exim_mainlog")
+def _exim_mainlog(exim_lab: EximLab) -> Path:
+    """The main log of the running lab Exim: real Exim log lines to read or replay."""
+    return exim_lab.mainlog

@@ -14,6 +14,7 @@ from spamguardd.protocol import (
     CheckRequest,
     PingRequest,
     RcptRequest,
+    ReportRequest,
     Request,
     Verify,
 )
@@ -50,8 +51,16 @@ rcpt_requests = st.builds(
     sender=st.one_of(st.none(), wire_text),
 )
 
+report_requests = st.builds(
+    ReportRequest,
+    user=user_keys,
+    rcpt=wire_text,
+    event=st.sampled_from(["msg:fail:delivery", "msg:rcpt:defer", "msg:fail:internal"]),
+    ip=ip_addresses,
+)
+
 requests: st.SearchStrategy[Request] = st.one_of(
-    rcpt_requests, st.builds(CheckRequest, user=user_keys), st.just(PingRequest())
+    rcpt_requests, report_requests, st.builds(CheckRequest, user=user_keys), st.just(PingRequest())
 )
 
 blocks = st.builds(

@@ -100,6 +100,20 @@ class TestProcess:
         finally:
             assert again.stop(signal.SIGINT)[0] == 0
 
+    def test_query_listen_serves_tcp_too(self, workdir: Path) -> None:
+        """--query-listen adds a loopback TCP listener served like the Unix socket."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        daemon = Daemon(workdir, "--query-listen", f"inet:127.0.0.1:{port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"report user=auth:t rcpt=x@y event=msg:fail:delivery\n")
+                assert sock.makefile("rb").read() == b"accept\n"
+            assert ask(daemon.socket, b"ping\n") == b"pong\n"
+        finally:
+            assert daemon.stop()[0] == 0
+
     def test_damaged_block_file_stops_the_start(self, workdir: Path) -> None:
         """A damaged block file is not overwritten: exit 78 naming file and line."""
         state = workdir / "var"

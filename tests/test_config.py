@@ -93,6 +93,20 @@ class TestLoad:
         assert config.server.max_connections == 10
         assert config.state.group == "Debian-exim"
 
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("inet:127.0.0.1:9925", ("127.0.0.1", 9925)),
+            ("inet:[::1]:9925", ("::1", 9925)),
+            ("inet:127.0.0.2:1", ("127.0.0.2", 1)),
+            ("", None),
+        ],
+    )
+    def test_query_listen(self, tmp_path: Path, text: str, expected: object) -> None:
+        """The TCP listener is written as Exim writes a readsocket spec."""
+        config = load_config(write(tmp_path, f'[server]\nquery_listen = "{text}"\n'))
+        assert config.server.query_listen == expected
+
 
 class TestErrors:
     def test_every_problem_is_reported_with_file_and_key(self, tmp_path: Path) -> None:
@@ -152,6 +166,13 @@ class TestErrors:
             ('[exempt]\nusers = [""]\n', "exempt.users: expected a user key"),
             ("[server]\nread_timeout = 0\n", "server.read_timeout: must be > 0"),
             ('[log]\nlevel = "loud"\n', "log.level: expected debug | info"),
+            ('[server]\nquery_listen = "127.0.0.1:99"\n', "server.query_listen: expected inet:"),
+            ('[server]\nquery_listen = "inet:127.0.0.1:0"\n', "server.query_listen: expected"),
+            ('[server]\nquery_listen = "inet:127.0.0.1"\n', "server.query_listen: expected"),
+            (
+                '[server]\nquery_listen = "inet:192.0.2.1:99"\n',
+                "server.query_listen: must be a loopback address",
+            ),
         ],
     )
     def test_single_problem(self, tmp_path: Path, text: str, problem: str) -> None:

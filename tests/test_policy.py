@@ -15,7 +15,15 @@ from spamguardd import buckets
 from spamguardd.buckets import fingerprint, is_empty, refilled
 from spamguardd.config import Mode, PolicyConfig
 from spamguardd.policy import Block, Blocked, FailureSample, Policy, WouldBlock
-from spamguardd.protocol import CheckRequest, PingRequest, RcptRequest, Reply, Verdict, Verify
+from spamguardd.protocol import (
+    CheckRequest,
+    PingRequest,
+    RcptRequest,
+    Reply,
+    ReportRequest,
+    Verdict,
+    Verify,
+)
 from spamguardd.rate import Rate
 from tests.helpers import T0
 
@@ -32,7 +40,7 @@ def fail(user: str, rcpt: str, ip: str | None = None) -> RcptRequest:
     )
 
 
-def run(policy: Policy, request: RcptRequest | CheckRequest, now: float) -> Reply:
+def run(policy: Policy, request: RcptRequest | ReportRequest | CheckRequest, now: float) -> Reply:
     return policy.decide(request, now=now, wall_now=T0 + now).reply
 
 
@@ -356,3 +364,40 @@ class TestHousekeeping:
         # 300 failures/h against a refill of 100/h drains the 100 tokens in half an hour, during
         # which 50 more were earned: the 150th failure (give or take rounding) is the block
         assert 149 <= blocked_at <= 151
+
+
+class TestReport:
+    """``report`` (a delivery-time failure from event_action) counts through the rcpt path."""
+
+    def test_reports_count_up_to_a_block(self) -> None:
+        """Delivery-time failures alone can block a user."""
+        policy = Policy(FIVE_PER_HOUR)
+        replies = [
+            run(policy, ReportRequest("auth:m", f"r{i}@x", "msg:fail:delivery"), now=i)
+            for i in range(5)
+        ]
+        assert [r.verdict for r in replies] == [Verdict.ACCEPT] * 4 + [Verdict.FREEZE]
+
+    def test_recipient_counted_at_rcpt_time_is_not_counted_again(self) -> None:
+        """A recipient that failed verification and then fails delivery counts once."""
+        policy = Policy(FIVE_PER_HOUR)
+        run(policy, fail("auth:m", "gone@x"), now=1.0)
+        decision = policy.decide(
+            ReportRequest("auth:m", "gone@x", "msg:fail:delivery"), now=2.0, wall_now=T0
+        )
+        assert not decision.counted
+        assert decision.tokens_left is not None
+        assert decision.tokens_left[0] < 4.01  # only the refill of one second came back
+
+    def test_deferral_counts_only_with_count_defer(self) -> None:
+        """``msg:rcpt:defer`` is a temporary problem, like ``verify=defer``."""
+        report = ReportRequest("auth:m", "slow@x", "msg:rcpt:defer")
+        assert not Policy(FIVE_PER_HOUR).decide(report, now=1.0, wall_now=T0).counted
+        counting = Policy(attrs.evolve(FIVE_PER_HOUR, count_defer=True))
+        assert counting.decide(report, now=1.0, wall_now=T0).counted
+
+    def test_blocked_user_report_gets_the_verdict(self) -> None:
+        """A report for a blocked user changes nothing and answers the block verdict."""
+        policy = Policy(FIVE_PER_HOUR, [Block("auth:m", T0, "by hand", "admin")])
+        reply = run(policy, ReportRequest("auth:m", "x@y", "msg:fail:delivery"), now=1.0)
+        assert reply == Reply(Verdict.FREEZE, "by hand")

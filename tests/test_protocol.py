@@ -19,6 +19,7 @@ from spamguardd.protocol import (
     PolicyConnection,
     RcptRequest,
     Reply,
+    ReportRequest,
     Request,
     Verdict,
     Verify,
@@ -65,6 +66,16 @@ class TestParseRequest:
                 RcptRequest("u", "r", Verify.FAIL),
             ),
             (b"rcpt user=u rcpt=r verify=fail ip=", RcptRequest("u", "r", Verify.FAIL)),
+            (
+                b"report user=auth:a rcpt=gone@example.org event=msg:fail:delivery",
+                ReportRequest("auth:a", "gone@example.org", "msg:fail:delivery"),
+            ),
+            (
+                b"REPORT user=ip:192.0.2.7 rcpt=x@y event=MSG:RCPT:DEFER ip=192.0.2.7 data=z",
+                ReportRequest(
+                    "ip:192.0.2.7", "x@y", "msg:rcpt:defer", ipaddress.ip_address("192.0.2.7")
+                ),
+            ),
         ],
     )
     def test_valid(self, line: bytes, expected: Request) -> None:
@@ -88,6 +99,9 @@ class TestParseRequest:
             (b"rcpt user=u verify=fail", "missing required key rcpt"),
             (b"rcpt user=u rcpt=r", "missing required key verify"),
             (b"rcpt user=u rcpt=r verify=maybe", "verify must be ok, fail or defer"),
+            (b"report user=u rcpt=r", "missing required key event"),
+            (b"report user=u event=msg:fail:delivery", "missing required key rcpt"),
+            (b"report user=u rcpt=r event=", "event must not be empty"),
             (b"rcpt user= rcpt=r verify=fail", "user must not be empty"),
             (b'rcpt user="" rcpt=r verify=fail', "user must not be empty"),
             (b"rcpt user=u rcpt=r verify=fail ip=300.1.1.1", "ip must be an IP address"),

@@ -206,7 +206,7 @@ class TestBadClients:
             reply = await running.ask(b"rcpt rcpt=x verify=fail")
             assert reply == Reply(Verdict.ERROR, "missing required key user")
             assert (await running.ask(b"frobnicate")).reason == (
-                "unknown verb 'frobnicate' on the query socket (rcpt, check, ping)"
+                "unknown verb 'frobnicate' on the query socket (rcpt, report, check, ping)"
             )
             assert (await running.ask(b"x" * 5000)).reason == "request longer than 4096 bytes"
             assert (await running.ask(b"ping")).verdict is Verdict.PONG

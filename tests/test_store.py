@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import shutil
 import stat
 import subprocess
@@ -167,3 +168,22 @@ class TestBlockStore:
         store = BlockStore(tmp_path / "file" / "state")
         with pytest.raises(StoreError, match="cannot create"):
             store.prepare()
+
+
+class TestStateDirectoryGroup:
+    def test_created_directory_gets_the_group(self, tmp_path: Path) -> None:
+        """Exim must be able to search the directory of the block file, not only read it."""
+        gid = grp.getgrnam("Debian-exim").gr_gid
+        store = BlockStore(tmp_path / "state", group=gid)
+        store.prepare()
+        info = (tmp_path / "state").stat()
+        assert (info.st_gid, stat.S_IMODE(info.st_mode) & 0o050) == (gid, 0o050)
+
+    def test_existing_directory_is_left_alone(self, tmp_path: Path) -> None:
+        """An existing directory (systemd's StateDirectory=) keeps its owner's choice."""
+        existing = tmp_path / "state"
+        existing.mkdir(mode=0o751)
+        before = existing.stat()
+        BlockStore(existing, group=grp.getgrnam("Debian-exim").gr_gid).prepare()
+        after = existing.stat()
+        assert (after.st_gid, after.st_mode) == (before.st_gid, before.st_mode)
