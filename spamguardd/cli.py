@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         help="Unix socket Exim queries (overrides server.query_socket)",
     )
     parser.add_argument(
+        "--admin-socket",
+        type=Path,
+        metavar="PATH",
+        help="Unix socket spamguardctl talks to (overrides admin.socket)",
+    )
+    parser.add_argument(
         "--state-dir",
         type=Path,
         metavar="DIR",
@@ -71,6 +77,8 @@ def build_config(args: argparse.Namespace) -> Config:
         )
     if args.state_dir is not None:
         config = attrs.evolve(config, state=attrs.evolve(config.state, dir=args.state_dir))
+    if args.admin_socket is not None:
+        config = attrs.evolve(config, admin=attrs.evolve(config.admin, socket=args.admin_socket))
     return config
 
 
@@ -84,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{config.source}: configuration is valid")
             return EX_OK
         configure_logging(config.log)
-        daemon = Daemon(config)
+        daemon = Daemon(config, load=lambda: build_config(args))
     except (ConfigError, StoreError) as exc:
         print(f"spamguardd: {exc}".replace("\n", "\nspamguardd: "), file=sys.stderr)
         return EX_CONFIG

@@ -57,6 +57,25 @@ class ServerConfig:
 
 
 @attrs.frozen(kw_only=True)
+class AdminConfig:
+    """The admin socket of ``spamguardctl``, and who may use it.
+
+    The socket can change the block list, so it is 0600 by default: only the daemon's user and
+    root can connect. To let admins in, open the mode to a group (``socket_group``, 0660) *and*
+    name them in ``allowed_users``/``allowed_groups``: every connection's peer credentials are
+    checked against those lists (root is always allowed).
+    """
+
+    socket: Path = Path("run/admin.sock")
+    socket_mode: int = 0o600
+    socket_group: str | None = None
+    #: User names or numeric uids allowed in, besides root.
+    allowed_users: tuple[str | int, ...] = ()
+    #: Group names or numeric gids whose members (primary or supplementary) are allowed in.
+    allowed_groups: tuple[str | int, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
 class StateConfig:
     """Where the block list lives and who may read it."""
 
@@ -116,6 +135,7 @@ class Config:
     server: ServerConfig = ServerConfig()
     state: StateConfig = StateConfig()
     log: LogConfig = LogConfig()
+    admin: AdminConfig = AdminConfig()
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, source: str) -> Config:
@@ -190,7 +210,9 @@ class _Reader:
 
     def config(self, raw: Mapping[str, Any]) -> Config:
         top = self.table(
-            raw, "", {"mode", "limits", "block", "override", "exempt", "server", "state", "log"}
+            raw,
+            "",
+            {"mode", "limits", "block", "override", "exempt", "server", "state", "log", "admin"},
         )
         policy = self.policy(top)
         server_raw = self.table(
@@ -219,7 +241,27 @@ class _Reader:
             level=self.value(log_raw, "log", "level", lg.level, _log_level),
             format=self.value(log_raw, "log", "format", lg.format, _enum(LogFormat)),
         )
-        return Config(source=self.source, policy=policy, server=server, state=state, log=log)
+        return Config(
+            source=self.source,
+            policy=policy,
+            server=server,
+            state=state,
+            log=log,
+            admin=self.admin(top),
+        )
+
+    def admin(self, top: Mapping[str, Any]) -> AdminConfig:
+        raw = self.table(top.get("admin", {}), "admin", set(attrs.fields_dict(AdminConfig)))
+        d = AdminConfig()
+        return AdminConfig(
+            socket=self.value(raw, "admin", "socket", d.socket, _path),
+            socket_mode=self.value(raw, "admin", "socket_mode", d.socket_mode, _mode_bits),
+            socket_group=self.value(raw, "admin", "socket_group", d.socket_group, _name),
+            allowed_users=self.value(raw, "admin", "allowed_users", d.allowed_users, _principals),
+            allowed_groups=self.value(
+                raw, "admin", "allowed_groups", d.allowed_groups, _principals
+            ),
+        )
 
     def policy(self, top: Mapping[str, Any]) -> PolicyConfig:
         d = PolicyConfig()
@@ -385,6 +427,20 @@ def _rates(value: Any) -> tuple[Rate, ...]:
     if len(set(periods)) != len(periods):
         raise ValueError(f"two rates with the same period (got {', '.join(map(str, rates))})")
     return tuple(rates)
+
+
+def _principals(value: Any) -> tuple[str | int, ...]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected an array of names or numeric ids (got {_kind(value)})")
+    out: list[str | int] = []
+    for index, item in enumerate(value):
+        if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+            out.append(item)
+        elif isinstance(item, str) and item.strip():
+            out.append(item.strip())
+        else:
+            raise ValueError(f"[{index}]: expected a name or a numeric id >= 0 (got {item!r})")
+    return tuple(out)
 
 
 def _user_key(value: Any) -> str:

@@ -37,6 +37,7 @@ import trio
 
 from spamguardd.config import ServerConfig
 from spamguardd.errors import RemoteProtocolError, StoreError
+from spamguardd.latency import LatencyHistogram
 from spamguardd.persist import BlockPersister
 from spamguardd.policy import Blocked, Policy, WouldBlock
 from spamguardd.protocol import (
@@ -178,6 +179,10 @@ class QueryServer:
         self._store_failures = 0
         self._open = 0
         self._stopping = trio.Event()
+        #: Time from accept to answer sent, per query (a fixed-bucket histogram: no allocation).
+        self.latency = LatencyHistogram()
+        #: Called with every block the policy makes (the journal, notices); must not block.
+        self.block_listeners: list[Callable[[Blocked], None]] = []
 
     def statistics(self) -> ServerStatistics:
         """Current counters."""
@@ -272,9 +277,10 @@ class QueryServer:
         durable = generation is None or self.persister.durable_generation >= generation
         if durable and _send_nowait(conn, reply.to_bytes()):
             conn.close()
+            self.latency.record(trio.current_time() - started)
             return
         conn.setblocking(False)
-        handlers.start_soon(self._finish, conn, reply, generation)
+        handlers.start_soon(self._finish, conn, reply, generation, started)
 
     async def _handle(
         self, conn: socket.socket, connection: PolicyConnection, started: float
@@ -296,16 +302,20 @@ class QueryServer:
                     self._client_gone(conn, exc)
                     return
                 reply, generation = self._decide(request, started)
-                await self._reply(conn, reply, generation)
+                await self._reply(conn, reply, generation, started)
         finally:
             self._open -= 1
 
-    async def _finish(self, conn: socket.socket, reply: Reply, generation: int | None) -> None:
+    async def _finish(
+        self, conn: socket.socket, reply: Reply, generation: int | None, started: float
+    ) -> None:
         """Slow path for a decided request whose reply waits for the disk (or a full buffer)."""
         with conn:
-            await self._reply(conn, reply, generation)
+            await self._reply(conn, reply, generation, started)
 
-    async def _reply(self, conn: socket.socket, reply: Reply, generation: int | None) -> None:
+    async def _reply(
+        self, conn: socket.socket, reply: Reply, generation: int | None, started: float
+    ) -> None:
         if generation is not None:
             try:
                 await self.persister.wait_durable(generation)
@@ -316,6 +326,7 @@ class QueryServer:
                 log.error("block_not_persisted", error=str(exc))
         with contextlib.suppress(OSError):  # the client gave up; nothing to tell it
             await _send_all(conn, reply.to_bytes())
+        self.latency.record(trio.current_time() - started)
 
     async def _send_error(self, conn: socket.socket, reply: Reply) -> None:
         with conn:
@@ -363,6 +374,8 @@ class QueryServer:
                     verdict=str(decision.reply.verdict),
                     blocked_at=format_time(block.blocked_at),
                 )
+                for listener in self.block_listeners:
+                    listener(effect)
             elif isinstance(effect, WouldBlock):
                 log.warning("user_would_block", user=effect.user, limit=str(effect.rate))
         verb = _VERBS[type(request)]

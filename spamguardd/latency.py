@@ -1,0 +1,74 @@
+"""A fixed-bucket latency histogram: one list increment per query, percentiles on demand. Pure.
+
+The query path serves thousands of queries a second (docs/performance.md), so recording must
+not allocate or sort: a query's latency falls into one of a few fixed buckets found by bisection
+over a short tuple, and percentiles are read off the cumulative counts when ``stats`` asks. The
+answer is the bucket's upper bound, so a percentile is exact to the bucket's width (about 25 %).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping, Sequence
+from typing import Final
+
+#: Upper bounds of the buckets, in seconds: 10 µs to 10 s, four per power of ten; a last,
+#: unbounded bucket takes anything slower.
+BOUNDS: Final = (
+    *(
+        round(mantissa * 10.0**exponent, 9)
+        for exponent in range(-5, 1)
+        for mantissa in (1.0, 1.8, 3.2, 5.6)
+    ),
+    10.0,
+)
+
+
+class LatencyHistogram:
+    """Counts of latencies per fixed bucket."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BOUNDS) + 1)
+
+    def record(self, seconds: float) -> None:
+        """Count one latency (cheap: one bisection over a short tuple and one increment)."""
+        self.counts[bisect.bisect_left(BOUNDS, seconds)] += 1
+
+    @property
+    def total(self) -> int:
+        """Latencies recorded so far."""
+        return sum(self.counts)
+
+    def percentile(self, fraction: float) -> float | None:
+        """The upper bound of the bucket holding the *fraction* quantile, in seconds.
+
+        None when nothing was recorded; ``inf`` when the quantile lies past the last bound.
+        """
+        total = self.total
+        if not total:
+            return None
+        rank = max(1, round(fraction * total))
+        seen = 0
+        for index, count in enumerate(self.counts):
+            seen += count
+            if seen >= rank:
+                return BOUNDS[index] if index < len(BOUNDS) else float("inf")
+        return float("inf")  # pragma: no cover - the loop always reaches the rank
+
+    def summary(
+        self, fractions: Sequence[float] = (0.5, 0.9, 0.99, 0.999)
+    ) -> Mapping[str, float | None]:
+        """Percentiles in milliseconds keyed ``p50``, ``p90``, ``p99``, ``p99_9``.
+
+        Empty when nothing was recorded; a value is None when it lies beyond the last bound
+        (10 s), which JSON cannot write as a number.
+        """
+        out: dict[str, float | None] = {}
+        for fraction in fractions:
+            value = self.percentile(fraction)
+            if value is not None:
+                key = f"p{fraction * 100:g}".replace(".", "_")
+                out[key] = None if value == float("inf") else round(value * 1000, 3)
+        return out
