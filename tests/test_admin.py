@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from spamguardd import adminproto
 from spamguardd.ctl import EX_FAILED, EX_OK, EX_UNAVAILABLE, EX_USAGE
 from tests.exim_queue_fixture import make_exim_queue
 from tests.test_cli import Daemon, ask
@@ -337,3 +339,65 @@ def test_ctl_runs_as_a_module() -> None:
         env={**os.environ},
     )
     assert "unblock" in result.stdout
+
+
+DOCS = Path(__file__).parent.parent / "docs" / "admin.md"
+
+
+def documented_replies() -> dict[str, Any]:
+    """The JSON example of every command in docs/admin.md's "JSON output" section."""
+    section = DOCS.read_text().split("## JSON output", 1)[1]
+    found = re.findall(
+        r"^### (\w+)\n\n```json\n(.*?)\n```", section, flags=re.MULTILINE | re.DOTALL
+    )
+    return {name: json.loads(text) for name, text in found}
+
+
+def shape(value: Any) -> Any:
+    """The keys of *value*, recursively (lists by their first element), without the values."""
+    if isinstance(value, dict):
+        return {key: shape(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [shape(value[0])] if value else []
+    return None
+
+
+def same_shape(documented: Any, real: Any, where: str = "") -> None:
+    if isinstance(documented, dict):
+        assert isinstance(real, dict), where
+        assert set(documented) == set(real), (where, sorted(documented), sorted(real))
+        for key in documented:
+            same_shape(documented[key], real[key], f"{where}.{key}")
+    elif isinstance(documented, list) and documented and real:
+        same_shape(documented[0], real[0], f"{where}[0]")
+
+
+def test_json_output_is_as_documented(sock_dir: Path) -> None:
+    """Every command's --json reply has exactly the fields docs/admin.md shows for it."""
+    documented = documented_replies()
+    assert sorted(documented) == sorted(adminproto.COMMANDS)
+    sock_dir.chmod(0o755)
+    queue = make_exim_queue(sock_dir / "exim")
+    queue.submit("b@example.com", "auth:b")
+    daemon = start(sock_dir, '[limits]\nfailed_recipients = "5/1h"\n')
+    try:
+        for i in range(5):
+            ask(daemon.socket, fail("auth:m", f"r{i}@example.org"))
+        ask(daemon.socket, fail("auth:r", "x@example.org"))
+        real = {
+            "list": ctl_json(sock_dir, "list"),
+            "show": ctl_json(sock_dir, "show", "auth:m"),
+            "block": ctl_json(sock_dir, "block", "auth:b", "--reason", "phished"),
+            "unblock": ctl_json(
+                sock_dir, "unblock", "auth:b", "--release", "--exim-command", queue.command
+            ),
+            "reset": ctl_json(sock_dir, "reset", "auth:r"),
+            "stats": ctl_json(sock_dir, "stats"),
+        }
+        (sock_dir / "spamguardd.toml").write_text('[limits]\nfailed_recipients = "5/1h"\n')
+        real["reload"] = ctl_json(sock_dir, "reload")
+    finally:
+        daemon.stop()
+    for name, reply in real.items():
+        same_shape(documented[name], reply, name)
+    assert shape(real["show"]["windows"]) == shape(documented["show"]["windows"])
