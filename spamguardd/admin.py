@@ -42,6 +42,7 @@ log = structlog.get_logger("spamguardd.admin")
 READ_TIMEOUT: Final = 30.0
 #: After a refusal, how long the client's request is read and dropped before closing.
 DRAIN_TIMEOUT: Final = 1.0
+ACCEPT_RETRY_SLEEP: Final = 0.1
 DEFAULT_BLOCK_REASON: Final = "blocked by an admin"
 _UCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -172,14 +173,24 @@ class AdminServer:
 
     async def _accept_loop(self, sock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         while True:
-            conn, _ = await sock.accept()
+            try:
+                conn, _ = await sock.accept()
+            except OSError as exc:  # out of descriptors or memory for now: the queries go on
+                log.error("admin_accept_failed", error=exc.strerror or str(exc))
+                await trio.sleep(ACCEPT_RETRY_SLEEP)
+                continue
             nursery.start_soon(self._handle, conn)
 
     async def _handle(self, conn: trio.socket.SocketType) -> None:
         stream = trio.SocketStream(conn)
         async with stream:
-            with contextlib.suppress(OSError, trio.BrokenResourceError):
+            try:
                 await self._converse(stream, conn)
+            except (OSError, trio.BrokenResourceError):
+                pass  # the client went away; nothing to tell it
+            except Exception:  # a bug here must not take the daemon down with it
+                self.errors += 1
+                log.exception("admin_internal_error")
 
     async def _converse(self, stream: trio.SocketStream, conn: trio.socket.SocketType) -> None:
         pid, uid, gid = peer_credentials(conn)

@@ -80,8 +80,8 @@ def _user_field(command: str, user: Any) -> str | None:
         return None
     if not isinstance(user, str) or not user:
         raise AdminRequestError(f"{command} needs a user key")
-    if len(user) > MAX_USER or "\x00" in user:
-        raise AdminRequestError(f"user key must be 1 to {MAX_USER} characters without NUL")
+    if len(user.encode("utf-8", "surrogateescape")) > MAX_USER or "\x00" in user:
+        raise AdminRequestError(f"user key must be 1 to {MAX_USER} bytes without NUL")
     return user
 
 

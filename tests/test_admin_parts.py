@@ -131,10 +131,12 @@ class TestPolicyAdmin:
         view = policy.inspect("auth:a", now=720.0, wall_now=T0 + 720)
         hour, day = view.windows
         assert (hour.counted, day.counted) == (3, 3)
-        # 5/1h refills one token per 720 s: 2 left after the burst, 3 at t=720, full at 2880
+        # 5/1h refills one token per 720 s: 2 left after the burst, 3 at t=720, so the two
+        # missing tokens are back 1440 s later
         assert hour.tokens_left == pytest.approx(3.0)
-        assert hour.clears_at == pytest.approx(T0 + 2880)
+        assert hour.clears_at == pytest.approx(T0 + 720 + 1440, abs=1e-6)
         assert day.tokens_left == pytest.approx(17.0 + 720 * 20 / 86400)
+        assert day.clears_at == pytest.approx(T0 + 720 + (3 - 720 * 20 / 86400) * 4320, abs=1e-6)
         assert [s.rcpt for s in view.samples] == ["r2", "r1", "r0"]
         assert view.block is None
         assert not view.exempt
