@@ -29,8 +29,9 @@ import trio
 from spamguardd import __version__, adminproto
 from spamguardd.adminproto import AdminRequestError, Command
 from spamguardd.config import AdminConfig, Config
-from spamguardd.errors import ConfigError, StoreError
+from spamguardd.errors import StoreError
 from spamguardd.journal import Journal, read_journal
+from spamguardd.latency import percentiles
 from spamguardd.persist import BlockPersister
 from spamguardd.policy import Block, Blocked, Policy
 from spamguardd.server import QueryServer
@@ -45,6 +46,25 @@ DRAIN_TIMEOUT: Final = 1.0
 ACCEPT_RETRY_SLEEP: Final = 0.1
 DEFAULT_BLOCK_REASON: Final = "blocked by an admin"
 _UCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class ReloadOutcome(Protocol):
+    """What the daemon's reload reports (``daemon.ReloadResult``)."""
+
+    @property
+    def ok(self) -> bool: ...  # pragma: no cover - protocol
+
+    @property
+    def source(self) -> str: ...  # pragma: no cover - protocol
+
+    @property
+    def problems(self) -> tuple[str, ...]: ...  # pragma: no cover - protocol
+
+    @property
+    def carried_users(self) -> int: ...  # pragma: no cover - protocol
+
+    @property
+    def needs_restart(self) -> tuple[str, ...]: ...  # pragma: no cover - protocol
 
 
 class AdminTarget(Protocol):
@@ -68,8 +88,8 @@ class AdminTarget(Protocol):
     @property
     def started_at(self) -> float: ...  # pragma: no cover - protocol
 
-    def reload(self) -> list[str]:
-        """Re-read the configuration; returns notes. Raises ConfigError, keeping the old one."""
+    def reload(self) -> ReloadOutcome:
+        """Re-read the configuration; a bad one is refused and the running one kept."""
 
 
 def peer_credentials(conn: trio.socket.SocketType) -> tuple[int, int, int]:
@@ -326,16 +346,17 @@ class AdminServer:
         return adminproto.ok(user=user, reset=True)
 
     async def _reload(self, actor: str) -> dict[str, Any]:
-        try:
-            notes = self.target.reload()
-        except ConfigError as exc:
-            log.error("reload_failed", by=actor, problems=exc.problems)
+        result = self.target.reload()  # logs reloaded / reload_failed itself
+        if not result.ok:
             return adminproto.error(
-                "configuration not reloaded, the running one stays:\n" + "\n".join(exc.problems)
+                "configuration not reloaded, the running one stays:\n" + "\n".join(result.problems)
             )
-        log.info("reloaded", by=actor, config=self.target.config.source, notes=notes)
         await self._journal("reload", None, actor, None)
-        return adminproto.ok(config=self.target.config.source, notes=notes)
+        return adminproto.ok(
+            config=result.source,
+            needs_restart=list(result.needs_restart),
+            carried_users=result.carried_users,
+        )
 
     async def _journal(self, event: str, user: str | None, actor: str, reason: str | None) -> None:
         entry: dict[str, Any] = {"at": format_time(self.wall_clock()), "event": event}
@@ -378,7 +399,7 @@ class AdminServer:
                 "store": server.store_failures,
                 "admin": self.errors,
             },
-            "latency_ms": dict(target.server.latency.summary()),
+            "latency_ms": percentiles(target.server.latency.bounds, target.server.latency.counts),
         }
 
 

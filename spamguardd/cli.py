@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{config.source}: configuration is valid")
             return EX_OK
         configure_logging(config.log)
-        daemon = Daemon(config, load=lambda: build_config(args))
+        daemon = Daemon(config, load_config=lambda: build_config(args))
     except (ConfigError, StoreError) as exc:
         print(f"spamguardd: {exc}".replace("\n", "\nspamguardd: "), file=sys.stderr)
         return EX_CONFIG

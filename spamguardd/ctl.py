@@ -357,7 +357,11 @@ def _render_stats(reply: Mapping[str, Any], out: TextIO) -> None:
 
 def _render_reload(reply: Mapping[str, Any], out: TextIO) -> None:
     out.write(f"reloaded the configuration from {reply['config']}\n")
-    out.writelines(f"note: {note}\n" for note in reply["notes"])
+    if reply["carried_users"]:
+        out.write(f"counters of {reply['carried_users']} users carried over to the new limits\n")
+    out.writelines(
+        f"note: {name} changed; takes effect at the next start\n" for name in reply["needs_restart"]
+    )
 
 
 RENDERERS: Final = {

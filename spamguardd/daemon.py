@@ -6,7 +6,6 @@ import grp
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Final
 
 import attrs
@@ -16,7 +15,7 @@ import trio.lowlevel
 
 from spamguardd import __version__
 from spamguardd.admin import AdminServer
-from spamguardd.config import Config, load_config
+from spamguardd.config import Config
 from spamguardd.errors import ConfigError
 from spamguardd.journal import FILENAME as JOURNAL_FILENAME
 from spamguardd.journal import Journal
@@ -53,6 +52,21 @@ def load_policy(config: Config) -> tuple[Policy, BlockStore]:
     return Policy(config.policy, store.load()), store
 
 
+@attrs.frozen
+class ReloadResult:
+    """What a reload did, for the log and the admin ``reload`` command."""
+
+    #: False when the new file was rejected and the running configuration kept.
+    ok: bool
+    source: str
+    #: Every problem found in the new file (empty when *ok*).
+    problems: tuple[str, ...] = ()
+    #: Users whose counters were carried over to changed limits (none yet: they are forgotten).
+    carried_users: int = 0
+    #: Settings that changed in the file but only take effect at the next start.
+    needs_restart: tuple[str, ...] = ()
+
+
 class Daemon:
     """One spamguardd: owns the policy, the query server and their lifetime."""
 
@@ -61,16 +75,16 @@ class Daemon:
         config: Config,
         *,
         wall_clock: Callable[[], float] = time.time,
-        load: Callable[[], Config] | None = None,
+        load_config: Callable[[], Config] | None = None,
     ) -> None:
-        """Set up a daemon; *load* re-reads the configuration for :meth:`reload`.
+        """Set up a daemon; *load_config* re-reads the configuration for :meth:`reload`.
 
-        The default *load* reads ``config.source`` again (or takes the embedded defaults);
-        the command line passes one that re-applies its flags.
+        The command line passes one that reads the file again and re-applies its flags; the
+        default re-applies the configuration given.
         """
         self.config = config
         self.started_at = wall_clock()
-        self._load = load or _loader_for(config)
+        self._load_config = load_config or (lambda: self.config)
         self.journal = Journal(config.state.dir / JOURNAL_FILENAME)
         self.policy, self.store = load_policy(config)
         self.persister = BlockPersister(self.policy, self.store)
@@ -89,55 +103,61 @@ class Daemon:
         self.server.stop()
         self.admin.stop()
 
-    def reload(self) -> list[str]:
-        """Re-read the configuration and apply what can change while running.
+    def reload(self) -> ReloadResult:
+        """Re-read the configuration and apply it if it is valid; else keep the running one.
 
         The policy (limits, verdict, mode, overrides, exemptions) and who may use the admin
         socket change at once. Sockets, the state directory and logging keep their running
-        values until the next start; the returned notes say which of those changed. When the
-        limits change, counters are forgotten, because they were counted against the old ones.
-
-        Raises:
-            ConfigError: the file is unreadable or invalid; the running configuration stays.
+        values until the next start (``needs_restart`` names what changed). When the limits
+        change, counters are forgotten, because they were counted against the old ones; blocks
+        always stay.
         """
-        new = self._load()
+        try:
+            new = self._load_config()
+        except ConfigError as exc:
+            log.error(
+                "reload_failed", problems=exc.problems, action="keeping the running configuration"
+            )
+            return ReloadResult(ok=False, source=self.config.source, problems=tuple(exc.problems))
         old = self.config
-        notes = [
-            f"{name} changed; takes effect at the next start"
+        needs_restart = tuple(
+            name
             for name, before, after in (
                 ("server", old.server, new.server),
-                ("state", old.state, new.state),
+                ("state.dir", old.state.dir, new.state.dir),
+                ("state.group", old.state.group, new.state.group),
                 ("log", old.log, new.log),
-                (
-                    "admin.socket",
-                    (old.admin.socket, old.admin.socket_mode, old.admin.socket_group),
-                    (new.admin.socket, new.admin.socket_mode, new.admin.socket_group),
-                ),
+                ("admin.socket", old.admin.socket, new.admin.socket),
+                ("admin.socket_mode", old.admin.socket_mode, new.admin.socket_mode),
+                ("admin.socket_group", old.admin.socket_group, new.admin.socket_group),
             )
             if before != after
-        ]
+        )
         if (old.policy.failed_recipients, old.policy.overrides) != (
             new.policy.failed_recipients,
             new.policy.overrides,
         ):
-            tracked = self.policy.tracked_users()
-            for user in tracked:
+            for user in self.policy.tracked_users():
                 self.policy.reset(user)
-            notes.append(f"limits changed; counters of {len(tracked)} users forgotten")
         self.config = attrs.evolve(
-            new,
-            server=old.server,
-            state=old.state,
-            log=old.log,
+            old,
+            source=new.source,
+            policy=new.policy,
             admin=attrs.evolve(
-                new.admin,
-                socket=old.admin.socket,
-                socket_mode=old.admin.socket_mode,
-                socket_group=old.admin.socket_group,
+                old.admin,
+                allowed_users=new.admin.allowed_users,
+                allowed_groups=new.admin.allowed_groups,
             ),
         )
         self.policy.config = new.policy
-        return notes
+        log.info(
+            "reloaded",
+            config=new.source,
+            mode=str(new.policy.mode),
+            limits=[str(rate) for rate in new.policy.failed_recipients],
+            needs_restart=list(needs_restart),
+        )
+        return ReloadResult(ok=True, source=new.source, needs_restart=needs_restart)
 
     async def run(
         self,
@@ -215,11 +235,3 @@ class Daemon:
                 await trio.lowlevel.checkpoint()  # let queries through between batches
             if forgotten:
                 log.debug("users_forgotten", count=forgotten, tracked=len(users) - forgotten)
-
-
-def _loader_for(config: Config) -> Callable[[], Config]:
-    """Re-read the file *config* came from, or take the embedded defaults again."""
-    if config.source == Config().source:
-        return Config
-    path = Path(config.source)
-    return lambda: load_config(path)

@@ -1,15 +1,17 @@
-"""A fixed-bucket latency histogram: one list increment per query, percentiles on demand. Pure.
+"""Latency percentiles from a fixed-bucket histogram: one list increment per query. Pure.
 
 The query path serves thousands of queries a second (docs/performance.md), so recording must
 not allocate or sort: a query's latency falls into one of a few fixed buckets found by bisection
 over a short tuple, and percentiles are read off the cumulative counts when ``stats`` asks. The
-answer is the bucket's upper bound, so a percentile is exact to the bucket's width (about 25 %).
+answer is the bucket's upper bound, so a percentile is exact to the bucket's width.
+:func:`percentiles` works on any histogram with ``bounds`` and ``counts`` (one count per bound,
+then one for anything slower).
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Final
 
 #: Upper bounds of the buckets, in seconds: 10 µs to 10 s, four per power of ten; a last,
@@ -22,53 +24,53 @@ BOUNDS: Final = (
     ),
     10.0,
 )
+#: The percentiles ``stats`` reports.
+FRACTIONS: Final = (0.5, 0.9, 0.99, 0.999)
 
 
 class LatencyHistogram:
     """Counts of latencies per fixed bucket."""
 
-    __slots__ = ("counts",)
+    __slots__ = ("bounds", "counts")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BOUNDS) + 1)
+    def __init__(self, bounds: tuple[float, ...] = BOUNDS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
 
-    def record(self, seconds: float) -> None:
+    def observe(self, seconds: float) -> None:
         """Count one latency (cheap: one bisection over a short tuple and one increment)."""
-        self.counts[bisect.bisect_left(BOUNDS, seconds)] += 1
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
 
-    @property
-    def total(self) -> int:
-        """Latencies recorded so far."""
-        return sum(self.counts)
 
-    def percentile(self, fraction: float) -> float | None:
-        """The upper bound of the bucket holding the *fraction* quantile, in seconds.
+def percentile(bounds: Sequence[float], counts: Sequence[int], fraction: float) -> float | None:
+    """The upper bound of the bucket holding the *fraction* quantile, in seconds.
 
-        None when nothing was recorded; ``inf`` when the quantile lies past the last bound.
-        """
-        total = self.total
-        if not total:
-            return None
-        rank = max(1, round(fraction * total))
-        seen = 0
-        for index, count in enumerate(self.counts):
-            seen += count
-            if seen >= rank:
-                return BOUNDS[index] if index < len(BOUNDS) else float("inf")
-        return float("inf")  # pragma: no cover - the loop always reaches the rank
+    None when nothing was recorded; ``inf`` when the quantile lies past the last bound.
+    """
+    total = sum(counts)
+    if not total:
+        return None
+    rank = max(1, round(fraction * total))
+    seen = 0
+    for index, count in enumerate(counts):
+        seen += count
+        if seen >= rank:
+            return bounds[index] if index < len(bounds) else float("inf")
+    return float("inf")  # pragma: no cover - the loop always reaches the rank
 
-    def summary(
-        self, fractions: Sequence[float] = (0.5, 0.9, 0.99, 0.999)
-    ) -> Mapping[str, float | None]:
-        """Percentiles in milliseconds keyed ``p50``, ``p90``, ``p99``, ``p99_9``.
 
-        Empty when nothing was recorded; a value is None when it lies beyond the last bound
-        (10 s), which JSON cannot write as a number.
-        """
-        out: dict[str, float | None] = {}
-        for fraction in fractions:
-            value = self.percentile(fraction)
-            if value is not None:
-                key = f"p{fraction * 100:g}".replace(".", "_")
-                out[key] = None if value == float("inf") else round(value * 1000, 3)
-        return out
+def percentiles(
+    bounds: Sequence[float], counts: Sequence[int], fractions: Sequence[float] = FRACTIONS
+) -> dict[str, float | None]:
+    """Percentiles in milliseconds keyed ``p50``, ``p90``, ``p99``, ``p99_9``.
+
+    Empty when nothing was recorded; a value is None when it lies beyond the last bound, which
+    JSON cannot write as a number.
+    """
+    out: dict[str, float | None] = {}
+    for fraction in fractions:
+        value = percentile(bounds, counts, fraction)
+        if value is not None:
+            key = f"p{fraction * 100:g}".replace(".", "_")
+            out[key] = None if value == float("inf") else round(value * 1000, 3)
+    return out

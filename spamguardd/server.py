@@ -179,9 +179,9 @@ class QueryServer:
         self._store_failures = 0
         self._open = 0
         self._stopping = trio.Event()
-        #: Time from accept to answer sent, per query (a fixed-bucket histogram: no allocation).
+        #: Time from accept to decision, per query (a fixed-bucket histogram: no allocation).
         self.latency = LatencyHistogram()
-        #: Called with every block the policy makes (the journal, notices); must not block.
+        #: Called with every block the policy makes (the journal); must not block or raise.
         self.block_listeners: list[Callable[[Blocked], None]] = []
 
     def statistics(self) -> ServerStatistics:
@@ -277,10 +277,9 @@ class QueryServer:
         durable = generation is None or self.persister.durable_generation >= generation
         if durable and _send_nowait(conn, reply.to_bytes()):
             conn.close()
-            self.latency.record(trio.current_time() - started)
             return
         conn.setblocking(False)
-        handlers.start_soon(self._finish, conn, reply, generation, started)
+        handlers.start_soon(self._finish, conn, reply, generation)
 
     async def _handle(
         self, conn: socket.socket, connection: PolicyConnection, started: float
@@ -302,20 +301,16 @@ class QueryServer:
                     self._client_gone(conn, exc)
                     return
                 reply, generation = self._decide(request, started)
-                await self._reply(conn, reply, generation, started)
+                await self._reply(conn, reply, generation)
         finally:
             self._open -= 1
 
-    async def _finish(
-        self, conn: socket.socket, reply: Reply, generation: int | None, started: float
-    ) -> None:
+    async def _finish(self, conn: socket.socket, reply: Reply, generation: int | None) -> None:
         """Slow path for a decided request whose reply waits for the disk (or a full buffer)."""
         with conn:
-            await self._reply(conn, reply, generation, started)
+            await self._reply(conn, reply, generation)
 
-    async def _reply(
-        self, conn: socket.socket, reply: Reply, generation: int | None, started: float
-    ) -> None:
+    async def _reply(self, conn: socket.socket, reply: Reply, generation: int | None) -> None:
         if generation is not None:
             try:
                 await self.persister.wait_durable(generation)
@@ -326,7 +321,6 @@ class QueryServer:
                 log.error("block_not_persisted", error=str(exc))
         with contextlib.suppress(OSError):  # the client gave up; nothing to tell it
             await _send_all(conn, reply.to_bytes())
-        self.latency.record(trio.current_time() - started)
 
     async def _send_error(self, conn: socket.socket, reply: Reply) -> None:
         with conn:
@@ -380,6 +374,7 @@ class QueryServer:
                 log.warning("user_would_block", user=effect.user, limit=str(effect.rate))
         verb = _VERBS[type(request)]
         self._queries[verb, decision.reply.verdict.value] += 1
+        self.latency.observe(trio.current_time() - started)
         if self.log_decisions:
             log.debug(
                 "policy_decision",

@@ -161,9 +161,15 @@ class TestCommands:
 
             (sock_dir / "spamguardd.toml").write_text('[limits]\nfailed_recipients = "2/1h"\n')
             good = ctl_json(sock_dir, "reload")
-            assert good["config"] == "spamguardd.toml"
+            assert (good["config"], good["needs_restart"]) == ("spamguardd.toml", [])
             assert ask(daemon.socket, fail("auth:r", "a@x")) == b"accept\n"
             assert ask(daemon.socket, fail("auth:r", "b@x")).startswith(b"freeze ")
+
+            (sock_dir / "spamguardd.toml").write_text('[admin]\nsocket = "elsewhere.sock"\n')
+            moved = ctl(sock_dir, "reload")
+            assert moved.stdout.endswith(
+                "note: admin.socket changed; takes effect at the next start\n"
+            )
         finally:
             _, out = daemon.stop()
         assert '"event": "reload_failed"' in out
