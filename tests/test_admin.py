@@ -190,6 +190,26 @@ class TestCommands:
         finally:
             again.stop()
 
+    def test_torn_journal_line_is_reported_not_fatal(self, sock_dir: Path) -> None:
+        """A journal cut short mid-line (a crash) still serves show, which says so."""
+        (sock_dir / "var").mkdir()
+        (sock_dir / "var" / "journal").write_text(
+            '{"actor":"auto","at":"2026-11-28T00:00:00Z","event":"block","user":"auth:t"}\n'
+            '{"actor":"admin:0","at":"2026-11-28T00:0'
+        )
+        daemon = start(sock_dir)
+        try:
+            shown = ctl(sock_dir, "show", "auth:t")
+            assert shown.returncode == EX_OK, shown.stderr
+            assert "2026-11-28T00:00:00Z  block  auto" in shown.stdout
+            assert "note: the journal's last line (2) is truncated" in shown.stdout
+            assert ctl(sock_dir, "block", "auth:t").returncode == EX_OK
+            history = ctl_json(sock_dir, "show", "auth:t")
+            assert [e["event"] for e in history["history"]] == ["block", "block"]
+            assert history["journal"] == {"truncated_line": None, "damaged_lines": [2]}
+        finally:
+            daemon.stop()
+
     def test_query_socket_refuses_admin_verbs(self, sock_dir: Path) -> None:
         """Admin commands sent to the query socket are answered error and change nothing."""
         daemon = start(sock_dir)
