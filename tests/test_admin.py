@@ -233,6 +233,13 @@ class TestAccess:
         nobody = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
         try:
             (sock_dir / "run").chmod(0o755)
+            runs = subprocess.run(
+                [*nobody, SPAMGUARDCTL, "--version"], capture_output=True, text=True, check=False
+            )
+            assert runs.returncode == EX_OK, (
+                "user nobody cannot run spamguardctl from this checkout (it and .venv must be "
+                f"readable by others): {runs.stderr}"
+            )
             refused = ctl(sock_dir, "list", prefix=nobody)
             assert refused.returncode == EX_FAILED, refused.stderr
             assert "uid 65534 may not use the spamguardd admin socket" in refused.stderr
