@@ -214,3 +214,18 @@ def is_valid(state: UserState, rates: Sequence[Rate]) -> bool:
     if not all(math.isfinite(value) for value in state[:width]):
         return False
     return all(0.0 <= state[1 + index] <= rate.count for index, rate in enumerate(rates))
+
+
+def window_counts(state: UserState, rates: Sequence[Rate], now: float) -> tuple[int, ...]:
+    """Distinct failures counted in each window within that window's period, as of *now*.
+
+    Only the remembered recent failures are seen (at least the window's limit of them), which is
+    every failure that still matters for a bucket that has not emptied.
+    """
+    width = 1 + len(rates)
+    counts = [0] * len(rates)
+    for offset in range(width, len(state), width):
+        for index, rate in enumerate(rates):
+            if now - state[offset + 1 + index] < rate.period:
+                counts[index] += 1
+    return tuple(counts)

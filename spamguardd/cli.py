@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
         "(overrides server.query_listen)",
     )
     parser.add_argument(
+        "--admin-socket",
+        type=Path,
+        metavar="PATH",
+        help="Unix socket spamguardctl talks to (overrides admin.socket)",
+    )
+    parser.add_argument(
         "--state-dir",
         type=Path,
         metavar="DIR",
@@ -91,6 +97,8 @@ def build_config(args: argparse.Namespace) -> Config:
         )
     if args.state_dir is not None:
         config = attrs.evolve(config, state=attrs.evolve(config.state, dir=args.state_dir))
+    if args.admin_socket is not None:
+        config = attrs.evolve(config, admin=attrs.evolve(config.admin, socket=args.admin_socket))
     return config
 
 

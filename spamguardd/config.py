@@ -60,6 +60,25 @@ class ServerConfig:
 
 
 @attrs.frozen(kw_only=True)
+class AdminConfig:
+    """The admin socket of ``spamguardctl``, and who may use it.
+
+    The socket can change the block list, so it is 0600 by default: only the daemon's user and
+    root can connect. To let admins in, open the mode to a group (``socket_group``, 0660) *and*
+    name them in ``allowed_users``/``allowed_groups``: every connection's peer credentials are
+    checked against those lists (root is always allowed).
+    """
+
+    socket: Path = Path("run/admin.sock")
+    socket_mode: int = 0o600
+    socket_group: str | None = None
+    #: User names or numeric uids allowed in, besides root.
+    allowed_users: tuple[str | int, ...] = ()
+    #: Group names or numeric gids whose members (primary or supplementary) are allowed in.
+    allowed_groups: tuple[str | int, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
 class StateConfig:
     """Where the block list lives and who may read it."""
 
@@ -173,6 +192,7 @@ class Config:
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
     notify: NotifyConfig = NotifyConfig()
+    admin: AdminConfig = AdminConfig()
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, source: str) -> Config:
@@ -260,6 +280,7 @@ class _Reader:
                 "log",
                 "metrics",
                 "notify",
+                "admin",
             },
         )
         policy = self.policy(top)
@@ -310,6 +331,7 @@ class _Reader:
             log=log,
             metrics=metrics,
             notify=notify,
+            admin=self.admin(top),
         )
 
     def notify(self, raw: Any) -> NotifyConfig:
@@ -347,6 +369,19 @@ class _Reader:
             retry_for=self.value(table, "notify", "retry_for", d.retry_for, _seconds),
             shutdown_grace=self.value(
                 table, "notify", "shutdown_grace", d.shutdown_grace, _seconds
+            ),
+        )
+
+    def admin(self, top: Mapping[str, Any]) -> AdminConfig:
+        raw = self.table(top.get("admin", {}), "admin", set(attrs.fields_dict(AdminConfig)))
+        d = AdminConfig()
+        return AdminConfig(
+            socket=self.value(raw, "admin", "socket", d.socket, _path),
+            socket_mode=self.value(raw, "admin", "socket_mode", d.socket_mode, _mode_bits),
+            socket_group=self.value(raw, "admin", "socket_group", d.socket_group, _name),
+            allowed_users=self.value(raw, "admin", "allowed_users", d.allowed_users, _principals),
+            allowed_groups=self.value(
+                raw, "admin", "allowed_groups", d.allowed_groups, _principals
             ),
         )
 
@@ -566,6 +601,20 @@ def _rates(value: Any) -> tuple[Rate, ...]:
     if len(set(periods)) != len(periods):
         raise ValueError(f"two rates with the same period (got {', '.join(map(str, rates))})")
     return tuple(rates)
+
+
+def _principals(value: Any) -> tuple[str | int, ...]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected an array of names or numeric ids (got {_kind(value)})")
+    out: list[str | int] = []
+    for index, item in enumerate(value):
+        if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+            out.append(item)
+        elif isinstance(item, str) and item.strip():
+            out.append(item.strip())
+        else:
+            raise ValueError(f"[{index}]: expected a name or a numeric id >= 0 (got {item!r})")
+    return tuple(out)
 
 
 def _user_key(value: Any) -> str:

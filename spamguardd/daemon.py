@@ -16,8 +16,11 @@ import trio
 import trio.lowlevel
 
 from spamguardd import __version__
+from spamguardd.admin import AdminServer
 from spamguardd.config import Config
 from spamguardd.errors import ConfigError, StoreError
+from spamguardd.journal import FILENAME as JOURNAL_FILENAME
+from spamguardd.journal import Journal
 from spamguardd.metrics import render_metrics
 from spamguardd.metrics_http import serve_metrics
 from spamguardd.notify import NoticeDispatcher, run_notifier
@@ -105,11 +108,14 @@ class Daemon:
     ) -> None:
         self.config = config
         self.wall_clock = wall_clock
+        self.started_at = wall_clock()
         self.inherited: dict[str, socket.socket] = dict(inherited or {})
+        self._inherited_names = sorted(self.inherited)  # for the log; run() takes them out
         self.notifier = notifier
         self.watchdog_interval = watchdog_interval
         self._load_config = load_config or (lambda: self.config)
         self.snapshots = SnapshotStore(config.state.dir)
+        self.journal = Journal(config.state.dir / JOURNAL_FILENAME)
         #: Event counters fed by other parts (notices, unblocks), exposed as metrics.
         self.events: dict[str, int] = {}
         self.policy, self.store = load_policy(config)
@@ -117,7 +123,7 @@ class Daemon:
         self.notices = NoticeDispatcher(
             config.notify,
             verdict=config.policy.verdict,
-            journal=config.state.dir / "journal",
+            journal=self.journal.path,
             wall_clock=wall_clock,
         )
         self.server = QueryServer(
@@ -127,20 +133,23 @@ class Daemon:
             wall_clock=wall_clock,
             log_decisions=config.log.level == "debug",
         )
-        self.server.on_effect = self.notices.on_effect
+        self.admin = AdminServer(self, wall_clock=wall_clock)
+        self.server.effect_listeners += [self.notices.on_effect, self.admin.on_effect]
 
     def stop(self) -> None:
         """Stop accepting and exit once in-flight answers are sent."""
         if self.notifier is not None:
             self.notifier.stopping()
         self.server.stop()
+        self.admin.stop()
 
     def reload(self) -> ReloadResult:
         """Re-read and validate the configuration; apply it only if it is valid.
 
-        The limits, overrides, exemptions, mode, verdict and the snapshot interval change at
-        once, without losing counters or blocks (:meth:`Policy.reconfigure`). Sockets, the state
-        directory, metrics and logging settings need a restart; a change to them is reported in
+        The limits, overrides, exemptions, mode, verdict, the snapshot interval and who may use
+        the admin socket change at once, without losing counters or blocks
+        (:meth:`Policy.reconfigure`). Sockets, the state directory, metrics, notices and logging
+        settings need a restart; a change to them is reported in
         ``needs_restart`` and otherwise ignored. Must be called from within trio.
         """
         if self.notifier is not None:
@@ -165,6 +174,9 @@ class Daemon:
                     ("metrics", old.metrics, new.metrics),
                     ("log", old.log, new.log),
                     ("notify", old.notify, new.notify),
+                    ("admin.socket", old.admin.socket, new.admin.socket),
+                    ("admin.socket_mode", old.admin.socket_mode, new.admin.socket_mode),
+                    ("admin.socket_group", old.admin.socket_group, new.admin.socket_group),
                 )
                 if before != after
             )
@@ -175,6 +187,11 @@ class Daemon:
                 source=new.source,
                 policy=new.policy,
                 state=attrs.evolve(old.state, snapshot_interval=new.state.snapshot_interval),
+                admin=attrs.evolve(
+                    old.admin,
+                    allowed_users=new.admin.allowed_users,
+                    allowed_groups=new.admin.allowed_groups,
+                ),
             )
             result = ReloadResult(
                 ok=True, source=new.source, carried_users=carried, needs_restart=needs_restart
@@ -262,14 +279,25 @@ class Daemon:
             )
             query_socket = str(server_config.query_socket)
         listeners = [sock]
-        query_listen = self.config.server.query_listen
-        if query_listen is not None:
-            try:
+        try:
+            query_listen = self.config.server.query_listen
+            if query_listen is not None:
                 host, port = query_listen
                 listeners.append(bind_inet_listener(host, port, backlog=self.config.server.backlog))
-            except BaseException:
-                sock.close()
-                raise
+            admin_sock = self.inherited.pop("admin", None)
+            if admin_sock is None:
+                admin_config = self.config.admin
+                admin_config.socket.parent.mkdir(parents=True, exist_ok=True)
+                admin_sock = bind_unix_listener(
+                    admin_config.socket,
+                    mode=admin_config.socket_mode,
+                    group=admin_config.socket_group,
+                    backlog=64,
+                )
+        except BaseException:
+            for listener in listeners:
+                listener.close()
+            raise
         async with trio.open_nursery() as nursery:
             if handle_signals:
                 nursery.start_soon(self._handle_signals)
@@ -283,6 +311,7 @@ class Daemon:
             await nursery.start(run_notifier, self.notices.receive_channel, self.notices)
             async with trio.open_nursery() as serving:
                 await serving.start(self.server.serve, listeners)
+                await serving.start(self.admin.serve, admin_sock)
                 self._log_started(query_socket)
                 if self.notifier is not None:
                     self.notifier.ready(self._status())
@@ -299,8 +328,9 @@ class Daemon:
             version=__version__,
             config=self.config.source,
             query_socket=query_socket,
-            inherited=sorted(self.inherited),
+            inherited=self._inherited_names,
             query_listen=_inet_spec(self.config.server.query_listen),
+            admin_socket=str(self.config.admin.socket),
             state_dir=str(self.config.state.dir),
             mode=str(self.config.policy.mode),
             limits=[str(rate) for rate in self.config.policy.failed_recipients],

@@ -112,6 +112,30 @@ class Decision:
 
 
 @attrs.frozen
+class WindowView:
+    """One window of one user, as ``show`` presents it."""
+
+    rate: Rate
+    #: Distinct failures counted in this window within its period.
+    counted: int
+    tokens_left: float
+    #: Wall-clock time at which the bucket is full again; None when it is full now.
+    clears_at: float | None
+
+
+@attrs.frozen
+class UserView:
+    """Everything the policy knows about one user, for ``show``."""
+
+    user: str
+    block: Block | None
+    exempt: bool
+    windows: tuple[WindowView, ...]
+    #: The user's most recent counted failures still in the sample ring, newest first.
+    samples: tuple[FailureSample, ...]
+
+
+@attrs.frozen
 class PolicyStatistics:
     """Counts for ``stats`` and metrics."""
 
@@ -219,6 +243,79 @@ class Policy:
         self.blocks[block.user] = block
         self._users.pop(block.user, None)
         self.generation += 1
+
+    # -- admin changes --------------------------------------------------------------------
+
+    def block(self, user: str, reason: str, *, by: str, wall_now: float) -> tuple[Block, bool]:
+        """Block *user* on an admin's word; returns the block in force and whether it is new.
+
+        A user already blocked keeps the block it has (its time and reason are the evidence).
+        A new block bumps :attr:`generation`: the caller answers once that is durable.
+        """
+        existing = self.blocks.get(user)
+        if existing is not None:
+            return existing, False
+        block = Block(user=user, blocked_at=float(int(wall_now)), reason=reason, by=by)
+        self._add_block(block)
+        return block, True
+
+    def unblock(self, user: str) -> Block | None:
+        """Lift *user*'s block; returns it, or None when the user was not blocked.
+
+        The user starts counting again from full buckets. Bumps :attr:`generation`.
+        """
+        block = self.blocks.pop(user, None)
+        if block is not None:
+            self._would_block.discard(user)
+            self.generation += 1
+        return block
+
+    def reset(self, user: str) -> bool:
+        """Forget *user*'s counters (and monitor mode's "would block" mark).
+
+        A block is not lifted: that is :meth:`unblock`. Returns whether there was anything to
+        forget.
+        """
+        had_counters = self._users.pop(user, None) is not None
+        was_marked = user in self._would_block
+        self._would_block.discard(user)
+        return had_counters or was_marked
+
+    def inspect(self, user: str, *, now: float, wall_now: float) -> UserView:
+        """Where *user* stands at monotonic *now*: block, windows, recent failures.
+
+        Pure reading: the stored state is not brought forward or changed.
+        """
+        rates = self.config.limits_for(user)
+        state = self.user_state(user)
+        if state is None:
+            levels = tuple(float(rate.count) for rate in rates)
+            counted = (0,) * len(rates)
+        else:
+            elapsed = now - state[0]
+            levels = tuple(
+                buckets.refilled(tokens, elapsed, rate)
+                for tokens, rate in zip(buckets.tokens_left(state, rates), rates, strict=True)
+            )
+            counted = buckets.window_counts(state, rates, now)
+        windows = tuple(
+            WindowView(
+                rate=rate,
+                counted=count,
+                tokens_left=tokens,
+                clears_at=None
+                if tokens >= rate.count
+                else wall_now + (rate.count - tokens) / rate.per_second,
+            )
+            for rate, count, tokens in zip(rates, counted, levels, strict=True)
+        )
+        return UserView(
+            user=user,
+            block=self.blocks.get(user),
+            exempt=user in self.config.exempt_users,
+            windows=windows,
+            samples=tuple(self.failure_samples(user)),
+        )
 
     # -- housekeeping ---------------------------------------------------------------------
 

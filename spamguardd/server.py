@@ -196,7 +196,9 @@ class QueryServer:
         self.config = config
         #: Set by the owner to hand each effect to its side effects (notices, hooks). Called on
         #: the query path, so it must never wait or raise.
-        self.on_effect: Callable[[Effect], None] | None = None
+        #: Called with every effect the policy returns (notices, the journal); each must return
+        #: at once and never raise: they run on the query path.
+        self.effect_listeners: list[Callable[[Effect], None]] = []
         #: Log every decision (at debug level). Off by default, because even a filtered log
         #: call builds its arguments, and that is measurable at thousands of queries a second.
         self.log_decisions = log_decisions
@@ -399,8 +401,8 @@ class QueryServer:
                 )
             elif isinstance(effect, WouldBlock):
                 log.warning("user_would_block", user=effect.user, limit=str(effect.rate))
-            if self.on_effect is not None:
-                self.on_effect(effect)
+            for listener in self.effect_listeners:
+                listener(effect)
         verb = _VERBS[type(request)]
         self._queries[verb, decision.reply.verdict.value] += 1
         self.latency.observe(trio.current_time() - started)

@@ -217,6 +217,8 @@ class Spamguard:
                     str(self.socket),
                     "--state-dir",
                     str(self.state),
+                    "--admin-socket",
+                    str(self.socket.parent / "admin.sock"),
                 ],
                 cwd=ROOT,
                 stdout=log,

@@ -38,7 +38,15 @@ import structlog
 import trio
 import trio.testing
 
-from spamguardd.config import Config, Mode, NotifyConfig, PolicyConfig, ServerConfig, StateConfig
+from spamguardd.config import (
+    AdminConfig,
+    Config,
+    Mode,
+    NotifyConfig,
+    PolicyConfig,
+    ServerConfig,
+    StateConfig,
+)
 from spamguardd.daemon import Daemon
 from spamguardd.errors import NotifyError
 from spamguardd.notify import (
@@ -276,7 +284,7 @@ async def start(
         journal=sock_dir / "state" / "journal",
         wall_clock=wall,
     )
-    server.on_effect = dispatcher.on_effect
+    server.effect_listeners.append(dispatcher.on_effect)
     sock = bind_unix_listener(config.query_socket, mode=0o660, group=None, backlog=1024)
     await nursery.start(server.serve, [sock])
     await nursery.start(run_notifier, dispatcher.receive_channel, dispatcher)
@@ -800,6 +808,7 @@ class TestDaemon:
             policy=FIVE,
             server=ServerConfig(query_socket=sock_dir / "q.sock"),
             state=StateConfig(dir=sock_dir / "state"),
+            admin=AdminConfig(socket=sock_dir / "admin.sock"),
             notify=attrs.evolve(NotifyConfig(to=TO), **notify),
         )
 
@@ -831,8 +840,13 @@ class TestDaemon:
         with structlog.testing.capture_logs() as logs, trio.fail_after(20):
             await self.run_until_blocked(daemon, sock_dir / "q.sock", ["auth:a", "auth:b"])
         assert [e["user"] for e in logs if e["event"] == "notice_unsent"] == ["auth:a", "auth:b"]
-        journal = (sock_dir / "state" / "journal").read_text()
-        assert [json.loads(line)["user"] for line in journal.splitlines()] == ["auth:a", "auth:b"]
+        journal = [
+            json.loads(line) for line in (sock_dir / "state" / "journal").read_text().splitlines()
+        ]
+        # the journal also holds the blocks themselves; the unsent notices follow them
+        unsent = [entry["user"] for entry in journal if entry["event"] == "notice_unsent"]
+        assert unsent == ["auth:a", "auth:b"]
+        assert [entry["event"] for entry in journal].count("block") == 2
         assert mails(sock_dir / "mail") == []
 
 

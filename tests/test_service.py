@@ -133,7 +133,8 @@ def write_config(path: Path, sock_dir: Path, limits: str, extra: str = "") -> No
     path.write_text(
         f'[limits]\nfailed_recipients = "{limits}"\n'
         f'[server]\nquery_socket = "{sock_dir / "q.sock"}"\n'
-        f'[state]\ndir = "{sock_dir / "state"}"\n{extra}'
+        f'[state]\ndir = "{sock_dir / "state"}"\n'
+        f'[admin]\nsocket = "{sock_dir / "admin.sock"}"\n{extra}'
     )
 
 
@@ -215,6 +216,8 @@ class TestDaemon:
         query.bind(str(sock_dir / "inherited.sock"))
         query.listen(16)
         admin = socket.socket(socket.AF_UNIX)
+        admin.bind(str(sock_dir / "inherited-admin.sock"))
+        admin.listen(16)
         config = Config()
         path = sock_dir / "c.toml"
         write_config(path, sock_dir, "3/1h")
@@ -226,9 +229,9 @@ class TestDaemon:
                 )
                 assert await readsocket(sock_dir / "inherited.sock", b"ping") == b"pong\n"
                 assert not (sock_dir / "q.sock").exists()
-                assert daemon.inherited == {"admin": admin}
+                assert daemon.inherited == {}  # both taken: query served, admin by the admin server
+                assert not (sock_dir / "admin.sock").exists()
                 daemon.stop()
-        admin.close()
         assert config.metrics.listen is None
 
     async def test_metrics_count_what_was_served(self, sock_dir: Path) -> None:

@@ -186,8 +186,18 @@ def test_socket_activation_both_sockets_and_sd_notify(workdir: Path) -> None:
             assert ask(query, b"ping") == b"pong\n"  # the first connection starts the daemon
             started = process.wait_event("started")
             assert started["query_socket"] == "inherited:query"
-            assert started["inherited"] == ["admin"]
+            assert started["inherited"] == ["admin", "query"]
             assert not (workdir / "own.sock").exists()
+            ctl = Path(PYTHON).parent / "spamguardctl"
+            stats = subprocess.run(
+                [ctl, "--socket", str(admin), "--json", "stats"],
+                capture_output=True,
+                text=True,
+                timeout=DEADLINE,
+                check=False,
+            )
+            assert stats.returncode == 0, stats.stderr  # the admin server took its socket
+            assert not (workdir / "run" / "admin.sock").exists()
             assert ask(query, fail(0)) == b"accept\n"
             process.signal(signal.SIGHUP)
             process.wait_event("reloaded")

@@ -1,0 +1,59 @@
+"""Reading Exim's queue listing and spool headers, and calling Exim without a shell."""
+
+from __future__ import annotations
+
+import pytest
+
+from spamguardd.exim_queue import EximQueue, QueuedMessage, parse_queue, parse_spool_headers
+
+SPOOL_HEADER = """\
+1xX8Rv-0003Wh-0a-H
+root 0 0
+<mallory@example.com>
+1795833963 0
+-frozen 1795833963
+XX
+1
+victim@example.org
+
+177P Received: from root by test.example with local (Exim 4.96)
+\t(envelope-from <mallory@example.com>)
+\tid 1xX8Rv-0003Wh-0a
+012  Subject: hi
+030* X-Spamguard-User: auth:other
+043  X-Spamguard-User: auth:mallory@example.com
+"""
+
+
+class TestEximParsing:
+    def test_queue_listing(self) -> None:
+        """exim -bp lines give ids and whether each message is frozen."""
+        listing = (
+            " 0m   347 1xX8Rv-0003Wh-0a <mallory@example.com> *** frozen ***\n"
+            "          victim@example.org\n\n"
+            "25h  1.2K 1xX8Rv-0003Wk-0e <> \n"
+            "          D alice@example.org\n"
+        )
+        assert list(parse_queue(listing)) == [
+            QueuedMessage("1xX8Rv-0003Wh-0a", frozen=True),
+            QueuedMessage("1xX8Rv-0003Wk-0e", frozen=False),
+        ]
+
+    def test_spool_headers_skip_deleted(self) -> None:
+        """Headers are unfolded, and one Exim marked deleted (*) does not count."""
+        headers = parse_spool_headers(SPOOL_HEADER)
+        assert ("X-Spamguard-User", "auth:mallory@example.com") in headers
+        assert ("X-Spamguard-User", "auth:other") not in headers
+        assert headers[0][1].endswith("id 1xX8Rv-0003Wh-0a")
+
+    def test_command_is_split_not_shelled(self) -> None:
+        """The Exim command is split into argv with shell quoting rules, and never run by one."""
+        assert EximQueue("exim -C '/etc/exim4/my conf'").argv == [
+            "exim",
+            "-C",
+            "/etc/exim4/my conf",
+        ]
+        with pytest.raises(ValueError, match="empty"):
+            EximQueue("  ")
+        with pytest.raises(ValueError, match="not an Exim message id"):
+            EximQueue("exim").thaw("x; rm -rf /")
