@@ -95,6 +95,9 @@ class AdminTarget(Protocol):
     @property
     def events(self) -> dict[str, int]: ...  # pragma: no cover - protocol
 
+    def render_metrics(self) -> str:
+        """The metrics in the Prometheus text format."""
+
     def reload(self) -> ReloadOutcome:
         """Re-read the configuration; a bad one is refused and the running one kept."""
 
@@ -266,6 +269,8 @@ class AdminServer:
             return adminproto.ok(blocked=[block_fields(b, verdict) for b in blocks])
         if command.command == "stats":
             return adminproto.ok(**self._stats())
+        if command.command == "metrics":
+            return adminproto.ok(text=self.target.render_metrics())
         if command.command == "reload":
             return await self._reload(actor)
         user = command.user

@@ -31,7 +31,7 @@ MAX_REASON: Final = 512
 
 #: Commands that take a user key.
 USER_COMMANDS: Final = frozenset({"show", "block", "unblock", "reset"})
-COMMANDS: Final = ("list", "show", "block", "unblock", "reset", "stats", "reload")
+COMMANDS: Final = ("list", "show", "block", "unblock", "reset", "stats", "metrics", "reload")
 
 
 class AdminRequestError(ValueError):

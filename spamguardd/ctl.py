@@ -93,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     reset = commands.add_parser("reset", help="forget a user's counters")
     reset.add_argument("user", metavar="USER")
     commands.add_parser("stats", help="uptime, queries, blocks, users, errors, latency")
+    commands.add_parser("metrics", help="the daemon's metrics, in the Prometheus text format")
     commands.add_parser("reload", help="re-read the daemon's configuration file")
     return parser
 
@@ -364,6 +365,10 @@ def _render_reload(reply: Mapping[str, Any], out: TextIO) -> None:
     )
 
 
+def _render_metrics(reply: Mapping[str, Any], out: TextIO) -> None:
+    out.write(reply["text"])
+
+
 RENDERERS: Final = {
     "list": _render_list,
     "show": _render_show,
@@ -371,6 +376,7 @@ RENDERERS: Final = {
     "unblock": _render_unblock,
     "reset": _render_reset,
     "stats": _render_stats,
+    "metrics": _render_metrics,
     "reload": _render_reload,
 }
 

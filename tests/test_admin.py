@@ -426,6 +426,7 @@ def test_json_output_is_as_documented(sock_dir: Path) -> None:
             ),
             "reset": ctl_json(sock_dir, "reset", "auth:r"),
             "stats": ctl_json(sock_dir, "stats"),
+            "metrics": ctl_json(sock_dir, "metrics"),
         }
         (sock_dir / "spamguardd.toml").write_text('[limits]\nfailed_recipients = "5/1h"\n')
         real["reload"] = ctl_json(sock_dir, "reload")
@@ -434,3 +435,4 @@ def test_json_output_is_as_documented(sock_dir: Path) -> None:
     for name, reply in real.items():
         same_shape(documented[name], reply, name)
     assert shape(real["show"]["windows"]) == shape(documented["show"]["windows"])
+    assert "spamguardd_blocks_total 1.0" in real["metrics"]["text"]
