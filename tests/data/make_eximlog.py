@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import pwd
 import shutil
 import smtplib
 import socketserver
@@ -42,7 +41,8 @@ pid_file_path = {dir}/exim.pid
 local_interfaces = <; 127.0.0.1 ; ::1
 daemon_smtp_ports = {smtp_port}
 deliver_drop_privilege = true
-log_selector = +smtp_connection +received_recipients
+log_selector = {log_selector}
+log_timezone = {log_timezone}
 host_lookup = :
 rfc1413_hosts = :
 never_users = root
@@ -172,10 +172,10 @@ def _send(
             smtp.data(b"Subject: test\r\n\r\nhello\r\n")
 
 
-def _send_bs(conf: Path, address: str, rcpts: list[str]) -> None:
-    """One message through ``exim -bs`` as if from *address* (a relay in 2001:db8::/32)."""
+def _send_bs(conf: Path, address: str, rcpts: list[str], *auth: str) -> None:
+    """One message through ``exim -bs`` as if from *address* (``-oMaa``/``-oMai`` in *auth*)."""
     proc = subprocess.Popen(
-        [EXIM, "-C", str(conf), "-bs", "-oMa", address],
+        [EXIM, "-C", str(conf), "-bs", "-oMa", address, *auth],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -245,39 +245,54 @@ def _traffic(conf: Path) -> None:
         time.sleep(1.1)  # distinct timestamps, as a real run would have
 
 
+def _prepare(work: Path, **settings: object) -> Path:
+    for sub in ("spool", "log", "mail"):
+        (work / sub).mkdir()
+        shutil.chown(work / sub, "Debian-exim", "Debian-exim")
+    shutil.chown(work, "Debian-exim", "Debian-exim")
+    conf = work / "exim.conf"
+    conf.write_text(CONFIG.format(dir=work, smtp_port=SMTP_PORT, mx_port=MX_PORT, **settings))
+    return conf
+
+
+def _capture_main(work: Path) -> None:
+    """The main fixture: Exim's default line format plus connections and recipients."""
+    conf = _prepare(
+        work, log_selector="+smtp_connection +received_recipients", log_timezone="false"
+    )
+    with _fake_mx():
+        pidfile = work / "exim.pid"
+        subprocess.run([EXIM, "-C", str(conf), "-bd", "-oY", "-oP", str(pidfile)], check=True)
+        try:
+            time.sleep(0.5)
+            _traffic(conf)
+            subprocess.run([EXIM, "-C", str(conf), "-qf"], check=True)  # flush deliveries
+            time.sleep(2)
+        finally:
+            subprocess.run(["kill", pidfile.read_text().strip()], check=False)
+    for name in ("mainlog", "rejectlog"):
+        shutil.copyfile(work / "log" / name, OUT / name)
+
+
+def _capture_selectors(work: Path) -> None:
+    """Every optional prefix at once: fractions of a second, a zone, the process id."""
+    conf = _prepare(work, log_selector="+pid +millisec +incoming_port", log_timezone="true")
+    auth = ("-oMaa", "plain_server", "-oMai", "Sel.User@Example.test")
+    _send_bs(conf, "192.0.2.25.4321", ["bob@example.test", "gone@example.test"], *auth)
+    shutil.copyfile(work / "log" / "mainlog", OUT / "mainlog-selectors")
+
+
 def main() -> int:
     """Capture the logs into ``tests/data/exim/``."""
-    if pwd.getpwuid(0).pw_uid != 0 or Path("/proc/self").owner() != "root":
+    if Path("/proc/self").owner() != "root":
         print("run as root: exim -C keeps root only for root", file=sys.stderr)
         return 1
+    OUT.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="eximlog.") as tmp:
-        work = Path(tmp)
-        for sub in ("spool", "log", "mail"):
-            (work / sub).mkdir()
-        shutil.chown(work, "Debian-exim", "Debian-exim")
-        for sub in ("spool", "log", "mail"):
-            shutil.chown(work / sub, "Debian-exim", "Debian-exim")
-        conf = work / "exim.conf"
-        conf.write_text(CONFIG.format(dir=work, smtp_port=SMTP_PORT, mx_port=MX_PORT))
-        with _fake_mx():
-            subprocess.run(
-                [EXIM, "-C", str(conf), "-bd", "-oY", "-oP", str(work / "exim.pid")], check=True
-            )
-            try:
-                time.sleep(0.5)
-                _traffic(conf)
-                subprocess.run([EXIM, "-C", str(conf), "-qf"], check=True)  # flush deliveries
-                time.sleep(2)
-            finally:
-                pid = int((work / "exim.pid").read_text())
-                subprocess.run(["kill", str(pid)], check=False)
-        OUT.mkdir(exist_ok=True)
-        for name in ("mainlog", "rejectlog"):
-            shutil.copyfile(work / "log" / name, OUT / name)
-        panic = work / "log" / "paniclog"
-        if panic.exists():
-            print(panic.read_text(), file=sys.stderr)
-    print(f"wrote {OUT}/mainlog and {OUT}/rejectlog")
+        _capture_main(Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="eximlog.") as tmp:
+        _capture_selectors(Path(tmp))
+    print(f"wrote {OUT}/mainlog, rejectlog and mainlog-selectors")
     return 0
 
 

@@ -1,0 +1,248 @@
+"""Replaying captured Exim logs through the policy (tests/data/exim/, see make_eximlog.py)."""
+
+from __future__ import annotations
+
+import gzip
+import ipaddress
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spamguardd import replay as replay_module
+from spamguardd.config import PolicyConfig
+from spamguardd.eximlog import Arrival, Delivery, Rejection, UserKeys, parse_line
+from spamguardd.policy import Blocked, Policy
+from spamguardd.protocol import RcptRequest, Verify
+from spamguardd.rate import Rate
+from spamguardd.replay import Candidate, Replayer, Report, replay, replay_main, to_html, to_json
+
+DATA = Path(__file__).parent / "data" / "exim"
+MAINLOG = DATA / "mainlog"
+REJECTLOG = DATA / "rejectlog"
+RELAYS = UserKeys([ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")])
+FIVE = Candidate.parse("5/1h")
+SPAMMER = "auth:spammer@example.test"
+
+
+def run(
+    paths: Sequence[Path], *candidates: Candidate, config: PolicyConfig | None = None
+) -> Report:
+    return replay(paths, config or PolicyConfig(), candidates or (FIVE,), RELAYS)
+
+
+def blocked(report: Report, index: int = 0) -> dict[str, tuple[int, int]]:
+    result = report.results[index]
+    return {user: (b.failures, b.frozen_after) for user, b in result.blocked.items()}
+
+
+class TestReplayOfCapturedLogs:
+    def test_spammer_blocked_with_frozen_recipients(self) -> None:
+        """5/1h blocks the spammer at its 6th failure (one was a cached repeat); 5 later
+        recipients (two messages received after the block) would have been frozen."""
+        report = run([MAINLOG])
+        assert blocked(report) == {SPAMMER: (6, 5)}
+        assert report.unparsed == 0
+
+    def test_main_and_reject_log_count_once(self) -> None:
+        """The reject log repeats the main log's rejections; together they count once."""
+        alone = to_json(run([MAINLOG]))
+        both = to_json(run([MAINLOG, REJECTLOG]))
+        assert both["limits"] == alone["limits"]
+        assert both["peaks"] == alone["peaks"]
+        assert both["failures"] == alone["failures"]
+
+    def test_reject_log_alone(self) -> None:
+        """A reject log alone still shows RCPT-time failures (no ``**`` lines in it)."""
+        report = run([REJECTLOG])
+        assert report.peaks[SPAMMER][3600] == 8  # 9 rejections, one a repeat within the window
+
+    def test_file_order_does_not_matter(self) -> None:
+        """Files are merged by time whatever order they are given in."""
+        assert to_json(run([REJECTLOG, MAINLOG])) == to_json(run([MAINLOG, REJECTLOG]))
+
+    def test_rotated_gzip_and_out_of_order(self, tmp_path: Path) -> None:
+        """``mainlog.1.gz`` (older) given after ``mainlog`` (newer) replays like the whole log."""
+        lines = MAINLOG.read_text().splitlines(keepends=True)
+        half = len(lines) // 2
+        with gzip.open(tmp_path / "mainlog.1.gz", "wt") as old:
+            old.writelines(lines[:half])
+        (tmp_path / "mainlog").write_text("".join(lines[half:]))
+        split = run([tmp_path / "mainlog", tmp_path / "mainlog.1.gz"])
+        whole = run([MAINLOG])
+        assert to_json(split) == to_json(whole)
+
+    def test_truncated_last_line(self, tmp_path: Path) -> None:
+        """A log cut mid-line (copied while Exim wrote it) is read; the stub is counted."""
+        text = MAINLOG.read_text()
+        path = tmp_path / "mainlog"
+        path.write_text(text + text.splitlines()[5][:14])
+        report = run([path])
+        assert report.unparsed == 1
+        assert report.unparsed_examples == [text.splitlines()[5][:14]]
+        assert blocked(report) == {SPAMMER: (6, 5)}
+
+    def test_several_candidates(self) -> None:
+        """Each candidate gets its own policy; a tighter one blocks more, and earlier."""
+        report = run([MAINLOG], FIVE, Candidate.parse("3/1m"), Candidate.parse("50/1h,100/1d"))
+        assert blocked(report, 0) == {SPAMMER: (6, 5)}
+        assert blocked(report, 1) == {SPAMMER: (3, 6), "auth:alice@example.test": (3, 0)}
+        assert blocked(report, 2) == {}
+        assert set(report.windows) == {60, 3600, 86400}
+
+    def test_ids_and_relays_become_the_acl_keys(self) -> None:
+        """Mixed-case logins fold into one user; IPv6 relays group by /64."""
+        report = run([MAINLOG])
+        assert report.peaks["auth:alice@example.test"][3600] == 3  # incl. ALICE@ and one **
+        assert report.peaks["ip:2001:db8:1:2::/64"][3600] == 2
+        assert "auth:caf\\303\\251@example.test" in report.peaks
+        assert 'auth:we ird "q"' in report.peaks
+
+    def test_overrides_and_exemptions_apply(self) -> None:
+        """The config's overrides and exemptions are used as the daemon uses them."""
+        config = PolicyConfig(
+            overrides={SPAMMER: (Rate(20, 3600),)},
+            exempt_networks=(ipaddress.ip_network("2001:db8::/32"),),
+        )
+        report = run([MAINLOG], Candidate.parse("2/1h"), config=config)
+        assert SPAMMER not in report.results[0].blocked
+        assert "ip:2001:db8:1:2::/64" not in report.results[0].blocked
+        assert "auth:alice@example.test" in report.results[0].blocked
+
+    def test_verdicts_agree_with_the_live_policy(self) -> None:
+        """Feeding the same failures straight to a Policy blocks the same users at the same
+        failure: the replay adds nothing to, and drops nothing from, what the daemon decides."""
+        config = PolicyConfig(failed_recipients=(Rate(5, 3600),))
+        policy = Policy(config)
+        seen: dict[str, int] = {}
+        live: dict[str, int] = {}
+        arrivals: dict[str, str] = {}
+        for line in MAINLOG.read_text().splitlines():
+            event = parse_line(line)
+            request = None
+            if isinstance(event, Rejection) and event.verify_failed:
+                user = RELAYS.key(event.auth_id, event.host)
+                if user is not None:
+                    request = RcptRequest(user, event.rcpt, Verify.FAIL)
+            elif isinstance(event, Arrival):
+                user = RELAYS.key(event.auth_id, event.host)
+                if user is not None:
+                    arrivals[event.message_id] = user
+            elif isinstance(event, Delivery) and event.failed and event.message_id in arrivals:
+                request = RcptRequest(arrivals[event.message_id], event.rcpt, Verify.FAIL)
+            if request is None or not isinstance(event, Rejection | Delivery):
+                continue
+            seen[request.user] = seen.get(request.user, 0) + 1
+            decision = policy.decide(request, now=event.at, wall_now=event.at)
+            if any(isinstance(effect, Blocked) for effect in decision.effects):
+                live[request.user] = seen[request.user]
+        report = run([MAINLOG])
+        assert {user: b.failures for user, b in report.results[0].blocked.items()} == live
+
+
+class TestPeaks:
+    @given(st.lists(st.integers(0, 10_000), max_size=60), st.sampled_from([60, 600, 3600]))
+    def test_peak_is_the_busiest_window(self, times: list[int], period: int) -> None:
+        """The peak equals a brute-force count of the most failures within any window span."""
+        times.sort()
+        replayer = Replayer(
+            PolicyConfig(failed_recipients=(Rate(1000, period),)),
+            [Candidate(f"1000/{period}", (Rate(1000, period),))],
+            UserKeys(),
+        )
+        for n, at in enumerate(times):
+            replayer.feed(Rejection(float(at), f"r{n}@x", "u", None, "", True, False))
+        expected = max((sum(1 for u in times if t - period < u <= t) for t in times), default=None)
+        assert replayer.report.peaks.get("auth:u", {}).get(period) == expected
+
+    def test_repeats_within_a_window_count_once(self) -> None:
+        """As in the policy, the same recipient again within the window adds nothing."""
+        replayer = Replayer(PolicyConfig(), [FIVE], UserKeys())
+        for at in (0.0, 10.0, 20.0, 4000.0):
+            replayer.feed(Rejection(at, "same@x", "u", None, "", True, False))
+        assert replayer.report.peaks["auth:u"][3600] == 1
+
+    def test_message_map_is_bounded(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Past MAX_MESSAGES the oldest senders are forgotten; memory does not follow the log."""
+        monkeypatch.setattr(replay_module, "MAX_MESSAGES", 3)
+        report = run([MAINLOG])
+        assert report.lines_read > 100  # ran to the end with the small bound
+
+
+class TestCommandLine:
+    def test_json(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """``--json`` prints the documented schema."""
+        args = ["--json", "--limit", "5/1h", "--relay-net", "127.0.0.0/8", str(MAINLOG)]
+        assert replay_main(args) == 0
+        document = json.loads(capsys.readouterr().out)
+        assert document["limits"][0]["limit"] == "5/1h"
+        entry = document["limits"][0]["blocked"][0]
+        assert entry["user"] == SPAMMER
+        assert entry["at"].startswith("20")
+        assert "T" in entry["at"]
+        assert (entry["failures"], entry["frozen_after"]) == (6, 5)
+        assert document["peaks"][SPAMMER]["1h"] == 9
+        assert document["lines"]["read"] == len(MAINLOG.read_text().splitlines())
+        assert document["lines"]["unparsed"] == 0
+
+    def test_table_and_html(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """The table names the blocked user; the HTML page is self-contained SVG."""
+        page = tmp_path / "report.html"
+        assert replay_main(["--limit", "5/1h", "--html", str(page), str(MAINLOG)]) == 0
+        out = capsys.readouterr().out
+        assert "limit 5/1h: 1 user(s) blocked" in out
+        assert SPAMMER in out
+        text = page.read_text()
+        assert text.count("<svg") >= 2
+        assert "http" not in text.replace("http-equiv", "")
+        assert "spammer@example.test" in text
+
+    def test_config_limits_by_default(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Without ``--limit`` the config's limits are the one candidate."""
+        config = tmp_path / "c.toml"
+        config.write_text('[limits]\nfailed_recipients = ["4/1h", "8/1d"]\n')
+        assert replay_main(["--json", "--config", str(config), str(MAINLOG)]) == 0
+        document = json.loads(capsys.readouterr().out)
+        assert document["limits"][0]["limit"] == "4/1h,8/1d"
+        assert [b["user"] for b in document["limits"][0]["blocked"]] == [SPAMMER]
+
+    def test_bad_config_exits_78(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """An invalid config is reported, exit 78."""
+        config = tmp_path / "c.toml"
+        config.write_text('mode = "loud"\n')
+        assert replay_main(["--config", str(config), str(MAINLOG)]) == 78
+        assert "mode" in capsys.readouterr().err
+
+    def test_bad_limit_is_a_usage_error(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """A limit that is not a rate exits 2 with argparse's usage message."""
+        with pytest.raises(SystemExit) as exc:
+            replay_main(["--limit", "lots", str(MAINLOG)])
+        assert exc.value.code == 2
+        assert "expected a rate" in capsys.readouterr().err
+
+    def test_missing_log_exits_1(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A log that cannot be read is named; exit 1."""
+        assert replay_main([str(tmp_path / "nope")]) == 1
+        assert "nope" in capsys.readouterr().err
+
+    def test_progress(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        """Progress goes to the given stream (stderr when it is a terminal)."""
+        monkeypatch.setattr(replay_module, "_PROGRESS_LINES", 10)
+        progress = tmp_path / "progress"
+        with progress.open("w") as stream:
+            replay([MAINLOG], PolicyConfig(), [FIVE], RELAYS, progress=stream)
+        assert "replay:" in progress.read_text()
+
+
+def test_html_escapes_user_keys() -> None:
+    """A user key is shown as text, never as markup."""
+    replayer = Replayer(PolicyConfig(), [Candidate.parse("1/1h")], UserKeys())
+    replayer.feed(Rejection(0.0, "r@x", "<script>", None, "", True, False))
+    page = to_html(replayer.report)
+    assert "<script>" not in page
+    assert "&lt;script&gt;" in page
