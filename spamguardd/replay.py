@@ -18,9 +18,10 @@ import heapq
 import html
 import ipaddress
 import json
+import math
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Final
 
@@ -29,15 +30,15 @@ import attrs
 from spamguardd.config import Config, Mode, PolicyConfig, load_config
 from spamguardd.errors import ConfigError
 from spamguardd.eximlog import (
-    CONTINUATION,
-    UNPARSED,
     Arrival,
     Delivery,
     Event,
     Network,
     Rejection,
+    ScanCounts,
+    SkipTest,
     UserKeys,
-    parse_line,
+    scan,
 )
 from spamguardd.policy import Blocked, Policy
 from spamguardd.protocol import RcptRequest, Verify
@@ -149,6 +150,33 @@ class Replayer:
         self._failures_seen: dict[str, int] = {}
         self._next_sweep = -float("inf")
         self._peak_state: dict[str, dict[int, _Peak]] = {}
+        self._frozen_messages: set[str] = set()
+
+    def consume(self, at: float, message_id: str, flag: str) -> bool:  # noqa: ARG002 - SkipTest
+        """Deal with a message line without parsing it, if it can be; False if it must be parsed.
+
+        *flag* is ``=>``, ``->``, ``**`` or ``Co`` (``Completed``). Only ``**`` lines of messages
+        from counted users need their recipient; the rest need only the message id. The caller
+        must pass lines in time order relative to everything already fed.
+        """
+        if flag == "Co":
+            self._forget(message_id)
+            return True
+        if flag == "**":
+            return message_id not in self._messages
+        if message_id in self._frozen_messages:
+            self._count_frozen(message_id)
+        return True
+
+    def _forget(self, message_id: str) -> None:
+        self._messages.pop(message_id, None)
+        self._frozen_messages.discard(message_id)
+
+    def _count_frozen(self, message_id: str) -> None:
+        user, _, frozen = self._messages[message_id]
+        for result, is_frozen in zip(self.report.results, frozen, strict=True):
+            if is_frozen:
+                result.blocked[user].frozen_after += 1
 
     def feed(self, event: Event) -> None:
         """Account for one event (events must come in time order, as :func:`merge` gives)."""
@@ -159,7 +187,7 @@ class Replayer:
         elif isinstance(event, Arrival):
             self._arrival(event)
         else:
-            self._messages.pop(event.message_id, None)
+            self._forget(event.message_id)
 
     def _rejection(self, event: Rejection) -> None:
         if event.verify_failed and (not event.temporary or self.count_defer):
@@ -173,9 +201,8 @@ class Replayer:
         if known is None:
             return  # not from a countable user, or received before the logs start
         user, host, frozen = known
-        for result, is_frozen in zip(self.report.results, frozen, strict=True):
-            if is_frozen:
-                result.blocked[user].frozen_after += 1
+        if any(frozen):
+            self._count_frozen(event.message_id)
         if event.failed:
             self._failure(user, event.rcpt, host, event.at, Verify.FAIL)
 
@@ -186,8 +213,12 @@ class Replayer:
         frozen = tuple(user in result.blocked for result in self.report.results)
         messages = self._messages
         messages[event.message_id] = (user, event.host, frozen)
+        if any(frozen):
+            self._frozen_messages.add(event.message_id)
         if len(messages) > MAX_MESSAGES:
-            del messages[next(iter(messages))]
+            oldest = next(iter(messages))
+            del messages[oldest]
+            self._frozen_messages.discard(oldest)
 
     def _failure(self, user: str, rcpt: str, host: str | None, at: float, verify: Verify) -> None:
         report = self.report
@@ -248,51 +279,66 @@ def open_log(path: Path) -> IO[str]:
     return path.open(encoding="utf-8", errors="surrogateescape")
 
 
+_Item = tuple[float, int, int, Event]
+
+
+class _Horizon:
+    """Until when a stream may decide alone that a line is of no use (see :func:`merge`)."""
+
+    def __init__(self) -> None:
+        self.until = math.inf
+
+
 def read_events(
-    lines: Iterable[str], report: Report, index: int
-) -> Iterator[tuple[float, int, int, Event]]:
-    """Parse *lines*, counting them into *report*; yield ``(time, file index, n, event)``."""
-    unparsed = 0
-    count = 0
-    examples = report.unparsed_examples
-    for count, line in enumerate(lines, start=1):
-        event = parse_line(line)
-        if event is None or event is CONTINUATION:
-            continue
-        if event is UNPARSED:
-            unparsed += 1
-            if len(examples) < UNPARSED_EXAMPLES:
-                examples.append(line.rstrip("\r\n")[:200])
-            continue
-        yield event.at, index, count, event
-    report.lines_read += count
-    report.unparsed += unparsed
+    file: IO[str], counts: ScanCounts, index: int, skip: SkipTest | None = None
+) -> Iterator[_Item]:
+    """The events of one log as ``(time, file index, n, event)``, ready for :func:`merge`."""
+    for n, event in enumerate(scan(file, counts, skip)):
+        yield event.at, index, n, event
 
 
-def merge(
-    streams: Sequence[Iterator[tuple[float, int, int, Event]]],
-) -> Iterator[Event]:
+def merge(streams: Sequence[Iterator[_Item]], horizon: _Horizon | None = None) -> Iterator[Event]:
     """Merge per-file event streams by time (a heap merge); equal times keep file order.
+
+    Before a stream is advanced, *horizon* is set to the time of the next item of the other
+    streams: lines before it are fed before anything else, so the stream may skip those the
+    replay has no use for, knowing the replay's state is current.
 
     The same rejection written to a main log and its reject log is kept once: at each time, a
     rejection line already seen in another file cancels one copy.
     """
+    horizon = horizon or _Horizon()
+    heap: list[tuple[_Item, int]] = []
+    for i, stream in enumerate(streams):
+        horizon.until = -math.inf  # nothing is fed yet: skip nothing
+        item = next(stream, None)
+        if item is not None:
+            heap.append((item, i))
+    heapq.heapify(heap)
     pending: dict[tuple[str, str | None, str], list[int]] = {}
-    current = -float("inf")
-    source = streams[0] if len(streams) == 1 else heapq.merge(*streams)
-    for at, index, _, event in source:
+    current = -math.inf
+    while heap:
+        (at, index, _, event), i = heap[0]
+        duplicate = False
         if isinstance(event, Rejection):
             if at != current:
                 pending.clear()
                 current = at
             key = (event.rcpt, event.auth_id, event.reason)
             copies = pending.setdefault(key, [])
-            twin = next((i for i, other in enumerate(copies) if other != index), None)
+            twin = next((j for j, other in enumerate(copies) if other != index), None)
             if twin is not None:
                 del copies[twin]
-                continue
-            copies.append(index)
-        yield event
+                duplicate = True
+            else:
+                copies.append(index)
+        if not duplicate:
+            yield event
+        heapq.heappop(heap)
+        horizon.until = heap[0][0][0] if heap else math.inf
+        item = next(streams[i], None)
+        if item is not None:
+            heapq.heappush(heap, (item, i))
 
 
 def replay(
@@ -306,11 +352,23 @@ def replay(
     """Replay the logs at *paths* and report what each candidate would have done."""
     replayer = Replayer(config, candidates, keys)
     report = replayer.report
+    horizon = _Horizon()
+
+    consume = replayer.consume
+
+    def skip(at: float, message_id: str, flag: str) -> bool:
+        return at < horizon.until and consume(at, message_id, flag)
+
+    counts = ScanCounts(UNPARSED_EXAMPLES)
     files = [open_log(path) for path in paths]
     try:
-        streams = [read_events(file, report, i) for i, file in enumerate(files)]
+        if len(files) == 1:  # nothing to merge: the stream decides alone, always
+            events = scan(files[0], counts, replayer.consume)
+        else:
+            streams = [read_events(file, counts, i, skip) for i, file in enumerate(files)]
+            events = merge(streams, horizon)
         started = time.monotonic()
-        for n, event in enumerate(merge(streams), start=1):
+        for n, event in enumerate(events, start=1):
             replayer.feed(event)
             if progress is not None and n % _PROGRESS_LINES == 0:
                 rate = n / max(time.monotonic() - started, 1e-9)
@@ -319,6 +377,9 @@ def replay(
     finally:
         for file in files:
             file.close()
+    report.lines_read = counts.lines
+    report.unparsed = counts.unparsed
+    report.unparsed_examples = counts.examples
     if progress is not None:
         progress.write("\n")
     return report
