@@ -283,12 +283,23 @@ def _host(fields: str, start: int) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # A whole log at once
 
-#: ``skip(at, message_id, flag)``: True when a message line (``=>``, ``->``, ``**``, ``Co`` for
-#: ``Completed``) is of no use to the caller, so it is not parsed at all.
-SkipTest = Callable[[float, str, str], bool]
+#: ``skip(stamp, message_id, flag)``: True when a message line (``=>``, ``->``, ``**``, ``Co``
+#: for ``Completed``) needs no parsing: the caller has no use for it, or dealt with it from the
+#: message id. *stamp* is the line's ``YYYY-MM-DD HH:MM:SS`` (see :func:`stamp_seconds`).
+SkipTest = Callable[[str, str, str], bool]
+
+
+def stamp_seconds(stamp: str) -> float:
+    """The seconds of a ``YYYY-MM-DD HH:MM:SS`` stamp, as :class:`Timestamp` counts them.
+
+    Raises:
+        ValueError: *stamp* is not a valid date and time.
+    """
+    return _epoch(stamp)
+
 
 _SKIPPABLE: Final = frozenset({"=>", "->", "**", "Co"})
-_EXTRA_START: Final = frozenset({"[", "+", "-", "."})
+_EXTRA_START: Final = frozenset({"[", "+", "-"})
 
 
 class ScanCounts:
@@ -321,46 +332,40 @@ def scan(  # noqa: C901, PLR0912 - one flat loop: the hot path of a replay
     skippable = _SKIPPABLE
     n = 0
     for n, line in enumerate(lines, start=1):  # noqa: B007 - n counts the lines
-        if line[19:20] == " " and line[4:5] == "-" and line[13:14] == ":":
-            if line[20:21] in extra:
-                parsed = parse_line(line)  # optional fields after the time: the long way
+        # The commonest line first: "YYYY-MM-DD HH:MM:SS 1xX8Pm-00035Q-0q => ...".
+        if line[36:37] == " " and line[26:27] == "-" and line[33:34] == "-" and line[19:20] == " ":
+            end = 36
+        elif line[4:5] == "-" and line[13:14] == ":" and line[19:20] in {" ", "."}:
+            end = 0
+            if line[19:20] == "." or line[20:21] in extra:
+                end = -1  # optional fields after the time: the long way
+            elif line[43:44] == " " and line[26:27] == "-" and line[38:39] == "-":
+                end = 43  # a 4.97+ message id
+            elif " rejected RCPT <" not in line:
+                continue  # connections, queue runs, daemon start: nothing to count
+        else:
+            end = -1  # no time stamp: a continuation, or damaged
+        if end > 0:
+            flag = line[end + 1 : end + 3]
+            if flag in skippable:
+                if skip is not None and skip(line[:19], line[20:end], flag):
+                    continue
+            elif flag == "<=":
+                try:
+                    at = epoch(line[:19])
+                except ValueError:
+                    pass  # damaged: parsed below, and counted
+                else:
+                    yield _arrival(at, line[20:end], line[end + 4 :].rstrip("\r\n"))
+                    continue
             else:
-                end = 0
-                if line[26:27] == "-":  # a message id: 4.96 (16 characters) or 4.97+ (23)
-                    if line[36:37] == " " and line[33:34] == "-":
-                        end = 36
-                    elif line[43:44] == " " and line[38:39] == "-":
-                        end = 43
-                if end:
-                    flag = line[end + 1 : end + 3]
-                    if flag in skippable:
-                        if skip is not None:
-                            try:
-                                at = epoch(line[:19])
-                            except ValueError:
-                                at = -1.0  # damaged: parsed below, and counted
-                            if at >= 0 and skip(at, line[20:end], flag):
-                                continue
-                    elif flag == "<=":
-                        try:
-                            at = epoch(line[:19])
-                        except ValueError:
-                            pass  # damaged: parsed below, and counted
-                        else:
-                            yield _arrival(at, line[20:end], line[end + 4 :].rstrip("\r\n"))
-                            continue
-                    else:
-                        continue  # "==" defers, "Message is frozen", ...
-                elif " rejected RCPT <" not in line:
-                    continue  # connections, queue runs, daemon start: nothing to count
-                parsed = parse_line(line)
-            if parsed is None or parsed is CONTINUATION:
-                continue
-            if parsed is not UNPARSED:
-                yield parsed
-                continue
-        elif parse_line(line) is not UNPARSED:
-            continue  # a continuation
+                continue  # "==" defers, "Message is frozen", ...
+        parsed = parse_line(line)
+        if parsed is None or parsed is CONTINUATION:
+            continue
+        if parsed is not UNPARSED:
+            yield parsed
+            continue
         counts.unparsed += 1
         if len(counts.examples) < counts.keep:
             counts.examples.append(line.rstrip("\r\n")[:200])

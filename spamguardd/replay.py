@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime as dt
+import functools
 import gzip
 import heapq
 import html
@@ -39,9 +40,10 @@ from spamguardd.eximlog import (
     SkipTest,
     UserKeys,
     scan,
+    stamp_seconds,
 )
 from spamguardd.policy import Blocked, Policy
-from spamguardd.protocol import RcptRequest, Verify
+from spamguardd.protocol import IPAddress, RcptRequest, Verify
 from spamguardd.rate import Rate, format_duration
 
 #: Messages whose sender is remembered until their ``Completed`` line. A message stays in the
@@ -151,8 +153,10 @@ class Replayer:
         self._next_sweep = -float("inf")
         self._peak_state: dict[str, dict[int, _Peak]] = {}
         self._frozen_messages: set[str] = set()
+        self._blocked_somewhere: set[str] = set()
+        self._never_frozen = (False,) * len(results)
 
-    def consume(self, at: float, message_id: str, flag: str) -> bool:  # noqa: ARG002 - SkipTest
+    def consume(self, stamp: str, message_id: str, flag: str) -> bool:  # noqa: ARG002 - SkipTest
         """Deal with a message line without parsing it, if it can be; False if it must be parsed.
 
         *flag* is ``=>``, ``->``, ``**`` or ``Co`` (``Completed``). Only ``**`` lines of messages
@@ -210,7 +214,11 @@ class Replayer:
         user = self.keys.key(event.auth_id, event.host)
         if user is None:
             return
-        frozen = tuple(user in result.blocked for result in self.report.results)
+        frozen = (
+            tuple([user in result.blocked for result in self.report.results])
+            if user in self._blocked_somewhere
+            else self._never_frozen
+        )
         messages = self._messages
         messages[event.message_id] = (user, event.host, frozen)
         if any(frozen):
@@ -225,11 +233,7 @@ class Replayer:
         report.failures += 1
         seen = self._failures_seen.get(user, 0) + 1
         self._failures_seen[user] = seen
-        try:
-            ip = None if host is None else ipaddress.ip_address(host)
-        except ValueError:
-            ip = None
-        request = RcptRequest(user=user, rcpt=rcpt, verify=verify, ip=ip)
+        request = RcptRequest(user=user, rcpt=rcpt, verify=verify, ip=_ip(host))
         if at >= self._next_sweep:
             for result in report.results:
                 result.policy.forget_idle(at)
@@ -239,6 +243,7 @@ class Replayer:
             for effect in decision.effects:
                 if isinstance(effect, Blocked):
                     result.blocked[user] = BlockRecord(user, at, seen, reason=effect.block.reason)
+                    self._blocked_somewhere.add(user)
         timeline = report.timelines.get(user)
         if timeline is None:
             timeline = report.timelines[user] = collections.deque(maxlen=TIMELINE_POINTS)
@@ -264,6 +269,17 @@ class Replayer:
                 state.last = {r: t for r, t in state.last.items() if at - t < period}
             state.peak = max(state.peak, len(times))
             per_user[period] = state.peak
+
+
+@functools.lru_cache(maxsize=65536)
+def _ip(host: str | None) -> IPAddress | None:
+    """The client address for exemptions by network (cached: a client sends many failures)."""
+    if host is None:
+        return None
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,8 +372,12 @@ def replay(
 
     consume = replayer.consume
 
-    def skip(at: float, message_id: str, flag: str) -> bool:
-        return at < horizon.until and consume(at, message_id, flag)
+    def skip(stamp: str, message_id: str, flag: str) -> bool:
+        try:
+            at = stamp_seconds(stamp)
+        except ValueError:
+            return False  # parsed, found damaged, counted
+        return at < horizon.until and consume(stamp, message_id, flag)
 
     counts = ScanCounts(UNPARSED_EXAMPLES)
     files = [open_log(path) for path in paths]
