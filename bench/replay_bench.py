@@ -114,7 +114,7 @@ def _measure(kind: str, path: Path, limits: list[str]) -> dict[str, float]:
             for line in log:
                 line.split()
                 lines += 1
-        blocked = 0
+        blocked = users = 0
     else:
         from spamguardd.config import PolicyConfig  # noqa: PLC0415 - timed part starts above
         from spamguardd.eximlog import UserKeys  # noqa: PLC0415
@@ -124,9 +124,16 @@ def _measure(kind: str, path: Path, limits: list[str]) -> dict[str, float]:
         report = replay([path], PolicyConfig(), [Candidate.parse(limit) for limit in limits], keys)
         lines = report.lines_read
         blocked = sum(len(result.blocked) for result in report.results)
+        users = len(report.peaks)
     elapsed = time.process_time() - started
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"lines": lines, "seconds": elapsed, "rss_mib": rss_mib, "blocked": blocked}
+    return {
+        "lines": lines,
+        "seconds": elapsed,
+        "rss_mib": rss_mib,
+        "blocked": blocked,
+        "users": users,
+    }
 
 
 def _run(kind: str, path: Path, limits: list[str]) -> dict[str, float]:
@@ -164,7 +171,10 @@ def main() -> int:
             ("replay, 3 limits", "replay", big, ["50/1h", "100/1h", "100/1h,300/1d"]),
             ("replay, 1 limit, log / 4", "replay", small, ["100/1h"]),
         ]
-        print(f"{'run':<28} {'lines':>10} {'seconds':>8} {'lines/s':>10} {'peak RSS':>9} blocked")
+        print(
+            f"{'run':<28} {'lines':>10} {'cpu s':>8} {'lines/s':>10} {'peak RSS':>9}"
+            f" {'users':>6} blocked"
+        )
         results = {}
         for name, kind, path, limits in runs:
             result = _run(kind, path, limits)
@@ -172,7 +182,7 @@ def main() -> int:
             rate = result["lines"] / result["seconds"]
             print(
                 f"{name:<28} {result['lines']:>10,.0f} {result['seconds']:>8.2f} {rate:>10,.0f}"
-                f" {result['rss_mib']:>6.1f} MiB {result['blocked']:>4.0f}"
+                f" {result['rss_mib']:>6.1f} MiB {result['users']:>6.0f} {result['blocked']:>4.0f}"
             )
         base = results["baseline: read + split"]
         one = results["replay, 1 limit (100/1h)"]

@@ -51,7 +51,8 @@ from spamguardd.rate import Rate, format_duration
 #: traffic, about 40 MB. Past it the oldest are forgotten (their later ``**`` lines are then
 #: not tied to a user).
 MAX_MESSAGES: Final = 200_000
-#: Failure times kept per user for the HTML timeline (the most recent).
+#: Failure times kept per blocked user for the HTML timeline (the most recent). Only blocked
+#: users get one: everyone else's recent failures live in the sliding windows of the peaks.
 TIMELINE_POINTS: Final = 2_000
 #: Unparsed lines quoted in the summary.
 UNPARSED_EXAMPLES: Final = 5
@@ -238,17 +239,22 @@ class Replayer:
             for result in report.results:
                 result.policy.forget_idle(at)
             self._next_sweep = at + SWEEP_INTERVAL
+        self._peaks(user, rcpt, at)
+        timeline = report.timelines.get(user)
+        if timeline is not None:
+            timeline.append(at)
         for result in report.results:
             decision = result.policy.decide(request, now=at, wall_now=at)
             for effect in decision.effects:
                 if isinstance(effect, Blocked):
                     result.blocked[user] = BlockRecord(user, at, seen, reason=effect.block.reason)
                     self._blocked_somewhere.add(user)
-        timeline = report.timelines.get(user)
-        if timeline is None:
-            timeline = report.timelines[user] = collections.deque(maxlen=TIMELINE_POINTS)
-        timeline.append(at)
-        self._peaks(user, rcpt, at)
+                    if user not in report.timelines:
+                        # the failures that led to the block are the longest window's; from
+                        # now on every failure of the user is kept
+                        windows = self._peak_state[user]
+                        recent = windows[max(windows)].times
+                        report.timelines[user] = collections.deque(recent, maxlen=TIMELINE_POINTS)
 
     def _peaks(self, user: str, rcpt: str, at: float) -> None:
         per_user = self.report.peaks.setdefault(user, {})
