@@ -47,8 +47,9 @@ _TIME_EXTRA: Final = re.compile(r"(?:\.(\d{1,6}))?(?: ?([+-])(\d\d)(\d\d))?(?: \
 _HOST_IP: Final = re.compile(r"\[([0-9A-Fa-f:.]+)\]")
 # Reject-log header dumps and continuation lines: the message's headers after a DATA rejection
 # ("Envelope-from: <..>", "P Received: ...", a flag letter or space, then a header), and indented
-# continuations (also of multi-line main-log entries such as the TLS certificate warning).
-_CONTINUATION: Final = re.compile(r"[ \t]|Envelope-(?:from|to): |[A-Z* ] [!-9;-~]+:")
+# continuations (also of multi-line main-log entries such as the TLS certificate warning), and
+# the blank line Exim 4.96 writes after some panics ("Taint mismatch, ...").
+_CONTINUATION: Final = re.compile(r"$|[ \t]|Envelope-(?:from|to): |[A-Z* ] [!-9;-~]+:")
 
 #: Texts of rejected recipients that mean "the recipient failed verification": routing failures,
 #: callout refusals (also from Exim's callout cache), unknown users as routers and remote servers
@@ -419,5 +420,8 @@ class UserKeys:
             return None
         if address.version == 6:
             network = ipaddress.ip_network(f"{address}/{IPV6_GROUP_PREFIX}", strict=False)
-            return f"ip:{network}"
+            # ${mask_n:} writes what Python writes, but for the all-zero /64 (::1's): ":/64"
+            # (Exim 4.96, checked with exim -be), so the key is "ip::/64".
+            text = str(network)
+            return "ip:" + (text[1:] if text.startswith("::/") else text)
         return f"ip:{address}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import ipaddress
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -246,3 +247,50 @@ def test_html_escapes_user_keys() -> None:
     page = to_html(replayer.report)
     assert "<script>" not in page
     assert "&lt;script&gt;" in page
+
+
+_LIVE_LINE = re.compile(r'spamguardd: user="((?:[^"\\]|\\.)*)" rcpt=(\S+) verify=(\w+) reply=(\w+)')
+
+
+def _unquote(value: str) -> str:
+    return re.sub(r"\\(.)", r"\1", value)
+
+
+class TestAgainstTheLiveDaemon:
+    """``mainlog-live``: the same traffic with spamguardd (limit 5/1h) answering Exim's ACL,
+    which logged each verdict. A replay of that log must reproduce them."""
+
+    LOG = DATA / "mainlog-live"
+    KEYS = UserKeys([ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")])
+
+    def live_failures(self) -> list[tuple[str, str, str]]:
+        """(user key, recipient, reply) of every failed recipient, as the ACL logged them."""
+        found = []
+        for line in self.LOG.read_text().splitlines():
+            match = _LIVE_LINE.search(line)
+            if match is not None and match.group(3) == "fail":
+                found.append((_unquote(match.group(1)), match.group(2), match.group(4)))
+        return found
+
+    def test_keys_are_the_acls(self) -> None:
+        """The key computed from each rejection line is the key the ACL sent the daemon."""
+        rejections = [
+            event
+            for event in map(parse_line, self.LOG.read_text().splitlines())
+            if isinstance(event, Rejection)
+        ]
+        computed = [(self.KEYS.key(r.auth_id, r.host), r.rcpt) for r in rejections]
+        assert computed == [(user, rcpt) for user, rcpt, _ in self.live_failures()]
+
+    def test_blocks_where_the_daemon_blocked(self) -> None:
+        """The replay blocks the users the daemon blocked, at the same failure."""
+        live: dict[str, int] = {}
+        seen: dict[str, int] = {}
+        for user, _, reply in self.live_failures():
+            seen[user] = seen.get(user, 0) + 1
+            if reply == "freeze":
+                live.setdefault(user, seen[user])
+        report = replay([self.LOG], PolicyConfig(), [FIVE], self.KEYS)
+        assert live == {SPAMMER: 6}
+        assert {u: b.failures for u, b in report.results[0].blocked.items()} == live
+        assert report.unparsed == 0  # the blank lines after Exim's taint panics continue it

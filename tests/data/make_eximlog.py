@@ -7,7 +7,12 @@ some recipients, and a scripted set of SMTP sessions: authenticated submissions 
 recipients failed at RCPT time (unroutable, callout refused, cached callout failure), and failures
 found only at delivery (a router ``:fail:`` and a 550 from the fake MX after acceptance).
 
-Run as root (``exim -C`` keeps root only for root): ``python tests/data/make_eximlog.py``.
+A last capture repeats the traffic with spamguardd itself answering the ACL (``mainlog-live``):
+its logged verdicts are what a replay must reproduce.
+
+Run as root (``exim -C`` keeps root only for root), with the interpreter of the checkout's
+virtualenv (the live capture starts ``python -m spamguardd``):
+``.venv/bin/python tests/data/make_eximlog.py``.
 """
 
 from __future__ import annotations
@@ -52,19 +57,7 @@ acl_smtp_rcpt = acl_check_rcpt
 
 begin acl
 
-acl_check_rcpt:
-  accept hosts = !+relay_from_hosts
-         !authenticated = *
-         domains = +local_domains
-         verify = recipient
-  deny   hosts = !+relay_from_hosts
-         !authenticated = *
-         message = relay not permitted
-  # no callout for remote.test: its bad recipients are found only at delivery
-  require verify = recipient/defer_ok\
-                   ${{if eq{{$domain}}{{remote.test}}{{}}{{/callout=5s,defer_ok}}}}
-  accept
-
+{acl}
 begin routers
 
 latefail:
@@ -118,6 +111,58 @@ plain_server:
   server_condition = ${{if eq{{$auth3}}{{secret}}}}
   server_set_id = $auth2
 """
+
+
+# Exim's own verification and rejection, as most configurations do it.
+REQUIRE_ACL = r"""acl_check_rcpt:
+  accept hosts = !+relay_from_hosts
+         !authenticated = *
+         domains = +local_domains
+         verify = recipient
+  deny   hosts = !+relay_from_hosts
+         !authenticated = *
+         message = relay not permitted
+  # no callout for remote.test: its bad recipients are found only at delivery
+  require verify = recipient/defer_ok\
+                   ${if eq{$domain}{remote.test}{}{/callout=5s,defer_ok}}
+  accept
+"""
+
+# The same, asking spamguardd on the way: the user key as the shipped ACL computes it, the verdict
+# logged (``spamguardd: ... reply=...``) so that a replay can be checked against the live daemon.
+# Exim 4.96 logs "Taint mismatch, Ustrncpy: string_is_ip_addressX" and drops the session when
+# ``${mask_n:}`` meets the address ``-bs -oMa`` sets, so the live capture has no 2001:db8 relay;
+# over real SMTP (the ::1 client) it works.
+LIVE_ACL = r"""acl_check_rcpt:
+  warn   set acl_m_vfy  = ok
+         set acl_m_vmsg =
+         set acl_m_user = ${if def:authenticated_id {auth:${lc:$authenticated_id}}\
+           {ip:${if match{$sender_host_address}{:}\
+                {${mask_n:$sender_host_address/64}}{$sender_host_address}}}}
+  accept hosts = !+relay_from_hosts
+         !authenticated = *
+         domains = +local_domains
+         verify = recipient
+  deny   hosts = !+relay_from_hosts
+         !authenticated = *
+         message = relay not permitted
+  warn   !verify = recipient/defer_ok${if eq{$domain}{remote.test}{}{/callout=5s,defer_ok}}
+         set acl_m_vfy  = fail
+         set acl_m_vmsg = $acl_verify_message
+  warn   set acl_m_sg = ${readsocket{@SOCKET@}\
+           {rcpt user=${quote:$acl_m_user} rcpt=${quote:$local_part@$domain} \
+            verify=$acl_m_vfy ip=$sender_host_address\n}{2s}{}{SOCKFAIL}}
+         logwrite = spamguardd: user=${quote:$acl_m_user} rcpt=$local_part@$domain \
+           verify=$acl_m_vfy reply=${sg{$acl_m_sg}{\n}{}}
+  warn   condition = ${if match{$acl_m_sg}{\N^freeze\b\N}}
+         control = freeze/no_tell
+  deny   condition = ${if eq{$acl_m_vfy}{fail}}
+         message = $acl_m_vmsg
+  accept
+"""
+
+#: The daemon's limit in the live capture: low enough for the scripted spammer to reach.
+LIVE_LIMIT = "5/1h"
 
 
 class _FakeMx(socketserver.StreamRequestHandler):
@@ -245,22 +290,33 @@ def _traffic(conf: Path) -> None:
         time.sleep(1.1)  # distinct timestamps, as a real run would have
 
 
-def _prepare(work: Path, **settings: object) -> Path:
+def _prepare(work: Path, acl: str = REQUIRE_ACL, **settings: object) -> Path:
     for sub in ("spool", "log", "mail"):
         (work / sub).mkdir()
         shutil.chown(work / sub, "Debian-exim", "Debian-exim")
     shutil.chown(work, "Debian-exim", "Debian-exim")
     conf = work / "exim.conf"
-    conf.write_text(CONFIG.format(dir=work, smtp_port=SMTP_PORT, mx_port=MX_PORT, **settings))
+    text = CONFIG.format(dir=work, smtp_port=SMTP_PORT, mx_port=MX_PORT, acl=acl, **settings)
+    conf.write_text(text.replace("@SOCKET@", str(work / "spamguardd.sock")))
     return conf
 
 
-def _capture_main(work: Path) -> None:
-    """The main fixture: Exim's default line format plus connections and recipients."""
+def _capture_main(work: Path, *, live: bool = False) -> None:
+    """The main fixture: Exim's default line format plus connections and recipients.
+
+    With *live*, spamguardd (this checkout, run by this interpreter) answers the ACL, with
+    ``failed_recipients = LIVE_LIMIT``; the logs go to ``*-live``.
+    """
     conf = _prepare(
-        work, log_selector="+smtp_connection +received_recipients", log_timezone="false"
+        work,
+        LIVE_ACL if live else REQUIRE_ACL,
+        log_selector="+smtp_connection +received_recipients",
+        log_timezone="false",
     )
-    with _fake_mx():
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_fake_mx())
+        if live:
+            stack.enter_context(_spamguardd(work))
         pidfile = work / "exim.pid"
         subprocess.run([EXIM, "-C", str(conf), "-bd", "-oY", "-oP", str(pidfile)], check=True)
         try:
@@ -270,8 +326,33 @@ def _capture_main(work: Path) -> None:
             time.sleep(2)
         finally:
             subprocess.run(["kill", pidfile.read_text().strip()], check=False)
+    suffix = "-live" if live else ""
     for name in ("mainlog", "rejectlog"):
-        shutil.copyfile(work / "log" / name, OUT / name)
+        shutil.copyfile(work / "log" / name, OUT / (name + suffix))
+
+
+@contextlib.contextmanager
+def _spamguardd(work: Path) -> Iterator[None]:
+    config = work / "spamguardd.toml"
+    config.write_text(
+        f'[limits]\nfailed_recipients = "{LIVE_LIMIT}"\n'
+        f'[server]\nquery_socket = "{work / "spamguardd.sock"}"\nsocket_group = "Debian-exim"\n'
+        f'[state]\ndir = "{work / "state"}"\n[log]\nformat = "json"\n'
+    )
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "spamguardd", "--config", str(config)],
+        cwd=Path(__file__).parents[2],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            if (work / "spamguardd.sock").exists():
+                break
+            time.sleep(0.05)
+        yield
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=10)
 
 
 def _capture_selectors(work: Path) -> None:
@@ -292,7 +373,9 @@ def main() -> int:
         _capture_main(Path(tmp))
     with tempfile.TemporaryDirectory(prefix="eximlog.") as tmp:
         _capture_selectors(Path(tmp))
-    print(f"wrote {OUT}/mainlog, rejectlog and mainlog-selectors")
+    with tempfile.TemporaryDirectory(prefix="eximlog.") as tmp:
+        _capture_main(Path(tmp), live=True)
+    print(f"wrote {OUT}/mainlog, rejectlog, mainlog-selectors, mainlog-live and rejectlog-live")
     return 0
 
 
