@@ -313,10 +313,6 @@ class ScanCounts:
         self.keep = examples
 
 
-def _event_only(parsed: Parsed) -> Event | Unparsed | None:
-    return None if parsed is CONTINUATION else parsed
-
-
 def scan(  # noqa: C901, PLR0912 - one flat loop: the hot path of a replay
     lines: Iterable[str], counts: ScanCounts, skip: SkipTest | None = None
 ) -> Iterator[Event]:

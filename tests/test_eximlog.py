@@ -294,3 +294,29 @@ class TestScan:
         assert not any(isinstance(e, Delivery) and not e.failed for e in events)
         assert not any(isinstance(e, Completed) for e in events)
         assert any(isinstance(e, Arrival) for e in events)
+
+
+class TestOtherShapes:
+    def test_exim_497_message_ids(self) -> None:
+        """Exim 4.97 made message ids 23 characters long (6-11-4); both lengths are read.
+
+        The lines are captured 4.96 lines with the id widened as 4.97 writes it.
+        """
+        for fragment in ("<= sender@example.test H=(client.test) [127.0.0.1] P=esmtpa", "** bad"):
+            line = real(fragment)
+            old_id = line[20:36]
+            new_id = f"{old_id[:6]}-00000{old_id[7:13]}-{old_id[14:16]}AB"
+            widened = line.replace(old_id, new_id)
+            event = parse_line(widened)
+            assert isinstance(event, Arrival | Delivery)
+            assert event.message_id == new_id
+            assert event._replace(message_id=old_id) == parse_line(line)
+            assert list(scan([widened], ScanCounts())) == [event]
+
+    def test_damaged_date_on_a_message_line(self) -> None:
+        """A message line whose date cannot be is counted as unparsed by the scan."""
+        line = real("<= sender@example.test").replace("-11-", "-13-", 1)
+        counts = ScanCounts()
+        assert list(scan([line], counts, lambda *_: False)) == []
+        assert counts.unparsed == 1
+        assert parse_line(line) is UNPARSED

@@ -19,7 +19,16 @@ from spamguardd.eximlog import Arrival, Delivery, Rejection, UserKeys, parse_lin
 from spamguardd.policy import Blocked, Policy
 from spamguardd.protocol import RcptRequest, Verify
 from spamguardd.rate import Rate
-from spamguardd.replay import Candidate, Replayer, Report, replay, replay_main, to_html, to_json
+from spamguardd.replay import (
+    Candidate,
+    Replayer,
+    Report,
+    replay,
+    replay_main,
+    to_html,
+    to_json,
+    to_table,
+)
 
 DATA = Path(__file__).parent / "data" / "exim"
 MAINLOG = DATA / "mainlog"
@@ -294,3 +303,60 @@ class TestAgainstTheLiveDaemon:
         assert live == {SPAMMER: 6}
         assert {u: b.failures for u, b in report.results[0].blocked.items()} == live
         assert report.unparsed == 0  # the blank lines after Exim's taint panics continue it
+
+
+class TestEdges:
+    def test_candidate_with_two_rates_of_one_period(self) -> None:
+        """A candidate may not have two windows of the same length, as in the config."""
+        with pytest.raises(ValueError, match="same period"):
+            Candidate.parse("5/1h,10/60m")
+
+    def test_message_map_evicts_the_oldest(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Past MAX_MESSAGES the oldest message is forgotten, frozen or not, with its ``**``."""
+        monkeypatch.setattr(replay_module, "MAX_MESSAGES", 2)
+        replayer = Replayer(PolicyConfig(), [Candidate.parse("1/1h")], UserKeys())
+        replayer.feed(Rejection(0.0, "r@x", "u", None, "", True, False))  # blocks auth:u
+        for n in range(3):
+            replayer.feed(Arrival(1.0 + n, f"id{n}", "u", None))
+        replayer.feed(Delivery(5.0, "id0", "late@x", failed=True))  # forgotten: not counted
+        replayer.feed(Delivery(5.0, "id2", "ok@x", failed=False))
+        assert replayer.report.results[0].blocked["auth:u"].frozen_after == 1
+        assert replayer.report.failures == 1
+
+    def test_recipient_memory_is_pruned(self) -> None:
+        """A user with many distinct failures over a long time keeps only the window's."""
+        replayer = Replayer(PolicyConfig(), [Candidate.parse("1000/1m")], UserKeys())
+        for n in range(500):
+            replayer.feed(Rejection(float(n * 30), f"r{n}@x", "u", None, "", True, False))
+        state = replayer._peak_state["auth:u"][60]
+        assert len(state.last) <= 2 * len(state.times) + 32
+        assert replayer.report.peaks["auth:u"][60] == 2
+
+    def test_bad_client_address_is_no_address(self) -> None:
+        """A host field that is not an IP address is treated as none, never an error."""
+        keys = UserKeys([ipaddress.ip_network("0.0.0.0/0")])
+        replayer = Replayer(PolicyConfig(), [FIVE], keys)
+        replayer.feed(Rejection(0.0, "r@x", "u", "not-an-ip", "", True, False))
+        assert replayer.report.failures == 1
+
+    def test_damaged_line_in_a_merge(self, tmp_path: Path) -> None:
+        """With several files, a message line with a damaged date is still just counted."""
+        damaged = tmp_path / "damaged"
+        line = next(x for x in MAINLOG.read_text().splitlines() if " Completed" in x)
+        damaged.write_text(line.replace("-11-", "-13-", 1) + "\n")
+        report = run([MAINLOG, damaged])
+        assert report.unparsed == 1
+        assert blocked(report) == {SPAMMER: (6, 5)}
+
+    def test_empty_report_renders(self) -> None:
+        """No failures at all still gives a table, JSON and a page."""
+        replayer = Replayer(PolicyConfig(), [FIVE], UserKeys())
+        assert "0 user(s) blocked" in to_table(replayer.report)
+        assert to_json(replayer.report)["peaks"] == {}
+        assert "<html>" in to_html(replayer.report)
+
+    def test_bad_relay_net_is_a_usage_error(self) -> None:
+        """A --relay-net that is not a network exits 2."""
+        with pytest.raises(SystemExit) as exc:
+            replay_main(["--relay-net", "nowhere", str(MAINLOG)])
+        assert exc.value.code == 2
