@@ -311,6 +311,8 @@ class ScanCounts:
         self.unparsed = 0
         self.examples: list[str] = []
         self.keep = examples
+        #: Whether any line carried a zone (``log_timezone``): times are then true UTC.
+        self.zoned = False
 
 
 def scan(  # noqa: C901, PLR0912 - one flat loop: the hot path of a replay
@@ -336,6 +338,9 @@ def scan(  # noqa: C901, PLR0912 - one flat loop: the hot path of a replay
             end = 0
             if line[19:20] == "." or line[20:21] in extra:
                 end = -1  # optional fields after the time: the long way
+                if not counts.zoned:
+                    stamp = parse_timestamp(line)
+                    counts.zoned = stamp is not None and stamp.zoned
             elif line[43:44] == " " and line[26:27] == "-" and line[38:39] == "-":
                 end = 43  # a 4.97+ message id
             elif " rejected RCPT <" not in line:

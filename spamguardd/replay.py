@@ -406,6 +406,7 @@ def replay(
     report.lines_read = counts.lines
     report.unparsed = counts.unparsed
     report.unparsed_examples = counts.examples
+    report.zoned = counts.zoned
     if progress is not None:
         progress.write("\n")
     return report

@@ -360,3 +360,15 @@ class TestEdges:
         with pytest.raises(SystemExit) as exc:
             replay_main(["--relay-net", "nowhere", str(MAINLOG)])
         assert exc.value.code == 2
+
+    def test_zoned_logs_report_utc(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """With ``log_timezone`` the times are UTC and say so; without, they are the log's own."""
+        selectors = DATA / "mainlog-selectors"
+        assert replay_main(["--json", "--limit", "1/1h", str(selectors)]) == 0
+        zoned = json.loads(capsys.readouterr().out)["limits"][0]["blocked"][0]
+        assert zoned["user"] == "auth:sel.user@example.test"
+        assert zoned["at"].endswith("Z")
+        assert zoned["at"][:19] == selectors.read_text()[:19].replace(" ", "T")  # +0000 log
+        assert replay_main(["--json", "--limit", "1/1h", str(MAINLOG)]) == 0
+        plain = json.loads(capsys.readouterr().out)["limits"][0]["blocked"][0]
+        assert not plain["at"].endswith("Z")
