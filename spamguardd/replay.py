@@ -509,14 +509,14 @@ def to_html(report: Report) -> str:
                 f"<h3>{esc(b.user)}</h3><p>blocked {esc(_iso(b.at, zoned=report.zoned))} "
                 f"after {b.failures} failures; {b.frozen_after} later recipients frozen</p>"
             )
-            parts.append(_timeline_svg(times, b.at))
+            parts.append(_timeline_svg(times, b.at, zoned=report.zoned))
         parts.append(_peaks_svg(report, result.candidate))
     parts.append("</body></html>\n")
     return "".join(parts)
 
 
-def _timeline_svg(times: Sequence[float], block_at: float) -> str:
-    width, height, pad = 600, 60, 10
+def _timeline_svg(times: Sequence[float], block_at: float, *, zoned: bool) -> str:
+    width, height, pad = 600, 75, 10
     if not times:
         return ""
     start, end = min(times[0], block_at), max(times[-1], block_at)
@@ -532,7 +532,12 @@ def _timeline_svg(times: Sequence[float], block_at: float) -> str:
         f"<line x1='{x(block_at):.1f}' y1='5' x2='{x(block_at):.1f}' y2='55' "
         "stroke='#d00' stroke-width='3'><title>block</title></line>"
     )
-    return f"<svg width='{width}' height='{height}' role='img'>{marks}{block}</svg>"
+    labels = (
+        f"<text x='{pad}' y='70' font-size='10'>{_iso(start, zoned=zoned)}</text>"
+        f"<text x='{width - pad}' y='70' font-size='10' text-anchor='end'>"
+        f"{_iso(end, zoned=zoned)}</text>"
+    )
+    return f"<svg width='{width}' height='{height}' role='img'>{marks}{block}{labels}</svg>"
 
 
 def _peaks_svg(report: Report, candidate: Candidate) -> str:
@@ -578,7 +583,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="spamguardctl replay",
         description="Replay Exim main/reject logs through the policy to choose a limit.",
     )
-    parser.add_argument("--config", type=Path, help="spamguardd TOML (overrides, exemptions)")
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE", help="spamguardd TOML (overrides, exemptions)"
+    )
     parser.add_argument(
         "--limit",
         action="append",
