@@ -44,7 +44,6 @@ _ASCII_LOWER: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklm
 _MSGID: Final = re.compile(r"[0-9A-Za-z]{6}-[0-9A-Za-z]{6,11}-[0-9A-Za-z]{2,4} ")
 # What may follow the time: fractions of a second, a zone, a process id.
 _TIME_EXTRA: Final = re.compile(r"(?:\.(\d{1,6}))?(?: ?([+-])(\d\d)(\d\d))?(?: \[\d+\])? ")
-_HOST_IP: Final = re.compile(r"\[([0-9A-Fa-f:.]+)\]")
 # Reject-log header dumps and continuation lines: the message's headers after a DATA rejection
 # ("Envelope-from: <..>", "P Received: ...", a flag letter or space, then a header), and indented
 # continuations (also of multi-line main-log entries such as the TLS certificate warning), and
@@ -274,11 +273,25 @@ def _auth_id(field: str) -> str | None:
 
 
 def _host(fields: str, start: int) -> str | None:
-    """The client address of the ``H=`` field at *start*: ``H=name (helo) [ip]:port``."""
+    """The client address of the ``H=`` field at *start*: ``H=name (helo) [ip]:port``.
+
+    The HELO name comes first and is the client's to choose: ``HELO [192.0.2.1]`` is logged as
+    ``H=([192.0.2.1]) [127.0.0.1]``, so the address is the first ``[...]`` after the
+    parenthesised part, never one inside it.
+    """
     if start < 0:
         return None
-    found = _HOST_IP.search(fields, start)
-    return None if found is None else found.group(1)
+    bracket = fields.find("[", start)
+    paren = fields.find("(", start, bracket if bracket >= 0 else len(fields))
+    if paren >= 0:
+        close = fields.find(") ", paren)
+        if close < 0:
+            return None
+        bracket = fields.find("[", close)
+    if bracket < 0:
+        return None
+    end = fields.find("]", bracket)
+    return fields[bracket + 1 : end] if end > bracket + 1 else None
 
 
 # ---------------------------------------------------------------------------------------------

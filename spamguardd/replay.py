@@ -164,14 +164,15 @@ class Replayer:
         from counted users need their recipient; the rest need only the message id. The caller
         must pass lines in time order relative to everything already fed.
         """
-        if flag == "Co":
-            self._forget(message_id)
+        if flag == "=>" or flag == "->":  # noqa: PLR1714 - the commonest test first, no tuple
+            if message_id in self._frozen_messages:
+                self._count_frozen(message_id)
             return True
-        if flag == "**":
-            return message_id not in self._messages
-        if message_id in self._frozen_messages:
-            self._count_frozen(message_id)
-        return True
+        if flag == "Co":
+            if self._messages.pop(message_id, None) is not None:
+                self._frozen_messages.discard(message_id)
+            return True
+        return message_id not in self._messages  # "**": parsed only for counted users
 
     def _forget(self, message_id: str) -> None:
         self._messages.pop(message_id, None)

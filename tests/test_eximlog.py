@@ -103,6 +103,14 @@ class TestRealLines:
         assert event.host == "2001:db8:1:2::77"
         assert event.auth_id is None
 
+    def test_helo_address_literal_is_not_the_client(self) -> None:
+        """``HELO [192.0.2.99]`` is logged inside the parentheses; the client is the next ``[]``."""
+        rejection = parse_line(real("H=([192.0.2.99]) [127.0.0.1] F=<sender@example.test> rej"))
+        arrival = parse_line(real("<= sender@example.test H=([192.0.2.99]) [127.0.0.1]"))
+        assert isinstance(rejection, Rejection)
+        assert isinstance(arrival, Arrival)
+        assert rejection.host == arrival.host == "127.0.0.1"
+
     def test_delivery_time_failures(self) -> None:
         """``**`` lines name the message and the failed recipient, with or without a router."""
         remote = parse_line(real("** badlate@remote.test R=fake_remote"))

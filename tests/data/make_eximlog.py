@@ -202,9 +202,10 @@ def _send(
     *,
     user: str | None = None,
     sender: str = "sender@example.test",
+    helo: str = "client.test",
 ) -> None:
     """One message over SMTP: AUTH PLAIN as *user* (if any), then every recipient, then DATA."""
-    with smtplib.SMTP(host, SMTP_PORT, local_hostname="client.test", timeout=30) as smtp:
+    with smtplib.SMTP(host, SMTP_PORT, local_hostname=helo, timeout=30) as smtp:
         smtp.ehlo()
         if user is not None:
             token = base64.b64encode(b"\0" + user.encode() + b"\0secret").decode()
@@ -273,7 +274,8 @@ def _traffic(conf: Path) -> None:
     _send("127.0.0.1", ["late@latefail.test", "bob@example.test"], user="alice@example.test")
     _send("127.0.0.1", ["badlate@remote.test", "good@remote.test"], user="carol@example.test")
     # relays by address, v4 and v6; the 2001:db8:1:2::/64 hosts are one user
-    _send("127.0.0.1", ["bob@example.test", "nope@example.test"])
+    # an address literal as HELO name: logged as H=([192.0.2.99]) [127.0.0.1]
+    _send("127.0.0.1", ["bob@example.test", "nope@example.test"], helo="[192.0.2.99]")
     _send("::1", ["bob@example.test", "nope6@example.test"])
     _send_bs(conf, "2001:db8:1:2::5", ["bob@example.test", "v6a@example.test"])
     _send_bs(conf, "2001:db8:1:2::77", ["v6b@example.test", "alice@example.test"])
