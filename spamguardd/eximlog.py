@@ -80,6 +80,8 @@ class Arrival(NamedTuple):
     auth_id: str | None
     #: The client's IP address (``[ip]`` of ``H=``), or None for a local submission.
     host: str | None
+    #: A bounce (``<= <>``): the shipped ACL counts nothing for the null sender.
+    null_sender: bool = False
 
 
 class Rejection(NamedTuple):
@@ -94,6 +96,8 @@ class Rejection(NamedTuple):
     verify_failed: bool
     #: ``temporarily rejected``: a 4xx, which the policy counts only with ``count_defer``.
     temporary: bool
+    #: ``F=<>``: a bounce, which the shipped ACL does not verify or count.
+    null_sender: bool = False
 
 
 class Delivery(NamedTuple):
@@ -104,6 +108,9 @@ class Delivery(NamedTuple):
     rcpt: str
     #: True for ``**``: a permanent failure found at delivery time.
     failed: bool
+    #: Whether a transport (``T=``) reported it: a remote server's refusal, which the shipped
+    #: ``event_action`` reports (``msg:fail:delivery``), as opposed to a router's ``:fail:``.
+    by_transport: bool = False
 
 
 class Completed(NamedTuple):
@@ -221,7 +228,9 @@ def _message_line(at: float, rest: str) -> Parsed:
         rcpt = rcpt.removesuffix(":")  # "** x@y: reason" when no router is named
         if not rcpt:
             return UNPARSED
-        return Delivery(at, message_id, rcpt, failed=flag == "** ")
+        failed = flag == "** "
+        by_transport = failed and " T=" in body
+        return Delivery(at, message_id, rcpt, failed=failed, by_transport=by_transport)
     if flag == "<= ":
         return _arrival(at, message_id, rest[cut + 4 :])
     if rest.startswith("Completed", cut + 1):
@@ -244,7 +253,7 @@ def _arrival(at: float, message_id: str, body: str) -> Arrival:
                 auth_id = body[colon + 1 : end] if end >= 0 else body[colon + 1 :]
     # The sender comes first and is the client's to choose: take the last H= before P=.
     host = _host(body, body.rfind(" H=", 0, protocol))
-    return Arrival(at, message_id, auth_id, host)
+    return Arrival(at, message_id, auth_id, host, null_sender=body.startswith("<> "))
 
 
 def _rejection(at: float, rest: str, marker: int, *, temporary: bool) -> Parsed:
@@ -267,6 +276,7 @@ def _rejection(at: float, rest: str, marker: int, *, temporary: bool) -> Parsed:
         reason,
         verify_failed=_VERIFY_FAILURE.search(reason) is not None,
         temporary=temporary,
+        null_sender=" F=<> " in prefix or prefix.endswith(" F=<>"),
     )
 
 
@@ -409,12 +419,24 @@ def _auth_key(auth_id: str) -> str:
     return "auth:" + fold_auth_id(auth_id)
 
 
+def exim_mask(address: ipaddress.IPv6Address, bits: int) -> str:
+    """``${mask:ADDRESS/BITS}`` as Exim writes it for IPv6: eight dot-separated 4-digit groups.
+
+    ``${mask:2001:db8:1:2::5/64}`` is ``2001.0db8.0001.0002.0000.0000.0000.0000/64`` (Exim 4.96,
+    checked with ``exim -be``): dots, because a colon separates list items in Exim.
+    """
+    network = ipaddress.IPv6Network(f"{address}/{bits}", strict=False)
+    full = network.network_address.exploded
+    return f"{full.replace(':', '.')}/{bits}"
+
+
 class UserKeys:
     """Computes the user key of a log line exactly as the shipped ACL computes it.
 
-    ``auth:`` + the case-folded authenticated id; else, for clients in the relay networks,
-    ``ip:`` + the client address (IPv4) or its /64 (IPv6), as ``${mask_n:$sender_host_address/64}``
-    writes it (``ip:2001:db8:1:2::/64``); else None: such mail is not counted.
+    ``auth:${lc:$authenticated_id}``; else, for clients in the relay networks, ``ip:`` + the
+    client address (IPv4) or its /64 as ``${mask:$sender_host_address/64}`` writes it
+    (``ip:2001.0db8.0001.0002.0000.0000.0000.0000/64``); else None: such mail is not counted.
+    This is ``contrib/exim/acl_spamguardd_rcpt``'s ``acl_m_sg_user``.
     """
 
     def __init__(self, relay_networks: Sequence[Network] = ()) -> None:
@@ -437,9 +459,5 @@ class UserKeys:
         if not any(address in network for network in self.relay_networks):
             return None
         if address.version == 6:
-            network = ipaddress.ip_network(f"{address}/{IPV6_GROUP_PREFIX}", strict=False)
-            # ${mask_n:} writes what Python writes, but for the all-zero /64 (::1's): ":/64"
-            # (Exim 4.96, checked with exim -be), so the key is "ip::/64".
-            text = str(network)
-            return "ip:" + (text[1:] if text.startswith("::/") else text)
+            return "ip:" + exim_mask(address, IPV6_GROUP_PREFIX)
         return f"ip:{address}"

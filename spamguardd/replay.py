@@ -196,6 +196,8 @@ class Replayer:
             self._forget(event.message_id)
 
     def _rejection(self, event: Rejection) -> None:
+        if event.null_sender:
+            return  # bounces are neither verified nor counted by the shipped ACL
         if event.verify_failed and (not event.temporary or self.count_defer):
             user = self.keys.key(event.auth_id, event.host)
             if user is not None:
@@ -209,11 +211,11 @@ class Replayer:
         user, host, frozen = known
         if any(frozen):
             self._count_frozen(event.message_id)
-        if event.failed:
+        if event.by_transport:  # what the shipped event_action reports (msg:fail:delivery)
             self._failure(user, event.rcpt, host, event.at, Verify.FAIL)
 
     def _arrival(self, event: Arrival) -> None:
-        user = self.keys.key(event.auth_id, event.host)
+        user = None if event.null_sender else self.keys.key(event.auth_id, event.host)
         if user is None:
             return
         frozen = (

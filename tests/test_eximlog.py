@@ -259,11 +259,24 @@ class TestUserKeys:
         assert keys.key(None, "not-an-ip") is None
 
     def test_ipv6_grouped_by_64(self) -> None:
-        """IPv6 clients of one /64 are one user, written as ``${mask_n:...}`` writes it."""
-        keys = UserKeys([ipaddress.ip_network("2001:db8::/32")])
-        assert keys.key(None, "2001:db8:1:2::5") == "ip:2001:db8:1:2::/64"
-        assert keys.key(None, "2001:db8:1:2::77") == "ip:2001:db8:1:2::/64"
-        assert keys.key(None, "2001:db8:1:3::5") == "ip:2001:db8:1:3::/64"
+        """IPv6 clients of one /64 are one user, written as ``${mask:...}`` writes it."""
+        keys = UserKeys([ipaddress.ip_network("2001:db8::/32"), ipaddress.ip_network("::1/128")])
+        assert keys.key(None, "2001:db8:1:2::5") == "ip:2001.0db8.0001.0002.0000.0000.0000.0000/64"
+        assert keys.key(None, "2001:DB8:1:2::77") == keys.key(None, "2001:db8:1:2::5")
+        assert keys.key(None, "2001:db8:1:3::5") == "ip:2001.0db8.0001.0003.0000.0000.0000.0000/64"
+        assert keys.key(None, "::1") == "ip:0000.0000.0000.0000.0000.0000.0000.0000/64"
+
+    def test_null_sender_and_router_failures_are_marked(self) -> None:
+        """Bounces (``<= <>``) and delivery failures without a transport are told apart."""
+        bounce = parse_line(real("<= <> R="))
+        router = parse_line(real("** late@latefail.test R=latefail"))
+        remote = parse_line(real("** badlate@remote.test R=fake_remote T="))
+        assert isinstance(bounce, Arrival)
+        assert bounce.null_sender
+        assert isinstance(router, Delivery)
+        assert not router.by_transport
+        assert isinstance(remote, Delivery)
+        assert remote.by_transport
 
 
 class TestScan:

@@ -128,17 +128,17 @@ REQUIRE_ACL = r"""acl_check_rcpt:
   accept
 """
 
-# The same, asking spamguardd on the way: the user key as the shipped ACL computes it, the verdict
-# logged (``spamguardd: ... reply=...``) so that a replay can be checked against the live daemon.
-# Exim 4.96 logs "Taint mismatch, Ustrncpy: string_is_ip_addressX" and drops the session when
-# ``${mask_n:}`` meets the address ``-bs -oMa`` sets, so the live capture has no 2001:db8 relay;
-# over real SMTP (the ::1 client) it works.
+# The same, asking spamguardd on the way: the user key exactly as contrib/exim/acl_spamguardd_rcpt
+# computes it, the verdict logged (``spamguardd: ... reply=...``) so that a replay can be checked
+# against the live daemon. Exim 4.96 logs "Taint mismatch, Ustrncpy: string_is_ip_addressX" and
+# drops the session when ``isip6``/``${mask:}`` meet the address ``-bs -oMa`` sets, so the live
+# capture has no 2001:db8 relay; over real SMTP (the ::1 client) it works.
 LIVE_ACL = r"""acl_check_rcpt:
   warn   set acl_m_vfy  = ok
          set acl_m_vmsg =
          set acl_m_user = ${if def:authenticated_id {auth:${lc:$authenticated_id}}\
-           {ip:${if match{$sender_host_address}{:}\
-                {${mask_n:$sender_host_address/64}}{$sender_host_address}}}}
+           {ip:${if isip6{$sender_host_address}\
+                {${mask:$sender_host_address/64}}{$sender_host_address}}}}
   accept hosts = !+relay_from_hosts
          !authenticated = *
          domains = +local_domains
