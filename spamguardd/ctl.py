@@ -25,6 +25,7 @@ from spamguardd.adminproto import AdminReplyError, Command
 from spamguardd.config import AdminConfig, load_config
 from spamguardd.errors import ConfigError
 from spamguardd.exim_queue import EximError, EximQueue
+from spamguardd.replay import replay_main
 
 EX_OK: Final = 0
 EX_FAILED: Final = 1
@@ -94,12 +95,27 @@ def _parser() -> argparse.ArgumentParser:
     reset.add_argument("user", metavar="USER")
     commands.add_parser("stats", help="uptime, queries, blocks, users, errors, latency")
     commands.add_parser("metrics", help="the daemon's metrics, in the Prometheus text format")
+    commands.add_parser(
+        "replay",
+        help="replay Exim's logs through the policy to choose limits (no daemon needed; "
+        "see spamguardctl replay --help)",
+        add_help=False,
+    )
     commands.add_parser("reload", help="re-read the daemon's configuration file")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``spamguardctl``; returns the exit status."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments[:1] == ["replay"]:
+        # works on log files, needs no daemon, and has its own options
+        return replay_main(arguments[1:])
+    return _admin_main(arguments)
+
+
+def _admin_main(argv: Sequence[str]) -> int:
+    """The commands that talk to the daemon's admin socket."""
     parser = _parser()
     try:
         args = parser.parse_args(argv)
