@@ -123,7 +123,7 @@ class Daemon:
         self.notices = NoticeDispatcher(
             config.notify,
             verdict=config.policy.verdict,
-            journal=self.journal.path,
+            journal=self.journal,
             wall_clock=wall_clock,
         )
         self.server = QueryServer(

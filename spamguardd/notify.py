@@ -26,16 +26,14 @@ import datetime as dt
 import email.policy
 import email.utils
 import enum
-import json
 import os
 import platform
 import shlex
 import smtplib
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from email.message import EmailMessage
-from pathlib import Path
 from typing import Final, Protocol
 
 import attrs
@@ -43,7 +41,8 @@ import structlog
 import trio
 
 from spamguardd.config import NotifyConfig
-from spamguardd.errors import NotifyError
+from spamguardd.errors import NotifyError, StoreError
+from spamguardd.journal import Journal
 from spamguardd.policy import Block, Blocked, Effect, FailureSample
 from spamguardd.protocol import Verdict
 from spamguardd.rate import Rate
@@ -451,7 +450,7 @@ class NoticeDispatcher:
         config: NotifyConfig,
         *,
         verdict: Verdict,
-        journal: Path | None = None,
+        journal: Journal | None = None,
         transport: Transport | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -637,9 +636,10 @@ class NoticeDispatcher:
             )
         if records and self.journal is not None:
             try:
-                append_journal(self.journal, records)
-            except OSError as exc:
-                log.error("journal_write_failed", path=str(self.journal), error=str(exc))
+                for record in records:
+                    self.journal.append(record, durable=True)
+            except StoreError as exc:
+                log.error("journal_write_failed", path=str(self.journal.path), error=str(exc))
 
 
 def _default_transport(config: NotifyConfig) -> Transport:
@@ -647,21 +647,6 @@ def _default_transport(config: NotifyConfig) -> Transport:
         host, port = config.smtp
         return SmtpTransport(host, port, config.send_timeout)
     return SendmailTransport(config.sendmail, config.send_timeout)
-
-
-def append_journal(path: Path, records: Iterable[Mapping[str, object]]) -> None:
-    """Append *records* to the JSON-lines journal at *path*, one object per line, fsynced.
-
-    Raises:
-        OSError: the file cannot be opened or written.
-    """
-    data = "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in records).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 async def run_notifier(

@@ -49,6 +49,7 @@ from spamguardd.config import (
 )
 from spamguardd.daemon import Daemon
 from spamguardd.errors import NotifyError
+from spamguardd.journal import Journal
 from spamguardd.notify import (
     HookCommand,
     Notice,
@@ -281,7 +282,7 @@ async def start(
     dispatcher = NoticeDispatcher(
         notify,
         verdict=policy_config.verdict,
-        journal=sock_dir / "state" / "journal",
+        journal=Journal(sock_dir / "state" / "journal"),
         wall_clock=wall,
     )
     server.effect_listeners.append(dispatcher.on_effect)
@@ -655,7 +656,7 @@ class TestDelivery:
         dispatcher = NoticeDispatcher(
             config,
             verdict=Verdict.FREEZE,
-            journal=journal,
+            journal=Journal(journal),
             transport=transport,
             wall_clock=lambda: T0 + trio.current_time(),
         )
@@ -689,7 +690,7 @@ class TestDelivery:
             hook_timeout=120.0,
             shutdown_grace=0.3,
         )
-        dispatcher.journal = sock_dir / "journal"
+        dispatcher.journal = Journal(sock_dir / "journal")
         await nursery.start(run_notifier, dispatcher.receive_channel, dispatcher)
         with structlog.testing.capture_logs() as logs, trio.fail_after(10):
             dispatcher.submit(BLOCKED)
@@ -697,7 +698,8 @@ class TestDelivery:
             await dispatcher.aclose()
         assert len(transport.sent) == 1
         assert [e["parts"] for e in logs if e["event"] == "notice_unsent"] == [["hook"]]
-        [record] = [json.loads(line) for line in dispatcher.journal.read_text().splitlines()]
+        journal = (sock_dir / "journal").read_text()
+        [record] = [json.loads(line) for line in journal.splitlines()]
         assert record["parts"] == ["hook"]
 
 
