@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import trio
@@ -24,5 +25,18 @@ async def readsocket(path: Path, request: bytes, *, shutdown: bool = True) -> by
             sock.shutdown(trio.socket.SHUT_WR)
         chunks = []
         while chunk := await sock.recv(4096):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def ask_blocking(path: Path, request: bytes, *, timeout: float = 10.0) -> bytes:
+    """One readsocket-style exchange from a plain blocking socket, for a daemon in a process."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(4096):
             chunks.append(chunk)
         return b"".join(chunks)

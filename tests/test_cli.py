@@ -11,21 +11,14 @@ from pathlib import Path
 import pytest
 
 from spamguardd.cli import EX_CONFIG, main
+from tests.helpers import ask_blocking
 
 PYTHON = sys.executable
 
 
 def ask(path: Path, request: bytes) -> bytes:
-    """One readsocket-style exchange with a blocking socket (the daemon is another process)."""
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(10)
-        sock.connect(str(path))
-        sock.sendall(request)
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := sock.recv(4096):
-            chunks.append(chunk)
-        return b"".join(chunks)
+    """One readsocket-style exchange (the daemon is another process)."""
+    return ask_blocking(path, request)
 
 
 def run_to_exit(workdir: Path) -> subprocess.CompletedProcess[str]:

@@ -23,7 +23,6 @@ import ipaddress
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -67,7 +66,7 @@ from spamguardd.protocol import Reply, Verdict, parse_reply, quote
 from spamguardd.rate import Rate
 from spamguardd.server import QueryServer, bind_unix_listener
 from spamguardd.store import BlockStore
-from tests.helpers import T0, readsocket
+from tests.helpers import T0, ask_blocking, readsocket
 
 FIVE = PolicyConfig(failed_recipients=(Rate(5, 3600),))
 ONE = PolicyConfig(failed_recipients=(Rate(1, 3600),))
@@ -885,16 +884,3 @@ def test_real_process_mails_the_block_and_exits_cleanly_on_sigterm(sock_dir: Pat
     [data] = mails(sock_dir / "mail")
     assert parse(data)["Subject"] == "[spamguardd] blocked auth:proc: 3 failed recipients within 1h"
     assert [c["argv"][1:] for c in hook_calls(sock_dir / "hook")] == [["blocked", "auth:proc"]]
-
-
-def ask_blocking(path: Path, request: bytes) -> bytes:
-    """One readsocket-style exchange from a plain blocking socket (the daemon is a process)."""
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(10)
-        sock.connect(str(path))
-        sock.sendall(request)
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := sock.recv(4096):
-            chunks.append(chunk)
-        return b"".join(chunks)

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import ask_blocking
+
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "contrib" / "systemd"
 PYTHON = sys.executable
@@ -28,16 +30,8 @@ DEADLINE = 20.0
 
 
 def ask(path: Path, request: bytes) -> bytes:
-    """One readsocket-style exchange (blocking; the daemon is another process)."""
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(DEADLINE)
-        sock.connect(str(path))
-        sock.sendall(request)
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := sock.recv(4096):
-            chunks.append(chunk)
-        return b"".join(chunks)
+    """One readsocket-style exchange (the daemon is another process)."""
+    return ask_blocking(path, request, timeout=DEADLINE)
 
 
 def fail(n: int) -> bytes:
