@@ -884,3 +884,35 @@ def test_real_process_mails_the_block_and_exits_cleanly_on_sigterm(sock_dir: Pat
     [data] = mails(sock_dir / "mail")
     assert parse(data)["Subject"] == "[spamguardd] blocked auth:proc: 3 failed recipients within 1h"
     assert [c["argv"][1:] for c in hook_calls(sock_dir / "hook")] == [["blocked", "auth:proc"]]
+
+
+async def test_admin_block_and_unblock_send_their_notices(sock_dir: Path) -> None:
+    """A block and an unblock through the admin socket each mail one notice (unblock opt-in)."""
+    program = fake_sendmail(sock_dir / "mail")
+    config = Config(
+        policy=FIVE,
+        server=ServerConfig(query_socket=sock_dir / "q.sock"),
+        state=StateConfig(dir=sock_dir / "state"),
+        admin=AdminConfig(socket=sock_dir / "admin.sock"),
+        notify=NotifyConfig(to=TO, sendmail=(str(program),), notify_unblock=True),
+    )
+    daemon = Daemon(config)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: daemon.run(handle_signals=False, task_status=task_status)
+            )
+            for request in (
+                {"command": "block", "user": "auth:x", "reason": "phished"},
+                {"command": "unblock", "user": "auth:x"},
+            ):
+                line = json.dumps(request).encode() + b"\n"
+                answer = await trio.to_thread.run_sync(ask_blocking, sock_dir / "admin.sock", line)
+                reply = json.loads(answer.split(b"\n", 1)[0])
+                assert reply["ok"], reply
+            daemon.stop()
+    subjects = [parse(data)["Subject"] for data in mails(sock_dir / "mail")]
+    assert len(subjects) == 2
+    assert "auth:x" in subjects[0]
+    assert "auth:x" in subjects[1]
+    assert subjects[0] != subjects[1]
