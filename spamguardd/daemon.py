@@ -8,6 +8,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Final
 
 import attrs
@@ -266,34 +267,32 @@ class Daemon:
             LookupError: the socket group does not exist.
         """
         self._restore_snapshot()
-        sock = self.inherited.pop("query", None)
-        query_socket = "inherited:query"
-        if sock is None:
-            server_config = self.config.server
-            server_config.query_socket.parent.mkdir(parents=True, exist_ok=True)
-            sock = bind_unix_listener(
-                server_config.query_socket,
-                mode=server_config.socket_mode,
-                group=server_config.socket_group,
-                backlog=server_config.backlog,
-            )
-            query_socket = str(server_config.query_socket)
+        server_config = self.config.server
+        sock = self._adopt_or_bind(
+            "query",
+            server_config.query_socket,
+            mode=server_config.socket_mode,
+            group=server_config.socket_group,
+            backlog=server_config.backlog,
+        )
+        query_socket = (
+            "inherited:query"
+            if "query" in self._inherited_names
+            else str(server_config.query_socket)
+        )
         listeners = [sock]
         try:
-            query_listen = self.config.server.query_listen
-            if query_listen is not None:
-                host, port = query_listen
-                listeners.append(bind_inet_listener(host, port, backlog=self.config.server.backlog))
-            admin_sock = self.inherited.pop("admin", None)
-            if admin_sock is None:
-                admin_config = self.config.admin
-                admin_config.socket.parent.mkdir(parents=True, exist_ok=True)
-                admin_sock = bind_unix_listener(
-                    admin_config.socket,
-                    mode=admin_config.socket_mode,
-                    group=admin_config.socket_group,
-                    backlog=64,
-                )
+            if server_config.query_listen is not None:
+                host, port = server_config.query_listen
+                listeners.append(bind_inet_listener(host, port, backlog=server_config.backlog))
+            admin_config = self.config.admin
+            admin_sock = self._adopt_or_bind(
+                "admin",
+                admin_config.socket,
+                mode=admin_config.socket_mode,
+                group=admin_config.socket_group,
+                backlog=64,
+            )
         except BaseException:
             for listener in listeners:
                 listener.close()
@@ -321,6 +320,16 @@ class Daemon:
             nursery.cancel_scope.cancel()
         self._save_snapshot_logged()
         log.info("stopped")
+
+    def _adopt_or_bind(
+        self, name: str, path: Path, *, mode: int, group: str | None, backlog: int
+    ) -> socket.socket:
+        """The socket systemd passed in as *name*, else a new one bound at *path*."""
+        sock = self.inherited.pop(name, None)
+        if sock is not None:
+            return sock
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return bind_unix_listener(path, mode=mode, group=group, backlog=backlog)
 
     def _log_started(self, query_socket: str) -> None:
         log.info(
