@@ -1,7 +1,7 @@
 # Two commands set everything up on a fresh Debian machine:
 #   make run    create .venv, install spamguardd, run the daemon in the foreground (embedded defaults)
 #   make test   install what the tests need (Python packages, Debian's Exim), run the whole suite
-# Other targets: make lint (ruff + mypy), make bench, make demo (Exim + spamguardd on loopback,
+# Other targets: make lint (ruff, mypy, the import contract), make bench, make demo (Exim + spamguardd on loopback,
 # a compromised account gets frozen; needs root), make clean.
 
 PYTHON ?= python3
@@ -42,6 +42,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python bench/query_load.py

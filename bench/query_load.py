@@ -192,10 +192,10 @@ def _memory(users: int, windows: int) -> tuple[float, float]:
     policy keeps: its dictionary, the user keys and each user's state. Also returns how long a
     full garbage collection takes with that many users tracked (a pause on the query path).
     """
-    from spamguardd.config import PolicyConfig  # noqa: PLC0415 (keep the generator light)
-    from spamguardd.policy import Policy  # noqa: PLC0415
-    from spamguardd.protocol import RcptRequest, Verify  # noqa: PLC0415
-    from spamguardd.rate import Rate  # noqa: PLC0415
+    from spamguardd.core.config import PolicyConfig  # noqa: PLC0415 (keep the generator light)
+    from spamguardd.core.policy import Policy  # noqa: PLC0415
+    from spamguardd.core.protocol import RcptRequest, Verify  # noqa: PLC0415
+    from spamguardd.core.rate import Rate  # noqa: PLC0415
 
     limits = tuple(Rate(100 * (i + 1), 3600 * 24**i) for i in range(windows))
     policy = Policy(PolicyConfig(failed_recipients=limits))

@@ -14,11 +14,11 @@ import structlog
 import trio
 
 from spamguardd import __version__
-from spamguardd.config import Config, load_config, parse_inet_listen
-from spamguardd.daemon import Daemon, load_policy
-from spamguardd.errors import ConfigError, StoreError
-from spamguardd.log import configure_logging
-from spamguardd.systemd import Notifier, listen_fds, watchdog_interval
+from spamguardd.core.config import Config, load_config, parse_inet_listen
+from spamguardd.core.errors import ConfigError, StoreError
+from spamguardd.daemon.app import Daemon, load_policy
+from spamguardd.daemon.log import configure_logging
+from spamguardd.daemon.systemd import Notifier, listen_fds, watchdog_interval
 
 EX_OK: Final = 0
 EX_FAILURE: Final = 1

@@ -20,12 +20,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-from spamguardd import __version__, adminproto
-from spamguardd.adminproto import AdminReplyError, Command
-from spamguardd.config import AdminConfig, load_config
-from spamguardd.errors import ConfigError
-from spamguardd.exim_queue import EximError, EximQueue
-from spamguardd.replay import replay_main
+from spamguardd import __version__
+from spamguardd.core import adminproto
+from spamguardd.core.adminproto import AdminReplyError, Command
+from spamguardd.core.config import AdminConfig, load_config
+from spamguardd.core.errors import ConfigError
+from spamguardd.tools.exim_queue import EximError, EximQueue
+from spamguardd.tools.replay import replay_main
 
 EX_OK: Final = 0
 EX_FAILED: Final = 1

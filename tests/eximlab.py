@@ -183,7 +183,7 @@ class Spamguard:
         self.lab = lab
         self.socket = lab.dir / "run" / "query.sock"
         self.state = lab.dir / "state"
-        self.log = lab.dir / "spamguardd.log"
+        self.log = lab.dir / "spamguardd.daemon.log"
         self.config = lab.dir / "spamguardd.toml"
         server = [f'socket_group = "{EXIM_USER}"']
         if query_listen:

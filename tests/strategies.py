@@ -6,8 +6,8 @@ import ipaddress
 
 from hypothesis import strategies as st
 
-from spamguardd.policy import Block
-from spamguardd.protocol import (
+from spamguardd.core.policy import Block
+from spamguardd.core.protocol import (
     ENCODING,
     ERRORS,
     MAX_USER_SIZE,

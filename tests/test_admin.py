@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from spamguardd import adminproto
+from spamguardd.core import adminproto
 from spamguardd.ctl import EX_FAILED, EX_OK, EX_UNAVAILABLE, EX_USAGE
 from tests.exim_queue_fixture import make_exim_queue
 from tests.test_cli import Daemon, ask

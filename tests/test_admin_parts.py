@@ -10,16 +10,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spamguardd import adminproto
-from spamguardd.adminproto import AdminReplyError, AdminRequestError, Command
-from spamguardd.config import Config, PolicyConfig
-from spamguardd.errors import ConfigError
-from spamguardd.journal import Journal, read_journal
-from spamguardd.latency import percentiles
-from spamguardd.metrics import LatencyHistogram
-from spamguardd.policy import Policy
-from spamguardd.protocol import RcptRequest, Verdict, Verify
-from spamguardd.rate import Rate
+from spamguardd.core import adminproto
+from spamguardd.core.adminproto import AdminReplyError, AdminRequestError, Command
+from spamguardd.core.config import Config, PolicyConfig
+from spamguardd.core.errors import ConfigError
+from spamguardd.core.latency import percentiles
+from spamguardd.core.policy import Policy
+from spamguardd.core.protocol import RcptRequest, Verdict, Verify
+from spamguardd.core.rate import Rate
+from spamguardd.daemon.metrics import LatencyHistogram
+from spamguardd.state.journal import Journal, read_journal
 from tests.helpers import T0
 
 FIVE = PolicyConfig(failed_recipients=(Rate(5, 3600), Rate(20, 86400)))

@@ -13,12 +13,12 @@ import pytest
 import trio
 import trio.testing
 
-from spamguardd.admin import is_allowed
-from spamguardd.config import AdminConfig, Config, PolicyConfig, ServerConfig, StateConfig
-from spamguardd.daemon import Daemon
-from spamguardd.policy import Block
-from spamguardd.rate import Rate
-from spamguardd.store import format_time
+from spamguardd.core.config import AdminConfig, Config, PolicyConfig, ServerConfig, StateConfig
+from spamguardd.core.policy import Block
+from spamguardd.core.rate import Rate
+from spamguardd.daemon.admin_server import is_allowed
+from spamguardd.daemon.app import Daemon
+from spamguardd.state.blockfile import format_time
 from tests.helpers import T0, readsocket
 
 

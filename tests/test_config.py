@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from spamguardd.config import Config, Mode, load_config
-from spamguardd.errors import ConfigError
-from spamguardd.protocol import Verdict
-from spamguardd.rate import Rate
+from spamguardd.core.config import Config, Mode, load_config
+from spamguardd.core.errors import ConfigError
+from spamguardd.core.protocol import Verdict
+from spamguardd.core.rate import Rate
 
 EXAMPLE = """\
 mode = "enforce"                          # or "monitor"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from spamguardd.config import Config
-from spamguardd.errors import ConfigError
+from spamguardd.core.config import Config
+from spamguardd.core.errors import ConfigError
 
 DOCS = Path(__file__).parent.parent / "docs"
 
@@ -50,3 +50,24 @@ def test_every_configuration_key_is_documented(section: str) -> None:
     if section == "":
         keys = {key for key in keys if key not in sections()}
     assert documented_keys(section) == keys
+
+
+def documented_modules() -> set[str]:
+    """The modules in the table of docs/design.md, as ``package/module`` paths."""
+    body = (DOCS / "design.md").read_text().split("## Layers", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `([a-z_/]+)` \|", body, re.MULTILINE))
+
+
+def package_modules() -> set[str]:
+    """Every module of the package, as ``package/module`` paths (package markers left out)."""
+    root = Path(__file__).parent.parent / "spamguardd"
+    return {
+        path.relative_to(root).with_suffix("").as_posix()
+        for path in root.rglob("*.py")
+        if path.name not in {"__init__.py", "__main__.py"}
+    }
+
+
+def test_design_module_table_matches_the_tree() -> None:
+    """docs/design.md lists every module where it lives, and no module that is gone."""
+    assert documented_modules() == package_modules()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spamguardd.exim_queue import EximQueue, QueuedMessage, parse_queue, parse_spool_headers
+from spamguardd.tools.exim_queue import EximQueue, QueuedMessage, parse_queue, parse_spool_headers
 
 SPOOL_HEADER = """\
 1xX8Rv-0003Wh-0a-H

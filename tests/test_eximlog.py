@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spamguardd.eximlog import (
+from spamguardd.tools.eximlog import (
     CONTINUATION,
     UNPARSED,
     Arrival,

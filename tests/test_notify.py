@@ -37,7 +37,7 @@ import structlog
 import trio
 import trio.testing
 
-from spamguardd.config import (
+from spamguardd.core.config import (
     AdminConfig,
     Config,
     Mode,
@@ -46,10 +46,12 @@ from spamguardd.config import (
     ServerConfig,
     StateConfig,
 )
-from spamguardd.daemon import Daemon
-from spamguardd.errors import NotifyError
-from spamguardd.journal import Journal
-from spamguardd.notify import (
+from spamguardd.core.errors import NotifyError
+from spamguardd.core.policy import Block, Blocked, FailureSample, Policy, WouldBlock
+from spamguardd.core.protocol import Reply, Verdict, parse_reply, quote
+from spamguardd.core.rate import Rate
+from spamguardd.daemon.app import Daemon
+from spamguardd.daemon.notices import (
     HookCommand,
     Notice,
     NoticeDispatcher,
@@ -60,12 +62,10 @@ from spamguardd.notify import (
     run_notifier,
     shell_word,
 )
-from spamguardd.persist import BlockPersister
-from spamguardd.policy import Block, Blocked, FailureSample, Policy, WouldBlock
-from spamguardd.protocol import Reply, Verdict, parse_reply, quote
-from spamguardd.rate import Rate
-from spamguardd.server import QueryServer, bind_unix_listener
-from spamguardd.store import BlockStore
+from spamguardd.daemon.persist import BlockPersister
+from spamguardd.daemon.query_server import QueryServer, bind_unix_listener
+from spamguardd.state.blockfile import BlockStore
+from spamguardd.state.journal import Journal
 from tests.helpers import T0, ask_blocking, readsocket
 
 FIVE = PolicyConfig(failed_recipients=(Rate(5, 3600),))

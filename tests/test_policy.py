@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spamguardd import buckets
-from spamguardd.buckets import fingerprint, is_empty, refilled
-from spamguardd.config import Mode, PolicyConfig
-from spamguardd.policy import Block, Blocked, FailureSample, Policy, WouldBlock
-from spamguardd.protocol import (
+from spamguardd.core import buckets
+from spamguardd.core.buckets import fingerprint, is_empty, refilled
+from spamguardd.core.config import Mode, PolicyConfig
+from spamguardd.core.policy import Block, Blocked, FailureSample, Policy, WouldBlock
+from spamguardd.core.protocol import (
     CheckRequest,
     PingRequest,
     RcptRequest,
@@ -24,7 +24,7 @@ from spamguardd.protocol import (
     Verdict,
     Verify,
 )
-from spamguardd.rate import Rate
+from spamguardd.core.rate import Rate
 from tests.helpers import T0
 
 HOUR = 3600.0

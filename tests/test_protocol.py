@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spamguardd import protocol
-from spamguardd.errors import LocalProtocolError, RemoteProtocolError
-from spamguardd.protocol import (
+from spamguardd.core import protocol
+from spamguardd.core.errors import LocalProtocolError, RemoteProtocolError
+from spamguardd.core.protocol import (
     MAX_REQUEST_SIZE,
     NEED_DATA,
     CheckRequest,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spamguardd.rate import Rate, format_duration, parse_duration
+from spamguardd.core.rate import Rate, format_duration, parse_duration
 
 
 class TestRate:

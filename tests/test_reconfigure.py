@@ -10,12 +10,13 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spamguardd import buckets, snapshot
-from spamguardd.config import PolicyConfig
-from spamguardd.policy import Policy
-from spamguardd.protocol import RcptRequest, Reply, Verdict, Verify
-from spamguardd.rate import Rate
-from spamguardd.snapshot import SnapshotStore
+from spamguardd.core import buckets
+from spamguardd.core.config import PolicyConfig
+from spamguardd.core.policy import Policy
+from spamguardd.core.protocol import RcptRequest, Reply, Verdict, Verify
+from spamguardd.core.rate import Rate
+from spamguardd.state import snapshot
+from spamguardd.state.snapshot import SnapshotStore
 from tests.helpers import T0
 
 HOUR = 3600.0

@@ -15,13 +15,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spamguardd import replay as replay_module
-from spamguardd.config import PolicyConfig
-from spamguardd.eximlog import Arrival, Delivery, Rejection, UserKeys, parse_line
-from spamguardd.policy import Blocked, Policy
-from spamguardd.protocol import RcptRequest, Verify
-from spamguardd.rate import Rate
-from spamguardd.replay import (
+from spamguardd.core.config import PolicyConfig
+from spamguardd.core.policy import Blocked, Policy
+from spamguardd.core.protocol import RcptRequest, Verify
+from spamguardd.core.rate import Rate
+from spamguardd.tools import replay as replay_module
+from spamguardd.tools.eximlog import Arrival, Delivery, Rejection, UserKeys, parse_line
+from spamguardd.tools.replay import (
     Candidate,
     Replayer,
     Report,

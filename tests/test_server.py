@@ -26,14 +26,14 @@ import structlog
 import trio
 import trio.testing
 
-from spamguardd.config import PolicyConfig, ServerConfig
-from spamguardd.errors import StoreError
-from spamguardd.persist import BlockPersister
-from spamguardd.policy import Block, Policy
-from spamguardd.protocol import Reply, Verdict, parse_reply
-from spamguardd.rate import Rate
-from spamguardd.server import QueryServer, bind_unix_listener
-from spamguardd.store import BlockStore
+from spamguardd.core.config import PolicyConfig, ServerConfig
+from spamguardd.core.errors import StoreError
+from spamguardd.core.policy import Block, Policy
+from spamguardd.core.protocol import Reply, Verdict, parse_reply
+from spamguardd.core.rate import Rate
+from spamguardd.daemon.persist import BlockPersister
+from spamguardd.daemon.query_server import QueryServer, bind_unix_listener
+from spamguardd.state.blockfile import BlockStore
 from tests.helpers import T0, readsocket
 
 FIVE = PolicyConfig(failed_recipients=(Rate(5, 3600),))

@@ -16,13 +16,13 @@ import structlog
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from spamguardd.config import Config, load_config
-from spamguardd.daemon import Daemon
-from spamguardd.metrics import LatencyHistogram, render_metrics
-from spamguardd.metrics_http import serve_metrics
-from spamguardd.policy import PolicyStatistics
-from spamguardd.server import ServerStatistics
-from spamguardd.systemd import Notifier, listen_fds, watchdog_interval
+from spamguardd.core.config import Config, load_config
+from spamguardd.core.policy import PolicyStatistics
+from spamguardd.daemon.app import Daemon
+from spamguardd.daemon.metrics import LatencyHistogram, render_metrics
+from spamguardd.daemon.metrics_http import serve_metrics
+from spamguardd.daemon.query_server import ServerStatistics
+from spamguardd.daemon.systemd import Notifier, listen_fds, watchdog_interval
 from tests.helpers import readsocket
 
 

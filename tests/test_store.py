@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spamguardd.errors import StoreError
-from spamguardd.policy import Block
-from spamguardd.store import BlockStore, decode, encode, encode_key
+from spamguardd.core.errors import StoreError
+from spamguardd.core.policy import Block
+from spamguardd.state.blockfile import BlockStore, decode, encode, encode_key
 from tests.helpers import T0
 from tests.strategies import blocks
 

@@ -5,7 +5,7 @@ The query path only bumps plain integers (the server's counters, and one slot of
 itself comes from ``prometheus_client``: a collector turns the daemon's own counters into metric
 families at scrape time and ``generate_latest`` writes them. Its metric objects (a lock per
 increment) and its threaded HTTP server are not used; the HTTP endpoint is a tiny trio
-responder in :mod:`spamguardd.metrics_http`.
+responder in :mod:`spamguardd.daemon.metrics_http`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from spamguardd.policy import PolicyStatistics
+from spamguardd.core.policy import PolicyStatistics
 
 if TYPE_CHECKING:
-    from spamguardd.server import ServerStatistics
+    from spamguardd.daemon.query_server import ServerStatistics
 
 #: Upper bounds (seconds) of the latency buckets: a query is normally answered in tens of
 #: microseconds; the top buckets catch waits for the disk (a new block is fsynced first).

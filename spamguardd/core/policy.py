@@ -22,10 +22,10 @@ from typing import Final
 
 import attrs
 
-from spamguardd import buckets
-from spamguardd.buckets import UserState
-from spamguardd.config import Mode, PolicyConfig
-from spamguardd.protocol import (
+from spamguardd.core import buckets
+from spamguardd.core.buckets import UserState
+from spamguardd.core.config import Mode, PolicyConfig
+from spamguardd.core.protocol import (
     CheckRequest,
     IPAddress,
     PingRequest,
@@ -36,7 +36,7 @@ from spamguardd.protocol import (
     Verdict,
     Verify,
 )
-from spamguardd.rate import Rate, format_duration
+from spamguardd.core.rate import Rate, format_duration
 
 #: Counted failures kept, across all users, as samples for people (most recent first out).
 #: A global ring keeps this bounded whatever the number of users: ~200 bytes an entry.

@@ -26,19 +26,20 @@ from typing import Any, Final, Protocol
 import structlog
 import trio
 
-from spamguardd import __version__, adminproto
-from spamguardd.adminproto import AdminRequestError, Command
-from spamguardd.config import AdminConfig, Config
-from spamguardd.errors import StoreError
-from spamguardd.journal import Journal, read_journal
-from spamguardd.latency import percentiles
-from spamguardd.notify import Notice, NoticeDispatcher
-from spamguardd.persist import BlockPersister
-from spamguardd.policy import Block, Blocked, Effect, Policy
-from spamguardd.server import QueryServer
-from spamguardd.store import format_time
+from spamguardd import __version__
+from spamguardd.core import adminproto
+from spamguardd.core.adminproto import AdminRequestError, Command
+from spamguardd.core.config import AdminConfig, Config
+from spamguardd.core.errors import StoreError
+from spamguardd.core.latency import percentiles
+from spamguardd.core.policy import Block, Blocked, Effect, Policy
+from spamguardd.daemon.notices import Notice, NoticeDispatcher
+from spamguardd.daemon.persist import BlockPersister
+from spamguardd.daemon.query_server import QueryServer
+from spamguardd.state.blockfile import format_time
+from spamguardd.state.journal import Journal, read_journal
 
-log = structlog.get_logger("spamguardd.admin")
+log = structlog.get_logger("spamguardd.daemon.admin_server")
 
 #: Seconds a connected admin client may take to send a request line.
 READ_TIMEOUT: Final = 30.0

@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 import attrs
 
-from spamguardd.errors import ConfigError
-from spamguardd.protocol import Verdict
-from spamguardd.rate import Rate, parse_duration
+from spamguardd.core.errors import ConfigError
+from spamguardd.core.protocol import Verdict
+from spamguardd.core.rate import Rate, parse_duration
 
 T = TypeVar("T")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

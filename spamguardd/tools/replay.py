@@ -28,9 +28,12 @@ from typing import IO, Final
 
 import attrs
 
-from spamguardd.config import Config, Mode, PolicyConfig, load_config
-from spamguardd.errors import ConfigError
-from spamguardd.eximlog import (
+from spamguardd.core.config import Config, Mode, PolicyConfig, load_config
+from spamguardd.core.errors import ConfigError
+from spamguardd.core.policy import Blocked, Policy
+from spamguardd.core.protocol import IPAddress, RcptRequest, Verify
+from spamguardd.core.rate import Rate, format_duration
+from spamguardd.tools.eximlog import (
     Arrival,
     Delivery,
     Event,
@@ -42,9 +45,6 @@ from spamguardd.eximlog import (
     scan,
     stamp_seconds,
 )
-from spamguardd.policy import Blocked, Policy
-from spamguardd.protocol import IPAddress, RcptRequest, Verify
-from spamguardd.rate import Rate, format_duration
 
 #: Messages whose sender is remembered until their ``Completed`` line. A message stays in the
 #: queue at most ``timeout_frozen_after``/retry time; 200,000 is days of a busy relay's

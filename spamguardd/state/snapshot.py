@@ -4,12 +4,12 @@
 
     {"user": "auth:a@example.com", "limits": ["10/1h"], "state": [1795824000.0, 7.0, ...]}
 
-``state`` is the user's flat bucket state (:mod:`spamguardd.buckets`) with its times on the wall
-clock (``null`` for "never"), because the monotonic clock starts again at boot. On load the
+``state`` is the user's flat bucket state (:mod:`spamguardd.core.buckets`) with its times on the
+wall clock (``null`` for "never"), because the monotonic clock starts again at boot. On load the
 times go back to the monotonic clock, so the time the daemon was down is credited as refill,
 and a user saved under other limits is carried over to the current ones as a reload would.
 
-The file is replaced atomically (:func:`spamguardd.store.write_atomic`). A damaged line is
+The file is replaced atomically (:func:`spamguardd.state.blockfile.write_atomic`). A damaged line is
 never silently dropped: loading keeps every good line, reports each bad one as ``FILE:LINE``,
 and keeps the damaged file aside as ``buckets.damaged`` for a person to look at.
 """
@@ -26,12 +26,12 @@ from typing import Final
 import attrs
 import structlog
 
-from spamguardd import buckets
-from spamguardd.buckets import UserState
-from spamguardd.rate import Rate
-from spamguardd.store import write_atomic
+from spamguardd.core import buckets
+from spamguardd.core.buckets import UserState
+from spamguardd.core.rate import Rate
+from spamguardd.state.blockfile import write_atomic
 
-log = structlog.get_logger("spamguardd.snapshot")
+log = structlog.get_logger("spamguardd.state.snapshot")
 
 HEADER: Final = b"# spamguardd bucket snapshot v1: one counted user per line, JSON; times are UTC\n"
 

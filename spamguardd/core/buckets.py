@@ -25,8 +25,8 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
-from spamguardd.protocol import ENCODING, ERRORS
-from spamguardd.rate import Rate
+from spamguardd.core.protocol import ENCODING, ERRORS
+from spamguardd.core.rate import Rate
 
 if TYPE_CHECKING:
     UserState = array.array[float]

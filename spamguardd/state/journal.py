@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import attrs
 
-from spamguardd.errors import StoreError
+from spamguardd.core.errors import StoreError
 
 FILENAME: Final = "journal"
 

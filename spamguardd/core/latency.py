@@ -1,8 +1,8 @@
 """Latency percentiles from a fixed-bucket histogram: one list increment per query. Pure.
 
 The query path records each latency in the fixed buckets of
-:class:`spamguardd.metrics.LatencyHistogram` (one bisection, one increment); percentiles are read
-off the cumulative counts when ``stats`` asks. The answer is the bucket's upper bound, so a
+:class:`spamguardd.daemon.metrics.LatencyHistogram` (one bisection, one increment); percentiles
+are read off the cumulative counts when ``stats`` asks. The answer is the bucket's upper bound, so a
 percentile is exact to the bucket's width. :func:`percentiles` works on any ``bounds`` and
 ``counts`` (one count per bound, then one for anything slower).
 """

@@ -27,9 +27,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
-from spamguardd.errors import RemoteProtocolError, StoreError
-from spamguardd.policy import Block
-from spamguardd.protocol import ENCODING, ERRORS, parse_pairs, quote
+from spamguardd.core.errors import RemoteProtocolError, StoreError
+from spamguardd.core.policy import Block
+from spamguardd.core.protocol import ENCODING, ERRORS, parse_pairs, quote
 
 HEADER: Final = (
     b"# spamguardd block list: one blocked user per line, in Exim lsearch format.\n"

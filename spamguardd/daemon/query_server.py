@@ -35,12 +35,10 @@ import attrs
 import structlog
 import trio
 
-from spamguardd.config import ServerConfig
-from spamguardd.errors import RemoteProtocolError, StoreError
-from spamguardd.metrics import LatencyHistogram
-from spamguardd.persist import BlockPersister
-from spamguardd.policy import Blocked, Effect, Policy, WouldBlock
-from spamguardd.protocol import (
+from spamguardd.core.config import ServerConfig
+from spamguardd.core.errors import RemoteProtocolError, StoreError
+from spamguardd.core.policy import Blocked, Effect, Policy, WouldBlock
+from spamguardd.core.protocol import (
     MAX_REQUEST_SIZE,
     NEED_DATA,
     CheckRequest,
@@ -52,9 +50,11 @@ from spamguardd.protocol import (
     Request,
     Verdict,
 )
-from spamguardd.store import format_time
+from spamguardd.daemon.metrics import LatencyHistogram
+from spamguardd.daemon.persist import BlockPersister
+from spamguardd.state.blockfile import format_time
 
-log = structlog.get_logger("spamguardd.server")
+log = structlog.get_logger("spamguardd.daemon.query_server")
 
 BUSY: Final = Reply(Verdict.DEFER, "spamguardd busy: too many connections")
 INTERNAL_ERROR: Final = Reply(Verdict.ERROR, "internal error in spamguardd; see its log")

@@ -18,7 +18,7 @@ from typing import Final
 
 import structlog
 
-log = structlog.get_logger("spamguardd.systemd")
+log = structlog.get_logger("spamguardd.daemon.systemd")
 
 #: The first inherited descriptor (sd_listen_fds(3): SD_LISTEN_FDS_START).
 LISTEN_FDS_START: Final = 3

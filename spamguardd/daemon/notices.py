@@ -40,14 +40,14 @@ import attrs
 import structlog
 import trio
 
-from spamguardd.config import NotifyConfig
-from spamguardd.errors import NotifyError, StoreError
-from spamguardd.journal import Journal
-from spamguardd.policy import Block, Blocked, Effect, FailureSample
-from spamguardd.protocol import Verdict
-from spamguardd.rate import Rate
+from spamguardd.core.config import NotifyConfig
+from spamguardd.core.errors import NotifyError, StoreError
+from spamguardd.core.policy import Block, Blocked, Effect, FailureSample
+from spamguardd.core.protocol import Verdict
+from spamguardd.core.rate import Rate
+from spamguardd.state.journal import Journal
 
-log = structlog.get_logger("spamguardd.notify")
+log = structlog.get_logger("spamguardd.daemon.notices")
 
 #: First wait after a failed attempt; it doubles per attempt up to MAX_BACKOFF. A relay that is
 #: restarting is back within seconds; one that is down for longer is not helped by hammering it.

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import trio
 
-from spamguardd.policy import Policy
-from spamguardd.store import BlockStore
+from spamguardd.core.policy import Policy
+from spamguardd.state.blockfile import BlockStore
 
 
 class BlockPersister:

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from spamguardd.config import LogConfig, LogFormat
+from spamguardd.core.config import LogConfig, LogFormat
 
 
 def configure_logging(config: LogConfig, *, stream: TextIO | None = None) -> None:

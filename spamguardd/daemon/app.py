@@ -17,20 +17,20 @@ import trio
 import trio.lowlevel
 
 from spamguardd import __version__
-from spamguardd.admin import AdminServer
-from spamguardd.config import Config
-from spamguardd.errors import ConfigError, StoreError
-from spamguardd.journal import FILENAME as JOURNAL_FILENAME
-from spamguardd.journal import Journal
-from spamguardd.metrics import render_metrics
-from spamguardd.metrics_http import serve_metrics
-from spamguardd.notify import NoticeDispatcher, run_notifier
-from spamguardd.persist import BlockPersister
-from spamguardd.policy import Policy
-from spamguardd.server import QueryServer, bind_inet_listener, bind_unix_listener
-from spamguardd.snapshot import Entry, SnapshotStore
-from spamguardd.store import BlockStore
-from spamguardd.systemd import Notifier
+from spamguardd.core.config import Config
+from spamguardd.core.errors import ConfigError, StoreError
+from spamguardd.core.policy import Policy
+from spamguardd.daemon.admin_server import AdminServer
+from spamguardd.daemon.metrics import render_metrics
+from spamguardd.daemon.metrics_http import serve_metrics
+from spamguardd.daemon.notices import NoticeDispatcher, run_notifier
+from spamguardd.daemon.persist import BlockPersister
+from spamguardd.daemon.query_server import QueryServer, bind_inet_listener, bind_unix_listener
+from spamguardd.daemon.systemd import Notifier
+from spamguardd.state.blockfile import BlockStore
+from spamguardd.state.journal import FILENAME as JOURNAL_FILENAME
+from spamguardd.state.journal import Journal
+from spamguardd.state.snapshot import Entry, SnapshotStore
 
 log = structlog.get_logger("spamguardd")
 

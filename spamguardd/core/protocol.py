@@ -27,7 +27,7 @@ from typing import Final
 
 import attrs
 
-from spamguardd.errors import LocalProtocolError, RemoteProtocolError
+from spamguardd.core.errors import LocalProtocolError, RemoteProtocolError
 
 #: Largest request accepted, terminator included. Exim's readsocket request is one short line
 #: (verb, user key, recipient, sender, IP: well under 1 KiB even for 255-byte local parts), so 4 KiB

@@ -13,9 +13,9 @@ from typing import Final
 import structlog
 import trio
 
-from spamguardd.metrics import CONTENT_TYPE
+from spamguardd.daemon.metrics import CONTENT_TYPE
 
-log = structlog.get_logger("spamguardd.metrics")
+log = structlog.get_logger("spamguardd.daemon.metrics")
 
 MAX_REQUEST: Final = 8192
 READ_TIMEOUT: Final = 5.0

@@ -1,0 +1,1 @@
+"""The running daemon: listeners, query and admin servers, notices, systemd. trio."""

@@ -1,0 +1,1 @@
+"""The state files: block file, counter snapshot, journal. Files, no trio."""

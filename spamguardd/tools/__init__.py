@@ -1,0 +1,1 @@
+"""Tools the daemon never loads: log replay, the Exim log parser, Exim's queue."""
