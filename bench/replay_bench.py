@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import random
 import resource
 import subprocess
 import sys
@@ -26,83 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-_ALNUM = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-START = 1_795_833_830  # 2026-11-28 02:43:50 UTC, as in the captured log
-
-
-def _msgid(n: int) -> str:
-    digits = []
-    for _ in range(6):
-        n, r = divmod(n, 62)
-        digits.append(_ALNUM[r])
-    return f"1xX8{''.join(digits[:2])}-{''.join(digits[2:]).rjust(6, '0')}-0q"
-
-
-def generate(path: Path, lines: int, seed: int = 7) -> None:
-    """Write a *lines*-line main log in the captured format."""
-    rng = random.Random(seed)
-    users = [f"user{i}@example.com" for i in range(20_000)]
-    spammers = {f"user{i}@example.com" for i in range(0, 20_000, 2_000)}
-    written = 0
-    message = 0
-    now = float(START)
-    with path.open("w") as out:
-        while written < lines:
-            now += rng.expovariate(1 / 0.05)
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now))
-            relay = rng.random() < 0.1
-            # one session in 50 is a spammer's (ten accounts), the rest spread over everyone
-            user = rng.choice(sorted(spammers)) if rng.random() < 0.02 else rng.choice(users)
-            host = f"198.51.100.{rng.randrange(1, 255)}" if relay else "203.0.113.9"
-            auth = "" if relay else f" A=plain_server:{user}"
-            spam = user in spammers
-            rcpts = [
-                f"r{rng.randrange(10**6)}@dest{rng.randrange(500)}.example"
-                for _ in range(rng.randint(1, 30 if spam else 3))
-            ]
-            block = [f"{stamp} SMTP connection from [{host}] (TCP/IP connection count = 1)"]
-            accepted = []
-            for rcpt in rcpts:
-                if rng.random() < (0.5 if spam else 0.03):
-                    reason = rng.choice(
-                        [
-                            "Unrouteable address",
-                            (
-                                f"{host} [{host}] : SMTP error from remote mail server after"
-                                f" RCPT TO:<{rcpt}>: 550 5.1.1 <{rcpt}>: no such user here"
-                            ),
-                        ]
-                    )
-                    block.append(
-                        f"{stamp} H=(client.test) [{host}] F=<sender@example.com>{auth}"
-                        f" rejected RCPT <{rcpt}>: {reason}"
-                    )
-                else:
-                    accepted.append(rcpt)
-            if accepted:
-                message += 1
-                mid = _msgid(message)
-                protocol = "esmtp" if relay else "esmtpa"
-                block.append(
-                    f"{stamp} {mid} <= sender@example.com H=(client.test) [{host}] P={protocol}"
-                    f"{auth} S={rng.randrange(800, 90000)} for {' '.join(accepted)}"
-                )
-                for rcpt in accepted:
-                    if rng.random() < 0.005:
-                        block.append(
-                            f"{stamp} {mid} ** {rcpt} R=dnslookup T=remote_smtp H=mx.example"
-                            f" [192.0.2.1]: SMTP error from remote mail server after RCPT"
-                            f" TO:<{rcpt}>: 550 5.1.1 <{rcpt}>: no such user here"
-                        )
-                    else:
-                        block.append(
-                            f"{stamp} {mid} => {rcpt} R=dnslookup T=remote_smtp H=mx.example"
-                            f' [192.0.2.1] C="250 OK queued"'
-                        )
-                block.append(f"{stamp} {mid} Completed")
-            block.append(f"{stamp} SMTP connection from (client.test) [{host}] closed by QUIT")
-            out.write("\n".join(block) + "\n")
-            written += len(block)
+from generated_logs import ordinary
 
 
 def _measure(kind: str, path: Path, limits: list[str]) -> dict[str, float]:
@@ -161,8 +84,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         big = Path(tmp) / "mainlog"
         small = Path(tmp) / "mainlog.small"
-        generate(big, args.lines)
-        generate(small, args.lines // 4)
+        ordinary(big, args.lines)
+        ordinary(small, args.lines // 4)
         size = big.stat().st_size / 2**20
         print(f"log: {args.lines:,} lines, {size:.0f} MiB (generated)")
         runs = [
