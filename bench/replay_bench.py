@@ -41,7 +41,8 @@ def _measure(kind: str, path: Path, limits: list[str]) -> dict[str, float]:
     else:
         from spamguardd.core.config import PolicyConfig  # noqa: PLC0415 - timed part starts above
         from spamguardd.tools.eximlog import UserKeys  # noqa: PLC0415
-        from spamguardd.tools.replay import Candidate, replay  # noqa: PLC0415
+        from spamguardd.tools.replay.engine import Candidate  # noqa: PLC0415
+        from spamguardd.tools.replay.logs import replay  # noqa: PLC0415
 
         keys = UserKeys([ipaddress.ip_network("198.51.100.0/24")])
         report = replay([path], PolicyConfig(), [Candidate.parse(limit) for limit in limits], keys)

@@ -19,18 +19,11 @@ from spamguardd.core.config import PolicyConfig
 from spamguardd.core.policy import Blocked, Policy
 from spamguardd.core.protocol import RcptRequest, Verify
 from spamguardd.core.rate import Rate
-from spamguardd.tools import replay as replay_module
 from spamguardd.tools.eximlog import Arrival, Delivery, Rejection, UserKeys, parse_line
-from spamguardd.tools.replay import (
-    Candidate,
-    Replayer,
-    Report,
-    replay,
-    replay_main,
-    to_html,
-    to_json,
-    to_table,
-)
+from spamguardd.tools.replay import engine, logs, replay_main
+from spamguardd.tools.replay.engine import Candidate, Replayer, Report
+from spamguardd.tools.replay.logs import replay
+from spamguardd.tools.replay.report import to_html, to_json, to_table
 
 DATA = Path(__file__).parent / "data" / "exim"
 MAINLOG = DATA / "mainlog"
@@ -183,7 +176,7 @@ class TestPeaks:
 
     def test_message_map_is_bounded(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Past MAX_MESSAGES the oldest senders are forgotten; memory does not follow the log."""
-        monkeypatch.setattr(replay_module, "MAX_MESSAGES", 3)
+        monkeypatch.setattr(engine, "MAX_MESSAGES", 3)
         report = run([MAINLOG])
         assert report.lines_read > 100  # ran to the end with the small bound
 
@@ -248,7 +241,7 @@ class TestCommandLine:
 
     def test_progress(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         """Progress goes to the given stream (stderr when it is a terminal)."""
-        monkeypatch.setattr(replay_module, "_PROGRESS_LINES", 10)
+        monkeypatch.setattr(logs, "_PROGRESS_LINES", 10)
         progress = tmp_path / "progress"
         with progress.open("w") as stream:
             replay([MAINLOG], PolicyConfig(), [FIVE], RELAYS, progress=stream)
@@ -319,7 +312,7 @@ class TestEdges:
 
     def test_message_map_evicts_the_oldest(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Past MAX_MESSAGES the oldest message is forgotten, frozen or not, with its ``**``."""
-        monkeypatch.setattr(replay_module, "MAX_MESSAGES", 2)
+        monkeypatch.setattr(engine, "MAX_MESSAGES", 2)
         replayer = Replayer(PolicyConfig(), [Candidate.parse("1/1h")], UserKeys())
         replayer.feed(Rejection(0.0, "r@x", "u", None, "", True, False))  # blocks auth:u
         for n in range(3):

@@ -1,0 +1,168 @@
+"""The replay's report as a table, as JSON (schema in docs/tuning.md), and as an HTML page."""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+from collections.abc import Sequence
+
+from spamguardd.core.rate import format_duration
+from spamguardd.tools.replay.engine import Candidate, Report
+
+
+def _iso(at: float, *, zoned: bool) -> str:
+    moment = dt.datetime.fromtimestamp(at, dt.UTC)
+    text = moment.replace(tzinfo=None).isoformat(timespec="seconds")
+    return text + "Z" if zoned else text
+
+
+def to_json(report: Report) -> dict[str, object]:
+    """The ``--json`` document (schema in docs/tuning.md)."""
+    limits = []
+    for result in report.results:
+        blocked = sorted(result.blocked.values(), key=lambda b: (b.at, b.user))
+        limits.append(
+            {
+                "limit": result.candidate.label,
+                "blocked": [
+                    {
+                        "user": b.user,
+                        "at": _iso(b.at, zoned=report.zoned),
+                        "failures": b.failures,
+                        "frozen_after": b.frozen_after,
+                        "reason": b.reason,
+                    }
+                    for b in blocked
+                ],
+            }
+        )
+    return {
+        "limits": limits,
+        "peaks": {
+            user: {format_duration(period): n for period, n in sorted(per.items())}
+            for user, per in sorted(report.peaks.items())
+        },
+        "lines": {
+            "read": report.lines_read,
+            "unparsed": report.unparsed,
+            "unparsed_examples": report.unparsed_examples,
+        },
+        "failures": report.failures,
+    }
+
+
+def to_table(report: Report) -> str:
+    """A readable summary: blocks per candidate, then the users who came closest."""
+    out = [
+        (
+            f"lines read: {report.lines_read:,}, unparsed: {report.unparsed:,}, "
+            f"failed recipients counted: {report.failures:,}"
+        )
+    ]
+    out.extend(f"  unparsed: {example!r}" for example in report.unparsed_examples)
+    for result in report.results:
+        out.append("")
+        out.append(f"limit {result.candidate.label}: {len(result.blocked)} user(s) blocked")
+        if result.blocked:
+            out.append(f"  {'user':<40} {'blocked at':<20} {'failures':>8} {'frozen after':>12}")
+            for b in sorted(result.blocked.values(), key=lambda b: (b.at, b.user)):
+                at = _iso(b.at, zoned=report.zoned)
+                out.append(f"  {b.user:<40} {at:<20} {b.failures:>8} {b.frozen_after:>12}")
+    if report.peaks:
+        out.append("")
+        heads = " ".join(f"{format_duration(p):>8}" for p in report.windows)
+        out.append(f"peak failures per window (top 20)\n  {'user':<40} {heads}")
+        top = sorted(report.peaks.items(), key=lambda item: (-max(item[1].values()), item[0]))
+        for user, per in top[:20]:
+            cells = " ".join(f"{per.get(p, 0):>8}" for p in report.windows)
+            out.append(f"  {user:<40} {cells}")
+    return "\n".join(out) + "\n"
+
+
+def to_html(report: Report) -> str:
+    """One self-contained page: a timeline per blocked user, and peaks against each limit."""
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>spamguardd replay</title>",
+        (
+            "<style>body{font-family:sans-serif;margin:2em}"
+            "svg{background:#fafafa;border:1px solid #ddd}</style></head><body>"
+        ),
+        "<h1>spamguardd replay</h1>",
+        (
+            f"<p>{report.lines_read:,} lines read, {report.unparsed:,} unparsed, "
+            f"{report.failures:,} failed recipients.</p>"
+        ),
+    ]
+    for result in report.results:
+        label = esc(result.candidate.label)
+        parts.append(f"<h2>limit {label}: {len(result.blocked)} blocked</h2>")
+        for b in sorted(result.blocked.values(), key=lambda b: (b.at, b.user)):
+            times = list(report.timelines.get(b.user, ()))
+            parts.append(
+                f"<h3>{esc(b.user)}</h3><p>blocked {esc(_iso(b.at, zoned=report.zoned))} "
+                f"after {b.failures} failures; {b.frozen_after} later recipients frozen</p>"
+            )
+            parts.append(_timeline_svg(times, b.at, zoned=report.zoned))
+        parts.append(_peaks_svg(report, result.candidate))
+    parts.append("</body></html>\n")
+    return "".join(parts)
+
+
+def _timeline_svg(times: Sequence[float], block_at: float, *, zoned: bool) -> str:
+    width, height, pad = 600, 75, 10
+    if not times:
+        return ""
+    start, end = min(times[0], block_at), max(times[-1], block_at)
+    span = max(end - start, 1.0)
+
+    def x(t: float) -> float:
+        return pad + (t - start) / span * (width - 2 * pad)
+
+    marks = "".join(
+        f"<line x1='{x(t):.1f}' y1='15' x2='{x(t):.1f}' y2='45' stroke='#36c'/>" for t in times
+    )
+    block = (
+        f"<line x1='{x(block_at):.1f}' y1='5' x2='{x(block_at):.1f}' y2='55' "
+        "stroke='#d00' stroke-width='3'><title>block</title></line>"
+    )
+    labels = (
+        f"<text x='{pad}' y='70' font-size='10'>{_iso(start, zoned=zoned)}</text>"
+        f"<text x='{width - pad}' y='70' font-size='10' text-anchor='end'>"
+        f"{_iso(end, zoned=zoned)}</text>"
+    )
+    return f"<svg width='{width}' height='{height}' role='img'>{marks}{block}{labels}</svg>"
+
+
+def _peaks_svg(report: Report, candidate: Candidate) -> str:
+    """Per window of *candidate*: each user's peak as a bar, sorted, with the limit as a line."""
+    out = []
+    for rate in candidate.rates:
+        peaks = sorted((per.get(rate.period, 0) for per in report.peaks.values()), reverse=True)[
+            :200
+        ]
+        if not peaks:
+            continue
+        width, height, pad = 600, 160, 20
+        top = max(*peaks, rate.count) * 1.1
+        bar = (width - 2 * pad) / len(peaks)
+
+        def y(n: float, top: float = top, height: int = height, pad: int = pad) -> float:
+            return height - pad - n / top * (height - 2 * pad)
+
+        bars = "".join(
+            f"<rect x='{pad + i * bar:.1f}' y='{y(n):.1f}' width='{max(bar - 1, 1):.1f}' "
+            f"height='{height - pad - y(n):.1f}' fill='{'#d00' if n >= rate.count else '#36c'}'/>"
+            for i, n in enumerate(peaks)
+        )
+        limit = (
+            f"<line x1='{pad}' x2='{width - pad}' y1='{y(rate.count):.1f}' "
+            f"y2='{y(rate.count):.1f}' stroke='#000' stroke-dasharray='4'/>"
+            f"<text x='{width - pad}' y='{y(rate.count) - 3:.1f}' text-anchor='end' "
+            f"font-size='11'>limit {rate}</text>"
+        )
+        out.append(
+            f"<h4>peak failures within {format_duration(rate.period)}, per user</h4>"
+            f"<svg width='{width}' height='{height}' role='img'>{bars}{limit}</svg>"
+        )
+    return "".join(out)
