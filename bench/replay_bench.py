@@ -1,81 +1,279 @@
-"""Replay benchmark: lines per second and peak memory, against reading the same log in the same run.
+"""Replay benchmark: lines per second of CPU time, with the policy's share apart, against baselines.
 
-The log is generated from the line formats a real Exim 4.96 wrote (``tests/data/exim/mainlog``):
-per SMTP connection a connect line, ``rejected RCPT`` for about 3 % of recipients (callout
-refusals and unrouteable addresses), ``<=`` with ``A=`` or a relay address and ``for ...``,
-``=>`` per recipient (``**`` for about 0.5 %), ``Completed`` and the QUIT line; 20,000 users,
-a few of them spammers. Each measurement runs in its own process, so its peak RSS is its own:
+Two generated logs in the line formats of a real Exim 4.96 (``bench/generated_logs.py``): a
+relay's everyday traffic, and a spam wave in which every line is a failed recipient (5,000
+users). Each measurement runs in its own process, so its CPU time and peak RSS are its own:
 
-* baseline: read the file and split every line (the least any replay must do);
-* replay with the default limit, and with three candidate limits at once;
-* replay of a log a quarter the size, to show that memory does not follow the log.
+* ``read``: read the file and split every line, the least any replay must do (baseline);
+* ``parse``: the Exim log parser alone over the whole log (``eximlog.scan``, nothing skipped);
+* ``replay``: the replay of the log, as ``spamguardctl replay`` does it;
+* ``policy``: the policy's share of that replay. The replay runs once with its policies
+  recording every call (``decide``, ``forget_idle``), then the same calls are timed on fresh
+  policies. What is left, replay minus policy, is the parser, the peaks and the replay loop.
 
-Run: ``python bench/replay_bench.py [--lines N]``.
+With ``--against REV`` the same measurements also run on the code of that git revision
+(exported with ``git archive``), in the same rounds, so old and new share the machine's load.
+Every measurement runs ``--rounds`` times, interleaved; the table shows medians. CPU time
+(``time.process_time``) rather than the wall clock: the machine is shared. The load of the rest
+of the machine during the run is printed at the end.
+
+Run: ``python bench/replay_bench.py [--lines N] [--rounds R] [--against REV]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import ipaddress
 import json
+import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
-from generated_logs import ordinary
+from generated_logs import RELAY_NET, ordinary, spam_wave
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def _measure(kind: str, path: Path, limits: list[str]) -> dict[str, float]:
-    """Run one measurement in this process; return its figures."""
+# ---------------------------------------------------------------------------------------------
+# One measurement, in its own process
+
+
+def _modules() -> tuple[ModuleType, ModuleType]:
+    """The module where the replay looks up ``Policy``, and the one with ``replay()``.
+
+    The replay is a package since it was split up; before, it was one module. Both layouts are
+    measured, so that ``--against`` can run older code.
+    """
+    try:
+        engine = importlib.import_module("spamguardd.tools.replay.engine")
+        logs = importlib.import_module("spamguardd.tools.replay.logs")
+    except ModuleNotFoundError:
+        engine = logs = importlib.import_module("spamguardd.tools.replay")
+    return engine, logs
+
+
+def _replay(path: Path, limits: list[str]) -> Any:
+    from spamguardd.core.config import PolicyConfig  # noqa: PLC0415 - the code under test
+    from spamguardd.tools.eximlog import UserKeys  # noqa: PLC0415
+
+    engine, logs = _modules()
+    keys = UserKeys([ipaddress.ip_network(RELAY_NET)])
+    return logs.replay([path], PolicyConfig(), [engine.Candidate.parse(x) for x in limits], keys)
+
+
+def _policy_seconds(path: Path, limits: list[str]) -> tuple[float, int]:
+    """CPU seconds the replay of *path* spends in its policies, and how many calls it makes."""
+    from spamguardd.core.policy import Policy  # noqa: PLC0415
+
+    engine, _ = _modules()
+    calls: list[tuple[Callable[..., Any], Any, float]] = []
+
+    class Recording(Policy):
+        """Records each call for a twin that replays them later, timed."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.twin = Policy(*args, **kwargs)
+
+        def decide(self, request: Any, *, now: float, wall_now: float) -> Any:
+            calls.append((self.twin.decide, request, now))
+            return super().decide(request, now=now, wall_now=wall_now)
+
+        def forget_idle(self, now: float, users: Any = None) -> int:
+            calls.append((self.twin.forget_idle, None, now))
+            return super().forget_idle(now, users)
+
+    setattr(engine, "Policy", Recording)  # noqa: B010 - a module attribute, looked up late
+    _replay(path, limits)
+
+    def nothing(request: Any = None, *, now: float = 0.0, wall_now: float = 0.0) -> None:
+        """As cheap a call as there is: the loop's own cost, subtracted below."""
+
     started = time.process_time()
-    if kind == "baseline":
+    for _call, request, now in calls:
+        if request is None:
+            nothing(now=now)
+        else:
+            nothing(request, now=now, wall_now=now)
+    overhead = time.process_time() - started
+    started = time.process_time()
+    for call, request, now in calls:
+        if request is None:
+            call(now)
+        else:
+            call(request, now=now, wall_now=now)
+    return time.process_time() - started - overhead, len(calls)
+
+
+def _measure(kind: str, path: Path, limits: list[str]) -> dict[str, Any]:
+    """Run one measurement in this process; return its figures."""
+    from spamguardd.tools import eximlog  # noqa: PLC0415
+
+    figures: dict[str, Any] = {"code": str(Path(eximlog.__file__).parent.parent)}
+    started = time.process_time()
+    if kind == "read":
         lines = 0
         with path.open(encoding="utf-8", errors="surrogateescape") as log:
             for line in log:
                 line.split()
                 lines += 1
-        blocked = users = 0
+        figures["lines"] = lines
+    elif kind == "parse":
+        counts = eximlog.ScanCounts()
+        with path.open(encoding="utf-8", errors="surrogateescape") as log:
+            for _ in eximlog.scan(log, counts):
+                pass
+        figures["lines"] = counts.lines
+    elif kind == "replay":
+        report = _replay(path, limits)
+        figures["lines"] = report.lines_read
+        figures["blocked"] = sum(len(result.blocked) for result in report.results)
+        figures["users"] = len(report.peaks)
     else:
-        from spamguardd.core.config import PolicyConfig  # noqa: PLC0415 - timed part starts above
-        from spamguardd.tools.eximlog import UserKeys  # noqa: PLC0415
-        from spamguardd.tools.replay.engine import Candidate  # noqa: PLC0415
-        from spamguardd.tools.replay.logs import replay  # noqa: PLC0415
-
-        keys = UserKeys([ipaddress.ip_network("198.51.100.0/24")])
-        report = replay([path], PolicyConfig(), [Candidate.parse(limit) for limit in limits], keys)
-        lines = report.lines_read
-        blocked = sum(len(result.blocked) for result in report.results)
-        users = len(report.peaks)
-    elapsed = time.process_time() - started
-    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {
-        "lines": lines,
-        "seconds": elapsed,
-        "rss_mib": rss_mib,
-        "blocked": blocked,
-        "users": users,
-    }
+        policy, calls = _policy_seconds(path, limits)
+        figures["policy_seconds"] = policy
+        figures["calls"] = calls
+    figures["seconds"] = time.process_time() - started
+    figures["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return figures
 
 
-def _run(kind: str, path: Path, limits: list[str]) -> dict[str, float]:
+# ---------------------------------------------------------------------------------------------
+# The run: logs, rounds, table
+
+
+def _export(rev: str, into: Path) -> Path:
+    """The package as of git revision *rev*, in *into*, for ``PYTHONPATH``."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", rev, "spamguardd"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def _run(kind: str, path: Path, limits: list[str], code: Path | None) -> dict[str, Any]:
+    env = dict(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
     out = subprocess.run(
         [sys.executable, __file__, "--measure", kind, "--log", str(path), *limits],
         check=True,
         capture_output=True,
         text=True,
+        env=env,
     )
-    result: dict[str, float] = json.loads(out.stdout)
+    result: dict[str, Any] = json.loads(out.stdout)
+    if code is not None and not result["code"].startswith(str(code)):
+        raise RuntimeError(f"--against ran {result['code']}, not {code}")
     return result
 
 
+def _cpu_busy() -> tuple[float, float]:
+    """Busy and total CPU seconds of the whole machine so far (all cores, /proc/stat)."""
+    fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields) - idle) / tick, sum(fields) / tick
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One measurement of the plan: which log, what kind, which limits, on which code."""
+
+    log: str
+    kind: str
+    path: Path
+    limits: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The limits as the table shows them."""
+        return ",".join(self.limits) if len(self.limits) < 2 else f"{len(self.limits)} limits"
+
+
+Figures = dict[str, float]
+Results = dict[tuple[Run, str], Figures]
+
+
+def _print_results(results: Results) -> None:
+    print(
+        f"\n{'log':<13} {'run':<17} {'code':<12} {'lines':>10} {'cpu s':>7} {'lines/s':>10}"
+        f" {'RSS MiB':>8} {'users':>6} {'blocked':>7}"
+    )
+    for (run, label), figures in results.items():
+        if run.kind == "policy":
+            continue
+        rate = figures["lines"] / figures["seconds"]
+        print(
+            f"{run.log:<13} {f'{run.kind} {run.name}'.strip():<17} {label:<12}"
+            f" {figures['lines']:>10,.0f} {figures['seconds']:>7.2f} {rate:>10,.0f}"
+            f" {figures['rss_mib']:>8.1f} {figures.get('users', 0):>6,.0f}"
+            f" {figures.get('blocked', 0):>7,.0f}"
+        )
+    print("\nthe policy's share of each replay (decide and forget_idle, timed apart):")
+    print(
+        f"{'log':<13} {'limits':<8} {'code':<12} {'calls':>10} {'µs/call':>8} {'policy s':>9}"
+        f" {'rest s':>7} {'rest lines/s':>13}"
+    )
+    for (run, label), figures in results.items():
+        if run.kind != "policy":
+            continue
+        replay = results[(dataclasses.replace(run, kind="replay"), label)]
+        rest = replay["seconds"] - figures["policy_seconds"]
+        print(
+            f"{run.log:<13} {run.name:<8} {label:<12} {figures['calls']:>10,.0f}"
+            f" {figures['policy_seconds'] / figures['calls'] * 1e6:>8.2f}"
+            f" {figures['policy_seconds']:>9.2f} {rest:>7.2f} {replay['lines'] / rest:>13,.0f}"
+        )
+    print("(rest = replay - policy: the parser, the peaks, the replay loop; for another policy")
+    print(" lines/s = lines / (rest s + calls * its µs/call))")
+
+
+def _print_comparison(results: Results, old: str) -> None:
+    print(f"\nnew against {old}, same rounds (CPU seconds of {old} / new):")
+    for (run, label), figures in results.items():
+        before = results.get((run, old))
+        if label != "new" or before is None:
+            continue
+        if run.kind == "policy":
+            ratio = before["policy_seconds"] / figures["policy_seconds"]
+        else:
+            ratio = before["seconds"] / figures["seconds"]
+        print(f"  {run.log:<13} {run.kind:<7} {run.name:<9} {ratio:5.2f}x")
+
+
+def _print_targets(results: Results, everyday: Run, wave: Run) -> None:
+    print("\ntargets (lines per second of CPU time, one core):")
+    for run, target in ((everyday, 300_000), (wave, 150_000)):
+        figures = results[(run, "new")]
+        rate = figures["lines"] / figures["seconds"]
+        policy = results[(dataclasses.replace(run, kind="policy"), "new")]["policy_seconds"]
+        rest = figures["lines"] / (figures["seconds"] - policy)
+        print(
+            f"  {run.log:<10} {run.name}: {rate:,.0f} (target {target:,}:"
+            f" {'met' if rate >= target else 'not met'}); without the policy's share {rest:,.0f}"
+        )
+
+
 def main() -> int:
-    """Generate the logs, run every measurement, print a table."""
+    """Generate the logs, run every measurement, print the tables."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lines", type=int, default=1_000_000)
-    parser.add_argument("--measure", choices=["baseline", "replay"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--against", metavar="REV", help="also measure the code of this revision")
+    parser.add_argument("--measure", choices=["read", "parse", "replay", "policy"])
     parser.add_argument("--log", type=Path)
     parser.add_argument("limits", nargs="*")
     args = parser.parse_args()
@@ -83,35 +281,71 @@ def main() -> int:
         print(json.dumps(_measure(args.measure, args.log, args.limits or ["100/1h"])))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        big = Path(tmp) / "mainlog"
-        small = Path(tmp) / "mainlog.small"
-        ordinary(big, args.lines)
-        ordinary(small, args.lines // 4)
-        size = big.stat().st_size / 2**20
-        print(f"log: {args.lines:,} lines, {size:.0f} MiB (generated)")
-        runs = [
-            ("baseline: read + split", "baseline", big, []),
-            ("replay, 1 limit (100/1h)", "replay", big, ["100/1h"]),
-            ("replay, 3 limits", "replay", big, ["50/1h", "100/1h", "100/1h,300/1d"]),
-            ("replay, 1 limit, log / 4", "replay", small, ["100/1h"]),
+        base = Path(tmp)
+        logs = {"ordinary": base / "ordinary", "spam wave": base / "spam-wave"}
+        quarter = base / "ordinary-quarter"
+        ordinary(logs["ordinary"], args.lines)
+        ordinary(quarter, args.lines // 4)
+        spam_wave(logs["spam wave"], args.lines)
+        codes: list[tuple[str, Path | None]] = [("new", None)]
+        if args.against:
+            (base / "old").mkdir()
+            codes.append((args.against[:12], _export(args.against, base / "old")))
+        plan: list[tuple[Run, list[tuple[str, Path | None]]]] = [
+            (Run(log, "read", path), [("-", None)]) for log, path in logs.items()
         ]
-        print(
-            f"{'run':<28} {'lines':>10} {'cpu s':>8} {'lines/s':>10} {'peak RSS':>9}"
-            f" {'users':>6} blocked"
+        for log, path in logs.items():
+            plan += [
+                (Run(log, "parse", path), codes),
+                (Run(log, "replay", path, ("100/1h",)), codes),
+                (Run(log, "policy", path, ("100/1h",)), codes),
+            ]
+        three = ("50/1h", "100/1h", "100/1h,300/1d")
+        plan += [
+            (Run("ordinary", "replay", logs["ordinary"], three), codes),
+            (Run("spam wave", "replay", logs["spam wave"], ("20/1h",)), codes),
+            (Run("spam wave", "policy", logs["spam wave"], ("20/1h",)), codes),
+            (Run("ordinary / 4", "replay", quarter, ("100/1h",)), codes),
+        ]
+        for log, path in logs.items():
+            print(f"log {log}: {args.lines:,} lines, {path.stat().st_size / 2**20:.0f} MiB")
+        print(f"{args.rounds} rounds; CPU seconds of each measurement's own process; medians")
+        busy0, total0 = _cpu_busy()
+        ours0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.monotonic()
+        rounds: dict[tuple[Run, str], list[dict[str, Any]]] = {}
+        for _ in range(args.rounds):
+            for run, which in plan:
+                for label, code in which:
+                    measured = _run(run.kind, run.path, list(run.limits), code)
+                    rounds.setdefault((run, label), []).append(measured)
+        wall = time.monotonic() - started
+        busy1, total1 = _cpu_busy()
+        ours1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        results: Results = {
+            key: {
+                field: statistics.median(float(run[field]) for run in runs)
+                for field in runs[0]
+                if field != "code"
+            }
+            for key, runs in rounds.items()
+        }
+        _print_results(results)
+        if args.against:
+            _print_comparison(results, codes[1][0])
+        _print_targets(
+            results,
+            Run("ordinary", "replay", logs["ordinary"], ("100/1h",)),
+            Run("spam wave", "replay", logs["spam wave"], ("100/1h",)),
         )
-        results = {}
-        for name, kind, path, limits in runs:
-            result = _run(kind, path, limits)
-            results[name] = result
-            rate = result["lines"] / result["seconds"]
-            print(
-                f"{name:<28} {result['lines']:>10,.0f} {result['seconds']:>8.2f} {rate:>10,.0f}"
-                f" {result['rss_mib']:>6.1f} MiB {result['users']:>6.0f} {result['blocked']:>4.0f}"
-            )
-        base = results["baseline: read + split"]
-        one = results["replay, 1 limit (100/1h)"]
-        ratio = (one["seconds"] / one["lines"]) / (base["seconds"] / base["lines"])
-        print(f"replay (1 limit) costs {ratio:.1f}x the time of reading and splitting the lines")
+        ours = (ours1.ru_utime + ours1.ru_stime) - (ours0.ru_utime + ours0.ru_stime)
+        others = max(0.0, (busy1 - busy0) - ours)
+        print(
+            f"\nmachine: {os.cpu_count()} cores, {wall:.0f} s of wall time; the measurements used"
+            f" {ours:.0f} CPU s, everything else {others:.0f} CPU s"
+            f" ({others / max(total1 - total0, 1e-9):.0%} of the machine's capacity);"
+            f" load average at the end {os.getloadavg()[0]:.2f}"
+        )
     return 0
 
 

@@ -279,6 +279,14 @@ class TestUserKeys:
         assert remote.by_transport
 
 
+# Rejections from clients whose HELO name puts dashes and a space where a message id has them.
+_helo_lines = st.from_regex(r"[a-z0-9-]{1,24}", fullmatch=True).map(
+    lambda helo: real("rejected RCPT <nobody@example.test>").replace(
+        "H=(client.test)", f"H=({helo})"
+    )
+)
+
+
 class TestScan:
     def test_scan_gives_the_events_of_parse_line(self) -> None:
         """The fast scan finds exactly the events the line parser finds, in order."""
@@ -289,7 +297,7 @@ class TestScan:
             assert counts.lines == len(lines)
             assert counts.unparsed == 0
 
-    @given(st.lists(st.sampled_from(ALL_LINES) | st.text(max_size=60), max_size=30))
+    @given(st.lists(st.sampled_from(ALL_LINES) | st.text(max_size=60) | _helo_lines, max_size=30))
     def test_scan_agrees_on_any_mix(self, lines: list[str]) -> None:
         """Mixed with junk, the scan still agrees with the parser and counts the junk.
 
@@ -306,7 +314,8 @@ class TestScan:
         """*skip* is asked about deliveries, failures and Completed lines, never arrivals."""
         asked: list[str] = []
 
-        def skip(stamp: str, message_id: str, flag: str) -> bool:
+        def skip(line: str, end: int, flag: str) -> bool:
+            assert parse_line(line).message_id == line[20:end]  # type: ignore[union-attr]
             asked.append(flag)
             return flag != "**"
 
@@ -333,6 +342,17 @@ class TestOtherShapes:
             assert event.message_id == new_id
             assert event._replace(message_id=old_id) == parse_line(line)
             assert list(scan([widened], ScanCounts())) == [event]
+
+    @pytest.mark.parametrize("helo", ["abc-efghij-l", "abc-efghijklmno-qrs"])
+    def test_helo_shaped_like_a_message_id(self, helo: str) -> None:
+        """A HELO name with dashes where a 4.96 or 4.97 message id has them, and its closing
+        parenthesis where the id ends, does not hide the client's rejections from the scan."""
+        line = real("rejected RCPT <nobody@example.test>").replace("H=(client.test)", f"H=({helo})")
+        assert line[26] == "-"
+        assert line[36] == " " or line[43] == " "
+        event = parse_line(line)
+        assert isinstance(event, Rejection)
+        assert list(scan([line], ScanCounts())) == [event]
 
     def test_damaged_date_on_a_message_line(self) -> None:
         """A message line whose date cannot be is counted as unparsed by the scan."""

@@ -69,6 +69,15 @@ VERIFY_FAILURE_TEXTS: Final = (
     "all relevant mx records point to non-existent hosts",
 )
 _VERIFY_FAILURE: Final = re.compile("|".join(map(re.escape, VERIFY_FAILURE_TEXTS)), re.IGNORECASE)
+#: How Exim itself words a callout's refusal: a reason containing it is a verification failure
+#: without a search through the reason (which the remote server's text makes long and unique).
+_CALLOUT_REFUSAL: Final = "SMTP error from remote mail server after RCPT TO:"
+#: Reasons remembered with their verdict (most repeat: "Unrouteable address"), and the field
+#: runs before `` rejected RCPT <`` remembered with what they hold (one per client and
+#: sender). Both are emptied when full, so they stay bounded on any log.
+_CACHE_SIZE: Final = 65_536
+_reasons: dict[str, bool] = {}
+_rejection_fields: dict[str, tuple[str | None, str | None, bool, bool]] = {}
 
 
 class Arrival(NamedTuple):
@@ -213,7 +222,7 @@ def _parse_rest(at: float, rest: str) -> Parsed:
         return _message_line(at, rest)
     marker = rest.find(" rejected RCPT <")
     if marker >= 0:
-        return _rejection(at, rest, marker, temporary=rest.endswith(" temporarily", 0, marker))
+        return _rejection(at, rest, 0, marker)
     return None
 
 
@@ -230,7 +239,7 @@ def _message_line(at: float, rest: str) -> Parsed:
             return UNPARSED
         failed = flag == "** "
         by_transport = failed and " T=" in body
-        return Delivery(at, message_id, rcpt, failed=failed, by_transport=by_transport)
+        return Delivery(at, message_id, rcpt, failed, by_transport)
     if flag == "<= ":
         return _arrival(at, message_id, rest[cut + 4 :])
     if rest.startswith("Completed", cut + 1):
@@ -253,31 +262,54 @@ def _arrival(at: float, message_id: str, body: str) -> Arrival:
                 auth_id = body[colon + 1 : end] if end >= 0 else body[colon + 1 :]
     # The sender comes first and is the client's to choose: take the last H= before P=.
     host = _host(body, body.rfind(" H=", 0, protocol))
-    return Arrival(at, message_id, auth_id, host, null_sender=body.startswith("<> "))
+    return Arrival(at, message_id, auth_id, host, body.startswith("<> "))  # positional: faster
 
 
-def _rejection(at: float, rest: str, marker: int, *, temporary: bool) -> Parsed:
-    prefix = rest[:marker].removesuffix(" temporarily")
-    start = marker + len(" rejected RCPT <")
-    close = rest.find(">: ", start)
+def _rejection(at: float, line: str, start: int, marker: int) -> Rejection | Unparsed:
+    """The rejection in *line*, whose fields start at *start*, ``rejected RCPT <`` at *marker*.
+
+    *line* may still end in its line end: the reason leaves it out.
+    """
+    rcpt_start = marker + len(" rejected RCPT <")
+    close = line.find(">: ", rcpt_start)
     if close < 0:
         return UNPARSED  # the line was cut before the reason
-    rcpt = rest[start:close]
-    reason = rest[close + 3 :]
+    fields = line[start:marker]
+    known = _rejection_fields.get(fields)
+    if known is None:
+        if len(_rejection_fields) >= _CACHE_SIZE:
+            _rejection_fields.clear()
+        known = _rejection_fields[fields] = _read_rejection_fields(fields)
+    auth_id, host, null_sender, temporary = known
+    reason = line[close + 3 :].rstrip("\r\n")
+    rcpt = line[rcpt_start:close]
+    # positional: a keyword argument costs as much as building the tuple
+    return Rejection(
+        at, rcpt, auth_id, host, reason, _verify_failed(reason), temporary, null_sender
+    )
+
+
+def _read_rejection_fields(fields: str) -> tuple[str | None, str | None, bool, bool]:
+    """From the fields before `` rejected RCPT <``: id, client address, null sender, 4xx."""
+    prefix = fields.removesuffix(" temporarily")
     # The last A= before the marker: the sender (F=<...>) comes earlier and is the client's to
     # choose, so a sender holding " A=" cannot forge the id.
     field = prefix.rfind(" A=")
     auth_id = None if field < 0 else _auth_id(prefix[field + 3 :])
-    return Rejection(
-        at,
-        rcpt,
-        auth_id,
-        _host(prefix, prefix.find("H=")),
-        reason,
-        verify_failed=_VERIFY_FAILURE.search(reason) is not None,
-        temporary=temporary,
-        null_sender=" F=<> " in prefix or prefix.endswith(" F=<>"),
-    )
+    null_sender = " F=<> " in prefix or prefix.endswith(" F=<>")
+    return auth_id, _host(prefix, prefix.find("H=")), null_sender, len(prefix) < len(fields)
+
+
+def _verify_failed(reason: str) -> bool:
+    """Whether a rejection's reason is a verification failure (:data:`VERIFY_FAILURE_TEXTS`)."""
+    known = _reasons.get(reason)
+    if known is None:
+        if _CALLOUT_REFUSAL in reason:
+            return True  # not remembered: the text holds the address, it will not come again
+        if len(_reasons) >= _CACHE_SIZE:
+            _reasons.clear()
+        known = _reasons[reason] = _VERIFY_FAILURE.search(reason) is not None
+    return known
 
 
 def _auth_id(field: str) -> str | None:
@@ -311,10 +343,12 @@ def _host(fields: str, start: int) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # A whole log at once
 
-#: ``skip(stamp, message_id, flag)``: True when a message line (``=>``, ``->``, ``**``, ``Co``
-#: for ``Completed``) needs no parsing: the caller has no use for it, or dealt with it from the
-#: message id. *stamp* is the line's ``YYYY-MM-DD HH:MM:SS`` (see :func:`stamp_seconds`).
-SkipTest = Callable[[str, str, str], bool]
+#: ``skip(line, end, flag)``: True when a message line (``=>``, ``->``, ``**``, ``Co`` for
+#: ``Completed``) needs no parsing: the caller has no use for it, or dealt with it from the
+#: message id. The line is in Exim's default format: ``line[:19]`` is its ``YYYY-MM-DD
+#: HH:MM:SS`` (see :func:`stamp_seconds`) and ``line[20:end]`` its message id. The arguments are
+#: the line and a position rather than slices of it because most of these lines need neither.
+SkipTest = Callable[[str, int, str], bool]
 
 
 def stamp_seconds(stamp: str) -> float:
@@ -342,7 +376,7 @@ class ScanCounts:
         self.zoned = False
 
 
-def scan(  # noqa: C901, PLR0912 - one flat loop: the hot path of a replay
+def scan(  # noqa: C901, PLR0912, PLR0915 - one flat loop: the hot path of a replay
     lines: Iterable[str], counts: ScanCounts, skip: SkipTest | None = None
 ) -> Iterator[Event]:
     """The events of *lines*, in order; damaged lines are counted into *counts*.
@@ -350,45 +384,72 @@ def scan(  # noqa: C901, PLR0912 - one flat loop: the hot path of a replay
     The same events as :func:`parse_line`, minus message lines that *skip* refuses, but faster:
     most lines of a main log are deliveries and connections, and a line in Exim's default
     format (time, then a message id or none) is recognised by a few character tests before
-    anything is parsed, with no function call. Lines with fields after the time (``+pid``,
+    anything is parsed, with no function call. A spam wave is all ``rejected RCPT`` lines, and
+    those go straight to the rejection parser. Lines with fields after the time (``+pid``,
     ``+millisec``, ``log_timezone``) take the full :func:`parse_line` path and are never skipped.
     """
     epoch = _epoch
     extra = _EXTRA_START
     skippable = _SKIPPABLE
+    message_id = _MSGID.match
+    stamp = ""  # the last time stamp read, and its seconds: lines of one second come together
+    at = 0.0
     n = 0
     for n, line in enumerate(lines, start=1):  # noqa: B007 - n counts the lines
         # The commonest line first: "YYYY-MM-DD HH:MM:SS 1xX8Pm-00035Q-0q => ...".
         if line[36:37] == " " and line[26:27] == "-" and line[33:34] == "-" and line[19:20] == " ":
             end = 36
         elif line[4:5] == "-" and line[13:14] == ":" and line[19:20] in {" ", "."}:
-            end = 0
-            if line[19:20] == "." or line[20:21] in extra:
-                end = -1  # optional fields after the time: the long way
-                if not counts.zoned:
-                    stamp = parse_timestamp(line)
-                    counts.zoned = stamp is not None and stamp.zoned
-            elif line[43:44] == " " and line[26:27] == "-" and line[38:39] == "-":
-                end = 43  # a 4.97+ message id
-            elif " rejected RCPT <" not in line:
-                continue  # connections, queue runs, daemon start: nothing to count
+            if line[20:22] == "H=" and line[19:20] == " ":
+                # "YYYY-MM-DD HH:MM:SS H=(helo) [ip] ...": about an SMTP client, not a message
+                marker = line.find(" rejected RCPT <", 22)
+                if marker < 0:
+                    continue  # connections, refusals of other commands
+                if line[:19] != stamp:
+                    try:
+                        at = epoch(line[:19])
+                    except ValueError:
+                        stamp = ""
+                    else:
+                        stamp = line[:19]
+                if stamp:
+                    rejection = _rejection(at, line, 20, marker)
+                    if isinstance(rejection, Rejection):
+                        yield rejection
+                        continue
+                end = -1  # damaged: parsed below, and counted
+            else:
+                end = 0
+                if line[19:20] == "." or line[20:21] in extra:
+                    end = -1  # optional fields after the time: the long way
+                    if not counts.zoned:
+                        timestamp = parse_timestamp(line)
+                        counts.zoned = timestamp is not None and timestamp.zoned
+                elif line[43:44] == " " and line[26:27] == "-" and line[38:39] == "-":
+                    end = 43  # a 4.97+ message id
+                elif " rejected RCPT <" not in line:
+                    continue  # connections, queue runs, daemon start: nothing to count
         else:
             end = -1  # no time stamp: a continuation, or damaged
         if end > 0:
             flag = line[end + 1 : end + 3]
             if flag in skippable:
-                if skip is not None and skip(line[:19], line[20:end], flag):
+                if skip is not None and skip(line, end, flag):
                     continue
             elif flag == "<=":
-                try:
-                    at = epoch(line[:19])
-                except ValueError:
-                    pass  # damaged: parsed below, and counted
-                else:
+                if line[:19] != stamp:
+                    try:
+                        at = epoch(line[:19])
+                    except ValueError:
+                        stamp = ""  # damaged: parsed below, and counted
+                    else:
+                        stamp = line[:19]
+                if stamp:
                     yield _arrival(at, line[20:end], line[end + 4 :].rstrip("\r\n"))
                     continue
-            else:
+            elif message_id(line, 20) is not None:
                 continue  # "==" defers, "Message is frozen", ...
+            # else: shaped like a message line by chance (a HELO name), parsed below
         parsed = parse_line(line)
         if parsed is None or parsed is CONTINUATION:
             continue

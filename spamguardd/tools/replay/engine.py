@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import functools
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 import attrs
@@ -24,6 +24,7 @@ from spamguardd.core.policy import Blocked, Policy
 from spamguardd.core.protocol import IPAddress, RcptRequest, Verify
 from spamguardd.core.rate import Rate
 from spamguardd.tools.eximlog import Arrival, Delivery, Event, Rejection, UserKeys
+from spamguardd.tools.replay.peaks import UserPeaks
 
 #: Messages whose sender is remembered until their ``Completed`` line. A message stays in the
 #: queue at most ``timeout_frozen_after``/retry time; 200,000 is days of a busy relay's
@@ -78,21 +79,13 @@ class CandidateResult:
 
 
 @attrs.define
-class _Peak:
-    """Sliding-window count of one user's failures in one window (repeats within it count once)."""
-
-    times: collections.deque[float] = attrs.field(factory=collections.deque)
-    last: dict[str, float] = attrs.field(factory=dict)
-    peak: int = 0
-
-
-@attrs.define
 class Report:
     """Everything a replay found."""
 
     results: list[CandidateResult]
     windows: tuple[int, ...]
-    peaks: dict[str, dict[int, int]] = attrs.field(factory=dict)
+    #: User -> period -> the most failures within any span of that length (live while fed).
+    peaks: dict[str, UserPeaks] = attrs.field(factory=dict)
     timelines: dict[str, collections.deque[float]] = attrs.field(factory=dict)
     lines_read: int = 0
     unparsed: int = 0
@@ -126,29 +119,33 @@ class Replayer:
         # message id -> (user key, client address, whether it arrived after the user's block,
         # per candidate)
         self._messages: dict[str, tuple[str, str | None, tuple[bool, ...]]] = {}
-        self._failures_seen: dict[str, int] = {}
+        self._users: dict[str, _User] = {}
         self._next_sweep = -float("inf")
-        self._peak_state: dict[str, dict[int, _Peak]] = {}
         self._frozen_messages: set[str] = set()
         self._blocked_somewhere: set[str] = set()
         self._never_frozen = (False,) * len(results)
+        self._deciders = [(result, result.blocked, result.policy.decide) for result in results]
 
-    def consume(self, stamp: str, message_id: str, flag: str) -> bool:  # noqa: ARG002 - SkipTest
+    def consume(self, line: str, end: int, flag: str) -> bool:
         """Deal with a message line without parsing it, if it can be; False if it must be parsed.
 
-        *flag* is ``=>``, ``->``, ``**`` or ``Co`` (``Completed``). Only ``**`` lines of messages
-        from counted users need their recipient; the rest need only the message id. The caller
-        must pass lines in time order relative to everything already fed.
+        *flag* is ``=>``, ``->``, ``**`` or ``Co`` (``Completed``), ``line[20:end]`` the
+        message id (:data:`~spamguardd.tools.eximlog.SkipTest`). Only ``**`` lines of messages
+        from counted users need their recipient; the rest need only the message id, and a
+        delivery not even that while no message is frozen. The caller must pass lines in time
+        order relative to everything already fed.
         """
         if flag == "=>" or flag == "->":  # noqa: PLR1714 - the commonest test first, no tuple
-            if message_id in self._frozen_messages:
-                self._count_frozen(message_id)
+            frozen = self._frozen_messages
+            if frozen and line[20:end] in frozen:
+                self._count_frozen(line[20:end])
             return True
         if flag == "Co":
+            message_id = line[20:end]
             if self._messages.pop(message_id, None) is not None:
                 self._frozen_messages.discard(message_id)
             return True
-        return message_id not in self._messages  # "**": parsed only for counted users
+        return line[20:end] not in self._messages  # "**": parsed only for counted users
 
     def _forget(self, message_id: str) -> None:
         self._messages.pop(message_id, None)
@@ -162,14 +159,20 @@ class Replayer:
 
     def feed(self, event: Event) -> None:
         """Account for one event (events must come in time order, as :func:`merge` gives)."""
-        if isinstance(event, Rejection):
-            self._rejection(event)
-        elif isinstance(event, Delivery):
-            self._delivery(event)
-        elif isinstance(event, Arrival):
-            self._arrival(event)
-        else:
-            self._forget(event.message_id)
+        self.feed_all((event,))
+
+    def feed_all(self, events: Iterable[Event]) -> None:
+        """Account for every event of *events*, in order: :meth:`feed` in a loop of its own."""
+        rejection, delivery, arrival = self._rejection, self._delivery, self._arrival
+        for event in events:
+            if isinstance(event, Rejection):
+                rejection(event)
+            elif isinstance(event, Delivery):
+                delivery(event)
+            elif isinstance(event, Arrival):
+                arrival(event)
+            else:
+                self._forget(event.message_id)
 
     def _rejection(self, event: Rejection) -> None:
         if event.null_sender:
@@ -211,49 +214,52 @@ class Replayer:
     def _failure(self, user: str, rcpt: str, host: str | None, at: float, verify: Verify) -> None:
         report = self.report
         report.failures += 1
-        seen = self._failures_seen.get(user, 0) + 1
-        self._failures_seen[user] = seen
-        request = RcptRequest(user=user, rcpt=rcpt, verify=verify, ip=_ip(host))
+        state = self._users.get(user)
+        if state is None:
+            state = self._users[user] = _User(UserPeaks(report.windows))
+            report.peaks[user] = state.peaks
+        state.failures += 1
         if at >= self._next_sweep:
             for result in report.results:
                 result.policy.forget_idle(at)
             self._next_sweep = at + SWEEP_INTERVAL
-        self._peaks(user, rcpt, at)
-        timeline = report.timelines.get(user)
-        if timeline is not None:
-            timeline.append(at)
-        for result in report.results:
-            decision = result.policy.decide(request, now=at, wall_now=at)
-            for effect in decision.effects:
+        state.peaks.add(rcpt, at)
+        if state.timeline is not None:
+            state.timeline.append(at)
+        request = None
+        for result, blocked, decide in self._deciders:
+            if user in blocked:
+                continue  # the policy would answer from its block list and change nothing
+            if request is None:
+                request = RcptRequest(user, rcpt, verify, _ip(host))  # positional: faster
+            for effect in decide(request, now=at, wall_now=at).effects:
                 if isinstance(effect, Blocked):
-                    result.blocked[user] = BlockRecord(user, at, seen, reason=effect.block.reason)
-                    self._blocked_somewhere.add(user)
-                    if user not in report.timelines:
-                        # the failures that led to the block are the longest window's; from
-                        # now on every failure of the user is kept
-                        windows = self._peak_state[user]
-                        recent = windows[max(windows)].times
-                        report.timelines[user] = collections.deque(recent, maxlen=TIMELINE_POINTS)
+                    self._blocked(result, state, user, at, effect.block.reason)
 
-    def _peaks(self, user: str, rcpt: str, at: float) -> None:
-        per_user = self.report.peaks.setdefault(user, {})
-        windows = self._peak_state.setdefault(user, {})
-        for period in self.report.windows:
-            state = windows.get(period)
-            if state is None:
-                state = windows[period] = _Peak()
-            last = state.last.get(rcpt)
-            if last is not None and at - last < period:
-                continue  # a repeat within the window: the policy does not count it either
-            state.last[rcpt] = at
-            times = state.times
-            times.append(at)
-            while times and times[0] <= at - period:
-                times.popleft()
-            if len(state.last) > 2 * len(times) + 32:
-                state.last = {r: t for r, t in state.last.items() if at - t < period}
-            state.peak = max(state.peak, len(times))
-            per_user[period] = state.peak
+    def _blocked(
+        self, result: CandidateResult, state: _User, user: str, at: float, reason: str
+    ) -> None:
+        result.blocked[user] = BlockRecord(user, at, state.failures, reason=reason)
+        self._blocked_somewhere.add(user)
+        if state.timeline is None:
+            # the failures that led to the block are the longest window's; from now on every
+            # failure of the user is kept
+            recent = state.peaks.longest().times
+            state.timeline = collections.deque(recent, maxlen=TIMELINE_POINTS)
+            self.report.timelines[user] = state.timeline
+
+
+class _User:
+    """What the replay keeps of a user with failures: their count, peaks, and timeline."""
+
+    __slots__ = ("failures", "peaks", "timeline")
+
+    def __init__(self, peaks: UserPeaks) -> None:
+        #: Failure lines so far (repeats too): a block reports how many it took.
+        self.failures = 0
+        self.peaks = peaks
+        #: Failure times, from the user's first block in any candidate on.
+        self.timeline: collections.deque[float] | None = None
 
 
 @functools.lru_cache(maxsize=65536)

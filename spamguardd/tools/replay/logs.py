@@ -12,7 +12,7 @@ import gzip
 import heapq
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Final
 
@@ -104,6 +104,17 @@ def merge(streams: Sequence[Iterator[_Item]], horizon: _Horizon | None = None) -
             heapq.heappush(heap, (item, i))
 
 
+def _reporting(events: Iterable[Event], progress: IO[str]) -> Iterator[Event]:
+    """*events*, writing how many have passed, and how fast, to *progress* now and then."""
+    started = time.monotonic()
+    for n, event in enumerate(events, start=1):
+        yield event
+        if n % _PROGRESS_LINES == 0:
+            rate = n / max(time.monotonic() - started, 1e-9)
+            progress.write(f"\rreplay: {n:,} events, {rate:,.0f}/s")
+            progress.flush()
+
+
 def replay(
     paths: Sequence[Path],
     config: PolicyConfig,
@@ -119,12 +130,12 @@ def replay(
 
     consume = replayer.consume
 
-    def skip(stamp: str, message_id: str, flag: str) -> bool:
+    def skip(line: str, end: int, flag: str) -> bool:
         try:
-            at = stamp_seconds(stamp)
+            at = stamp_seconds(line[:19])
         except ValueError:
             return False  # parsed, found damaged, counted
-        return at < horizon.until and consume(stamp, message_id, flag)
+        return at < horizon.until and consume(line, end, flag)
 
     counts = ScanCounts(UNPARSED_EXAMPLES)
     files = [open_log(path) for path in paths]
@@ -134,13 +145,7 @@ def replay(
         else:
             streams = [read_events(file, counts, i, skip) for i, file in enumerate(files)]
             events = merge(streams, horizon)
-        started = time.monotonic()
-        for n, event in enumerate(events, start=1):
-            replayer.feed(event)
-            if progress is not None and n % _PROGRESS_LINES == 0:
-                rate = n / max(time.monotonic() - started, 1e-9)
-                progress.write(f"\rreplay: {n:,} events, {rate:,.0f}/s")
-                progress.flush()
+        replayer.feed_all(events if progress is None else _reporting(events, progress))
     finally:
         for file in files:
             file.close()
