@@ -41,9 +41,6 @@ from typing import Any
 
 from generated_logs import RELAY_NET, ordinary, spam_wave
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
 # ---------------------------------------------------------------------------------------------
 # One measurement, in its own process
 
@@ -153,9 +150,9 @@ def _measure(kind: str, path: Path, limits: list[str]) -> dict[str, Any]:
 
 
 def _export(rev: str, into: Path) -> Path:
-    """The package as of git revision *rev*, in *into*, for ``PYTHONPATH``."""
+    """The package as of git revision *rev* of the checkout at hand, in *into*, for PYTHONPATH."""
     archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", "--format=tar", rev, "spamguardd"],
+        ["git", "archive", "--format=tar", rev, "spamguardd"],
         check=True,
         capture_output=True,
     )
