@@ -7,16 +7,21 @@ some recipients, and a scripted set of SMTP sessions: authenticated submissions 
 recipients failed at RCPT time (unroutable, callout refused, cached callout failure), and failures
 found only at delivery (a router ``:fail:`` and a 550 from the fake MX after acceptance).
 
-A last capture repeats the traffic with spamguardd itself answering the ACL (``mainlog-live``):
-its logged verdicts are what a replay must reproduce.
+Another capture repeats the traffic with spamguardd itself answering the ACL (``mainlog-live``):
+its logged verdicts are what a replay must reproduce. The fleet capture runs two Exims side by
+side (``fleet/relay-a/``, ``fleet/relay-b/``), each with its own spool and logs, and a spammer
+spraying through both.
 
 Run as root (``exim -C`` keeps root only for root), with the interpreter of the checkout's
 virtualenv (the live capture starts ``python -m spamguardd``):
-``.venv/bin/python tests/data/make_eximlog.py``.
+``.venv/bin/python tests/data/make_eximlog.py [main|selectors|live|fleet ...]`` (all by
+default). A new capture changes the times and message ids in the logs, so the golden outputs of
+the replay (``tests/test_replay_golden.py``) must be written again and their diff reviewed.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
 import shutil
@@ -196,16 +201,17 @@ class _FakeMx(socketserver.StreamRequestHandler):
                 self.reply("250 OK")
 
 
-def _send(
+def _send(  # noqa: PLR0913 - the knobs of one SMTP session
     host: str,
     rcpts: list[str],
     *,
     user: str | None = None,
     sender: str = "sender@example.test",
     helo: str = "client.test",
+    port: int = SMTP_PORT,
 ) -> None:
     """One message over SMTP: AUTH PLAIN as *user* (if any), then every recipient, then DATA."""
-    with smtplib.SMTP(host, SMTP_PORT, local_hostname=helo, timeout=30) as smtp:
+    with smtplib.SMTP(host, port, local_hostname=helo, timeout=30) as smtp:
         smtp.ehlo()
         if user is not None:
             token = base64.b64encode(b"\0" + user.encode() + b"\0secret").decode()
@@ -292,13 +298,15 @@ def _traffic(conf: Path) -> None:
         time.sleep(1.1)  # distinct timestamps, as a real run would have
 
 
-def _prepare(work: Path, acl: str = REQUIRE_ACL, **settings: object) -> Path:
+def _prepare(
+    work: Path, acl: str = REQUIRE_ACL, *, port: int = SMTP_PORT, **settings: object
+) -> Path:
     for sub in ("spool", "log", "mail"):
         (work / sub).mkdir()
         shutil.chown(work / sub, "Debian-exim", "Debian-exim")
     shutil.chown(work, "Debian-exim", "Debian-exim")
     conf = work / "exim.conf"
-    text = CONFIG.format(dir=work, smtp_port=SMTP_PORT, mx_port=MX_PORT, acl=acl, **settings)
+    text = CONFIG.format(dir=work, smtp_port=port, mx_port=MX_PORT, acl=acl, **settings)
     conf.write_text(text.replace("@SOCKET@", str(work / "spamguardd.sock")))
     return conf
 
@@ -365,19 +373,88 @@ def _capture_selectors(work: Path) -> None:
     shutil.copyfile(work / "log" / "mainlog", OUT / "mainlog-selectors")
 
 
+#: The two relays of the fleet capture: name -> SMTP port. They share the fake MX.
+FLEET = {"relay-a": SMTP_PORT, "relay-b": SMTP_PORT + 2}
+
+
+def _fleet_traffic() -> None:
+    """A fleet's traffic: a spammer sprays through both relays, neither of which alone sees
+    enough failures for ``5/1h``; a legitimate user writes through both."""
+    a, b = FLEET["relay-a"], FLEET["relay-b"]
+    _send("127.0.0.1", ["alice@example.test", "nobody@example.test"], user="alice", port=a)
+    _send("127.0.0.1", ["bob@example.test", "good@remote.test"], user="alice", port=b)
+    rounds = [
+        (a, ["bad1@callout.test", "lost1@example.test", "ok1@callout.test"]),
+        (b, ["bad2@callout.test", "lost2@example.test", "ok2@callout.test"]),
+        # bad1 again: relay-a's callout cache answers, and the policy counts it once
+        (a, ["bad3@callout.test", "bad1@callout.test", "ok3@callout.test"]),
+        # badlate is accepted and refused by the remote MX at delivery, on relay-b
+        (b, ["lost3@example.test", "badlate@remote.test", "ok4@callout.test"]),
+        (a, ["bob@example.test", "ok5@callout.test"]),
+        (b, ["alice@example.test", "ok6@callout.test"]),
+    ]
+    for port, rcpts in rounds:
+        _send("127.0.0.1", rcpts, user="spammer", sender="promo@example.test", port=port)
+        time.sleep(1.1)  # distinct timestamps, as a real run would have
+
+
+def _capture_fleet(work: Path) -> None:
+    """Two Exims side by side, each with its own spool and logs: ``fleet/<relay>/``."""
+    work.chmod(0o755)  # Exim's user goes through it to each relay's directory
+    confs = {}
+    for name, port in FLEET.items():
+        (work / name).mkdir()
+        conf = _prepare(
+            work / name,
+            port=port,
+            log_selector="+smtp_connection +received_recipients",
+            log_timezone="false",
+        )
+        conf.write_text(conf.read_text().replace("relay.example.test", f"{name}.example.test"))
+        confs[name] = conf
+    with _fake_mx():
+        for name, conf in confs.items():
+            pidfile = work / name / "exim.pid"
+            subprocess.run([EXIM, "-C", str(conf), "-bd", "-oY", "-oP", str(pidfile)], check=True)
+        try:
+            time.sleep(0.5)
+            _fleet_traffic()
+            for conf in confs.values():
+                subprocess.run([EXIM, "-C", str(conf), "-qf"], check=True)
+            time.sleep(2)
+        finally:
+            for name in confs:
+                pid = (work / name / "exim.pid").read_text().strip()
+                subprocess.run(["kill", pid], check=False)
+    for name in FLEET:
+        (OUT / "fleet" / name).mkdir(parents=True, exist_ok=True)
+        for log in ("mainlog", "rejectlog"):
+            shutil.copyfile(work / name / "log" / log, OUT / "fleet" / name / log)
+
+
+CAPTURES = {
+    "main": _capture_main,
+    "selectors": _capture_selectors,
+    "live": lambda work: _capture_main(work, live=True),
+    "fleet": _capture_fleet,
+}
+
+
 def main() -> int:
-    """Capture the logs into ``tests/data/exim/``."""
+    """Capture the logs into ``tests/data/exim/``: every capture, or those named."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("captures", nargs="*", metavar="CAPTURE", help=", ".join(CAPTURES))
+    names = parser.parse_args().captures or list(CAPTURES)
+    if unknown := set(names) - set(CAPTURES):
+        parser.error(f"no such capture: {', '.join(sorted(unknown))}")
     if Path("/proc/self").owner() != "root":
         print("run as root: exim -C keeps root only for root", file=sys.stderr)
         return 1
     OUT.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="eximlog.") as tmp:
-        _capture_main(Path(tmp))
-    with tempfile.TemporaryDirectory(prefix="eximlog.") as tmp:
-        _capture_selectors(Path(tmp))
-    with tempfile.TemporaryDirectory(prefix="eximlog.") as tmp:
-        _capture_main(Path(tmp), live=True)
-    print(f"wrote {OUT}/mainlog, rejectlog, mainlog-selectors, mainlog-live and rejectlog-live")
+    for name in names:
+        with tempfile.TemporaryDirectory(prefix="eximlog.") as tmp:
+            CAPTURES[name](Path(tmp))
+        print(f"captured {name} into {OUT}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """``spamguardctl replay``: the command line of the replay (docs/tuning.md).
 
 ``spamguardctl replay [--config FILE] [--limit RATE ...] [--relay-net CIDR ...] [--json]
-[--html REPORT.html] LOGFILE...``
+[--html REPORT.html] LOGFILE...``, or, for a fleet, ``--relay NAME LOGFILE...`` per relay
+instead of the plain ``LOGFILE...``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from spamguardd.core.config import Config, load_config
 from spamguardd.core.errors import ConfigError
 from spamguardd.tools.eximlog import Network, UserKeys
 from spamguardd.tools.replay.engine import Candidate
-from spamguardd.tools.replay.logs import replay
+from spamguardd.tools.replay.logs import RelayLogs, replay
 from spamguardd.tools.replay.report import to_html, to_json, to_table
 
 
@@ -45,8 +46,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--html", type=Path, metavar="REPORT.html", help="write an HTML report")
-    parser.add_argument("logs", nargs="+", type=Path, metavar="LOGFILE")
+    parser.add_argument(
+        "--relay",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar=("NAME", "LOGFILE"),
+        help="the logs of one relay of a fleet, merged with the others' by time; repeatable",
+    )
+    parser.add_argument("logs", nargs="*", type=Path, metavar="LOGFILE")
     return parser
+
+
+def _sources(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Path | RelayLogs]:
+    """The logs to replay: one relay's plain LOGFILEs, or each ``--relay``'s."""
+    if args.logs and args.relay:
+        parser.error("give LOGFILE... (one relay) or --relay NAME LOGFILE... (a fleet), not both")
+    if not args.logs and not args.relay:
+        parser.error("no logs: give LOGFILE..., or --relay NAME LOGFILE... for each relay")
+    relays: list[Path | RelayLogs] = []
+    for name, *paths in args.relay:
+        if not name or not paths:
+            parser.error(f"--relay needs a name and at least one LOGFILE (got {name!r} alone)")
+        if any(isinstance(r, RelayLogs) and r.name == name for r in relays):
+            parser.error(f"--relay {name} is given twice")
+        relays.append(RelayLogs(name, tuple(map(Path, paths))))
+    return relays or list(args.logs)
 
 
 def replay_main(argv: Sequence[str] | None = None) -> int:
@@ -69,12 +94,20 @@ def replay_main(argv: Sequence[str] | None = None) -> int:
         networks: list[Network] = [ipaddress.ip_network(n, strict=False) for n in args.relay_net]
     except ValueError as exc:
         parser.error(str(exc))
+    sources = _sources(parser, args)
     progress = sys.stderr if sys.stderr.isatty() else None
     try:
-        report = replay(args.logs, config.policy, candidates, UserKeys(networks), progress=progress)
+        report = replay(sources, config.policy, candidates, UserKeys(networks), progress=progress)
     except OSError as exc:
         print(f"spamguardctl replay: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1
+    zoned = [relay.name for relay in report.relays if relay.zoned]
+    if zoned and len(zoned) < len(report.relays):
+        print(
+            f"spamguardctl replay: warning: only the logs of {', '.join(zoned)} carry time"
+            " zones (log_timezone); the others' local times were merged with them as UTC",
+            file=sys.stderr,
+        )
     if args.html is not None:
         args.html.write_text(to_html(report), encoding="utf-8")
     if args.json:

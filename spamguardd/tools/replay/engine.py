@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import functools
 import ipaddress
+import itertools
 from collections.abc import Iterable, Sequence
 from typing import Final
 
@@ -23,7 +24,7 @@ from spamguardd.core.config import Mode, PolicyConfig
 from spamguardd.core.policy import Blocked, Policy
 from spamguardd.core.protocol import IPAddress, RcptRequest, Verify
 from spamguardd.core.rate import Rate
-from spamguardd.tools.eximlog import Arrival, Delivery, Event, Rejection, UserKeys
+from spamguardd.tools.eximlog import Arrival, Delivery, Event, Rejection, SkipTest, UserKeys
 from spamguardd.tools.replay.peaks import UserPeaks
 
 #: Messages whose sender is remembered until their ``Completed`` line. A message stays in the
@@ -78,6 +79,17 @@ class CandidateResult:
     blocked: dict[str, BlockRecord] = attrs.field(factory=dict)
 
 
+@attrs.frozen
+class RelayLines:
+    """What was read of one relay's logs (a fleet's report lists them)."""
+
+    name: str
+    lines: int
+    unparsed: int
+    #: Whether its lines carried zones (``log_timezone``).
+    zoned: bool
+
+
 @attrs.define
 class Report:
     """Everything a replay found."""
@@ -92,19 +104,25 @@ class Report:
     unparsed_examples: list[str] = attrs.field(factory=list)
     failures: int = 0
     zoned: bool = False
+    #: The relays of a fleet, in the order given; empty for the logs of one unnamed relay.
+    relays: list[RelayLines] = attrs.field(factory=list)
 
 
 class Replayer:
     """Feeds events, in time order, to one policy per candidate. Pure apart from being stateful.
 
-    Invariants: a message id is in ``_messages`` from its ``<=`` until its ``Completed`` (or until
-    :data:`MAX_MESSAGES` newer ones push it out); a user is in ``blocked`` of a candidate from the
-    failure that tripped it on, and every later recipient of a message received afterwards adds
-    one to ``frozen_after``.
+    Invariants: a user is in ``blocked`` of a candidate from the failure that tripped it on,
+    and every later recipient of a message received afterwards adds one to ``frozen_after``;
+    each relay's messages are its own (:class:`_Messages`), its users everyone's.
     """
 
     def __init__(
-        self, config: PolicyConfig, candidates: Sequence[Candidate], keys: UserKeys
+        self,
+        config: PolicyConfig,
+        candidates: Sequence[Candidate],
+        keys: UserKeys,
+        *,
+        relays: int = 1,
     ) -> None:
         base = attrs.evolve(config, mode=Mode.ENFORCE)
         self.keys = keys
@@ -116,63 +134,38 @@ class Replayer:
         periods = {rate.period for c in candidates for rate in c.rates}
         periods.update(rate.period for rates in config.overrides.values() for rate in rates)
         self.report = Report(results=results, windows=tuple(sorted(periods)))
-        # message id -> (user key, client address, whether it arrived after the user's block,
-        # per candidate)
-        self._messages: dict[str, tuple[str, str | None, tuple[bool, ...]]] = {}
+        self._relays = [_Messages(results) for _ in range(relays)]
         self._users: dict[str, _User] = {}
         self._next_sweep = -float("inf")
-        self._frozen_messages: set[str] = set()
         self._blocked_somewhere: set[str] = set()
         self._never_frozen = (False,) * len(results)
         self._deciders = [(result, result.blocked, result.policy.decide) for result in results]
 
-    def consume(self, line: str, end: int, flag: str) -> bool:
-        """Deal with a message line without parsing it, if it can be; False if it must be parsed.
+    def skip_test(self, relay: int = 0) -> SkipTest:
+        """The skip test for the message lines of *relay* (:meth:`_Messages.consume`)."""
+        return self._relays[relay].consume
 
-        *flag* is ``=>``, ``->``, ``**`` or ``Co`` (``Completed``), ``line[20:end]`` the
-        message id (:data:`~spamguardd.tools.eximlog.SkipTest`). Only ``**`` lines of messages
-        from counted users need their recipient; the rest need only the message id, and a
-        delivery not even that while no message is frozen. The caller must pass lines in time
-        order relative to everything already fed.
-        """
-        if flag == "=>" or flag == "->":  # noqa: PLR1714 - the commonest test first, no tuple
-            frozen = self._frozen_messages
-            if frozen and line[20:end] in frozen:
-                self._count_frozen(line[20:end])
-            return True
-        if flag == "Co":
-            message_id = line[20:end]
-            if self._messages.pop(message_id, None) is not None:
-                self._frozen_messages.discard(message_id)
-            return True
-        return line[20:end] not in self._messages  # "**": parsed only for counted users
+    def feed(self, event: Event, relay: int = 0) -> None:
+        """Account for one event of *relay* (events must come in time order)."""
+        self.feed_all((event,), relay)
 
-    def _forget(self, message_id: str) -> None:
-        self._messages.pop(message_id, None)
-        self._frozen_messages.discard(message_id)
+    def feed_all(self, events: Iterable[Event], relay: int = 0) -> None:
+        """Account for every event of *events*, all of *relay*, in order."""
+        self.feed_merged(zip(itertools.repeat(relay), events))
 
-    def _count_frozen(self, message_id: str) -> None:
-        user, _, frozen = self._messages[message_id]
-        for result, is_frozen in zip(self.report.results, frozen, strict=True):
-            if is_frozen:
-                result.blocked[user].frozen_after += 1
-
-    def feed(self, event: Event) -> None:
-        """Account for one event (events must come in time order, as :func:`merge` gives)."""
-        self.feed_all((event,))
-
-    def feed_all(self, events: Iterable[Event]) -> None:
-        """Account for every event of *events*, in order: :meth:`feed` in a loop of its own."""
+    def feed_merged(self, events: Iterable[tuple[int, Event]]) -> None:
+        """Account for every ``(relay, event)`` of *events*, in order: the loop of a replay."""
         rejection, delivery, arrival = self._rejection, self._delivery, self._arrival
-        for event in events:
+        relays = self._relays
+        for relay, event in events:
             if isinstance(event, Rejection):
                 rejection(event)
             elif isinstance(event, Delivery):
-                delivery(event)
+                delivery(event, relays[relay])
             elif isinstance(event, Arrival):
-                arrival(event)
+                arrival(event, relays[relay])
             else:
-                self._forget(event.message_id)
+                relays[relay].forget(event.message_id)
 
     def _rejection(self, event: Rejection) -> None:
         if event.null_sender:
@@ -183,17 +176,17 @@ class Replayer:
                 verify = Verify.DEFER if event.temporary else Verify.FAIL
                 self._failure(user, event.rcpt, event.host, event.at, verify)
 
-    def _delivery(self, event: Delivery) -> None:
-        known = self._messages.get(event.message_id)
+    def _delivery(self, event: Delivery, messages: _Messages) -> None:
+        known = messages.senders.get(event.message_id)
         if known is None:
             return  # not from a countable user, or received before the logs start
         user, host, frozen = known
         if any(frozen):
-            self._count_frozen(event.message_id)
+            messages.count_frozen(event.message_id)
         if event.by_transport:  # what the shipped event_action reports (msg:fail:delivery)
             self._failure(user, event.rcpt, host, event.at, Verify.FAIL)
 
-    def _arrival(self, event: Arrival) -> None:
+    def _arrival(self, event: Arrival, messages: _Messages) -> None:
         user = None if event.null_sender else self.keys.key(event.auth_id, event.host)
         if user is None:
             return
@@ -202,14 +195,7 @@ class Replayer:
             if user in self._blocked_somewhere
             else self._never_frozen
         )
-        messages = self._messages
-        messages[event.message_id] = (user, event.host, frozen)
-        if any(frozen):
-            self._frozen_messages.add(event.message_id)
-        if len(messages) > MAX_MESSAGES:
-            oldest = next(iter(messages))
-            del messages[oldest]
-            self._frozen_messages.discard(oldest)
+        messages.add(event.message_id, user, event.host, frozen)
 
     def _failure(self, user: str, rcpt: str, host: str | None, at: float, verify: Verify) -> None:
         report = self.report
@@ -247,6 +233,67 @@ class Replayer:
             recent = state.peaks.longest().times
             state.timeline = collections.deque(recent, maxlen=TIMELINE_POINTS)
             self.report.timelines[user] = state.timeline
+
+
+class _Messages:
+    """One relay's messages from counted users: their sender, until their ``Completed``.
+
+    Invariant: a message id is in ``senders`` from its ``<=`` until its ``Completed`` (or until
+    :data:`MAX_MESSAGES` newer ones push it out), and in ``frozen`` meanwhile if it arrived
+    after its user's block in some candidate.
+    """
+
+    __slots__ = ("frozen", "results", "senders")
+
+    def __init__(self, results: Sequence[CandidateResult]) -> None:
+        self.results = results
+        #: message id -> (user key, client address, frozen per candidate)
+        self.senders: dict[str, tuple[str, str | None, tuple[bool, ...]]] = {}
+        self.frozen: set[str] = set()
+
+    def add(self, message_id: str, user: str, host: str | None, frozen: tuple[bool, ...]) -> None:
+        """Remember a message received from *user*; forget the oldest past the bound."""
+        senders = self.senders
+        senders[message_id] = (user, host, frozen)
+        if any(frozen):
+            self.frozen.add(message_id)
+        if len(senders) > MAX_MESSAGES:
+            oldest = next(iter(senders))
+            del senders[oldest]
+            self.frozen.discard(oldest)
+
+    def forget(self, message_id: str) -> None:
+        """The message is ``Completed``."""
+        self.senders.pop(message_id, None)
+        self.frozen.discard(message_id)
+
+    def count_frozen(self, message_id: str) -> None:
+        """One more recipient of a frozen message, for each candidate that froze it."""
+        user, _, frozen = self.senders[message_id]
+        for result, is_frozen in zip(self.results, frozen, strict=True):
+            if is_frozen:
+                result.blocked[user].frozen_after += 1
+
+    def consume(self, line: str, end: int, flag: str) -> bool:
+        """Deal with a message line without parsing it, if it can be; False if it must be parsed.
+
+        *flag* is ``=>``, ``->``, ``**`` or ``Co`` (``Completed``), ``line[20:end]`` the
+        message id (:data:`~spamguardd.tools.eximlog.SkipTest`). Only ``**`` lines of messages
+        from counted users need their recipient; the rest need only the message id, and a
+        delivery not even that while no message is frozen. The caller must pass the relay's
+        lines in time order relative to everything of the relay already fed.
+        """
+        if flag == "=>" or flag == "->":  # noqa: PLR1714 - the commonest test first, no tuple
+            frozen = self.frozen
+            if frozen and line[20:end] in frozen:
+                self.count_frozen(line[20:end])
+            return True
+        if flag == "Co":
+            message_id = line[20:end]
+            if self.senders.pop(message_id, None) is not None:
+                self.frozen.discard(message_id)
+            return True
+        return line[20:end] not in self.senders  # "**": parsed only for counted users
 
 
 class _User:

@@ -46,6 +46,16 @@ def to_json(report: Report) -> dict[str, object]:
             "read": report.lines_read,
             "unparsed": report.unparsed,
             "unparsed_examples": report.unparsed_examples,
+            **(
+                {
+                    "relays": {
+                        relay.name: {"read": relay.lines, "unparsed": relay.unparsed}
+                        for relay in report.relays
+                    }
+                }
+                if report.relays
+                else {}
+            ),
         },
         "failures": report.failures,
     }
@@ -59,6 +69,10 @@ def to_table(report: Report) -> str:
             f"failed recipients counted: {report.failures:,}"
         )
     ]
+    out.extend(
+        f"  relay {relay.name}: {relay.lines:,} lines read, {relay.unparsed:,} unparsed"
+        for relay in report.relays
+    )
     out.extend(f"  unparsed: {example!r}" for example in report.unparsed_examples)
     for result in report.results:
         out.append("")
@@ -94,6 +108,9 @@ def to_html(report: Report) -> str:
             f"{report.failures:,} failed recipients.</p>"
         ),
     ]
+    if report.relays:
+        relays = ", ".join(f"{esc(r.name)} ({r.lines:,} lines)" for r in report.relays)
+        parts.append(f"<p>Relays: {relays}.</p>")
     for result in report.results:
         label = esc(result.candidate.label)
         parts.append(f"<h2>limit {label}: {len(result.blocked)} blocked</h2>")
