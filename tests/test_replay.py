@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spamguardd.core.config import PolicyConfig
@@ -168,6 +168,7 @@ class TestPeaks:
         peaks = replayer.report.peaks.get("auth:u")
         assert (None if peaks is None else peaks[period]) == expected
 
+    @settings(deadline=None)  # a replay per example, on a shared machine: not a speed test
     @given(
         st.lists(st.tuples(st.integers(0, 20_000), st.integers(0, 6)), max_size=80),
         st.sampled_from([(60,), (600, 3600), (60, 600, 86400)]),

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spamguardd.core.config import PolicyConfig
@@ -264,6 +264,7 @@ def _relay_log(
     return main, rejects
 
 
+@settings(deadline=None)  # files and two replays per example: speed is not what is tested
 @given(_messages, _messages, st.floats(0, 1), st.floats(0, 1))
 def test_skipping_ahead_changes_nothing(
     a: list[tuple[str, int, list[tuple[bool, int, int]], list[int]]],
