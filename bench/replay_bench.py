@@ -286,7 +286,7 @@ def _print_comparison(results: Results, old: str) -> None:
             ratio = before["policy_seconds"] / figures["policy_seconds"]
         else:
             ratio = before["seconds"] / figures["seconds"]
-        print(f"  {run.log:<13} {run.kind:<7} {run.name:<9} {ratio:5.2f}x")
+        print(f"  {run.log:<13} {run.kind:<8} {run.name:<9} {ratio:5.2f}x")
 
 
 def _print_targets(results: Results, everyday: Run, wave: Run) -> None:

@@ -5,8 +5,8 @@ log's times as ``now``: the same code, limits, overrides, exemptions and de-dupl
 daemon. Besides the policies the engine keeps what the report needs: whom each candidate
 blocked and how many later recipients it would have frozen, every user's peak failures per
 window, and the failure times of blocked users. Memory follows the users, not the log: the only
-other state is the map from message id to sender, which forgets a message at ``Completed`` and
-is bounded. Pure code: no file, no clock.
+other state is the map from message id to sender (one per relay: Exim's ids are unique per host
+only), which forgets a message at ``Completed`` and is bounded. Pure code: no file, no clock.
 """
 
 from __future__ import annotations
