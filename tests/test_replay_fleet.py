@@ -297,3 +297,9 @@ def test_skipping_ahead_changes_nothing(
         assert to_json(fast)["limits"] == to_json(replayer.report)["limits"]
         assert to_json(fast)["peaks"] == to_json(replayer.report)["peaks"]
         assert fast.failures == replayer.report.failures
+
+
+def test_no_logs_is_an_empty_report() -> None:
+    """Nothing to read, nothing found: an empty report rather than an error."""
+    report = replay([], PolicyConfig(), [FIVE], UserKeys())
+    assert (report.lines_read, report.failures, report.peaks) == (0, 0, {})

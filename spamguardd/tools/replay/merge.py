@@ -58,7 +58,7 @@ def merge(
             docstring); the streams' skip tests read them.
     """
     relays = relays if relays is not None else [0] * len(streams)
-    horizons = horizons if horizons is not None else [Horizon() for _ in range(max(relays) + 1)]
+    horizons = horizons or [Horizon() for _ in range(max(relays, default=-1) + 1)]
     siblings = [[j for j, other in enumerate(relays) if other == relay] for relay in relays]
     heads = [math.inf] * len(streams)  # the time of each stream's item in the heap
     heap: list[tuple[Item, int]] = []
