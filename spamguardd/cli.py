@@ -18,7 +18,7 @@ from spamguardd.core.config import Config, load_config, parse_inet_listen
 from spamguardd.core.errors import ConfigError, StoreError
 from spamguardd.daemon.app import Daemon, load_policy
 from spamguardd.daemon.log import configure_logging
-from spamguardd.daemon.systemd import Notifier, listen_fds, watchdog_interval
+from spamguardd.daemon.systemd import SdNotify, listen_fds, watchdog_interval
 
 EX_OK: Final = 0
 EX_FAILURE: Final = 1
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon = Daemon(
             config,
             inherited=listen_fds(os.environ),
-            notifier=Notifier.from_environ(os.environ),
+            sd_notify=SdNotify.from_environ(os.environ),
             load_config=lambda: build_config(args),
             watchdog_interval=watchdog_interval(os.environ),
         )
