@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import grp
+import os
 import signal
 import socket
 import time
@@ -27,6 +28,7 @@ from spamguardd.daemon.notices import NoticeDispatcher, run_notifier
 from spamguardd.daemon.persist import BlockPersister
 from spamguardd.daemon.query_server import QueryServer, bind_inet_listener, bind_unix_listener
 from spamguardd.daemon.systemd import Notifier
+from spamguardd.state import eximaccess
 from spamguardd.state.blockfile import BlockStore
 from spamguardd.state.journal import FILENAME as JOURNAL_FILENAME
 from spamguardd.state.journal import Journal
@@ -57,7 +59,24 @@ def load_policy(config: Config) -> tuple[Policy, BlockStore]:
             ) from None
     store = BlockStore(config.state.dir, group=gid)
     store.prepare()
-    return Policy(config.policy, store.load()), store
+    policy = Policy(config.policy, store.load())
+    if gid is not None:
+        ensure_exim_access(store.path, gid, group=str(config.state.group))
+    return policy, store
+
+
+def ensure_exim_access(block_file: Path, gid: int, *, group: str) -> None:
+    """Make sure Exim's group can read the block file: repair what we own, log the rest."""
+    problems = eximaccess.check(block_file, gid, uid=os.geteuid())
+    try:
+        for change in eximaccess.repair(problems, gid):
+            log.warning("state_access_repaired", change=change)
+    except OSError as exc:
+        log.error("state_access_repair_failed", error=str(exc))
+    for problem in eximaccess.check(block_file, gid, uid=os.geteuid()):
+        log.error(
+            "exim_cannot_read_block_file", path=str(problem.path), problem=problem.describe(group)
+        )
 
 
 def _inet_spec(address: tuple[str, int] | None) -> str | None:
@@ -182,6 +201,8 @@ class Daemon:
                 if before != after
             )
             carried = self.policy.reconfigure(new.policy, trio.current_time())
+            if self.store.group is not None:
+                ensure_exim_access(self.store.path, self.store.group, group=str(old.state.group))
             self.notices.verdict = new.policy.verdict
             self.config = attrs.evolve(
                 old,
@@ -328,8 +349,16 @@ class Daemon:
         sock = self.inherited.pop(name, None)
         if sock is not None:
             return sock
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return bind_unix_listener(path, mode=mode, group=group, backlog=backlog)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return bind_unix_listener(path, mode=mode, group=group, backlog=backlog)
+        except OSError as exc:
+            # "[Errno 13] Permission denied" alone names nothing (a relative path resolved under
+            # / when started by hand): say which socket, where, and what was being done
+            raise OSError(
+                exc.errno,
+                f"cannot create the {name} socket {path.absolute()}: {exc.strerror or exc}",
+            ) from exc
 
     def _log_started(self, query_socket: str) -> None:
         log.info(
