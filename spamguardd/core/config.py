@@ -161,8 +161,9 @@ class NotifyConfig:
     subject: str = "[spamguardd]"
     #: argv of a sendmail-compatible program fed the message on stdin (never run by a shell).
     sendmail: tuple[str, ...] = DEFAULT_SENDMAIL
-    #: ``(host, port)`` of an SMTP relay; when set it replaces ``sendmail``.
-    smtp: tuple[str, int] | None = None
+    #: ``(host, port)`` of an SMTP relay, or the path of a Unix socket that speaks SMTP (the
+    #: package's ``spamguardd-submit.socket``); when set it replaces ``sendmail``.
+    smtp: tuple[str, int] | Path | None = None
     #: Seconds one attempt to hand a notice to sendmail or the relay may take.
     send_timeout: float = 30.0
     hook: tuple[str, ...] = ()
@@ -701,11 +702,16 @@ def _argv(value: Any) -> tuple[str, ...]:
     return argv
 
 
-def _host_port(value: Any) -> tuple[str, int]:
+def _host_port(value: Any) -> tuple[str, int] | Path:
     text = _string(value)
+    if text.startswith("/"):
+        return Path(text)  # a Unix socket speaking SMTP
     host, sep, port = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]  # [::1]:25
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f'expected "host:port" such as "127.0.0.1:25" (got {text!r})')
+        raise ValueError(
+            f'expected "host:port" such as "127.0.0.1:25", or the absolute path of a Unix socket '
+            f"(got {text!r})"
+        )
     return host, int(port)

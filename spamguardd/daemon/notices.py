@@ -34,6 +34,7 @@ import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Final, Protocol
 
 import attrs
@@ -45,6 +46,7 @@ from spamguardd.core.errors import NotifyError, StoreError
 from spamguardd.core.policy import Block, Blocked, Effect, FailureSample
 from spamguardd.core.protocol import Verdict
 from spamguardd.core.rate import Rate
+from spamguardd.daemon.smtp_socket import UnixSocketSMTP
 from spamguardd.state.journal import Journal
 
 log = structlog.get_logger("spamguardd.daemon.notices")
@@ -351,10 +353,14 @@ class SendmailTransport:
 
 @attrs.frozen
 class SmtpTransport:
-    """Sends the message to an SMTP relay with the standard library, in a worker thread."""
+    """Sends the message to an SMTP relay with the standard library, in a worker thread.
 
-    host: str
-    port: int
+    *host* may be the path of a Unix socket that speaks SMTP (then *port* is None): the
+    package's ``spamguardd-submit.socket``, the local MTA's ``sendmail -bs``.
+    """
+
+    host: str | Path
+    port: int | None
     timeout: float
     #: EHLO name. Passed explicitly: smtplib's default asks DNS for the host's full name.
     local_hostname: str = attrs.field(factory=lambda: platform.node() or "localhost")
@@ -365,18 +371,32 @@ class SmtpTransport:
         Raises:
             NotifyError: connecting failed, the relay refused, or the attempt timed out.
         """
-        with _time_limit(self.timeout, f"SMTP {self.host}:{self.port}"):
+        with _time_limit(self.timeout, f"SMTP {self._where}"):
             # abandoned on timeout: the thread ends by itself within smtplib's own timeout
             await trio.to_thread.run_sync(self._send_sync, message, abandon_on_cancel=True)
 
+    @property
+    def _where(self) -> str:
+        return str(self.host) if self.port is None else f"{self.host}:{self.port}"
+
     def _send_sync(self, message: EmailMessage) -> None:
         try:
-            with smtplib.SMTP(
-                self.host, self.port, local_hostname=self.local_hostname, timeout=self.timeout
-            ) as smtp:
+            smtp: smtplib.SMTP
+            if self.port is None:
+                smtp = UnixSocketSMTP(
+                    Path(self.host), local_hostname=self.local_hostname, timeout=self.timeout
+                )
+            else:
+                smtp = smtplib.SMTP(
+                    str(self.host),
+                    self.port,
+                    local_hostname=self.local_hostname,
+                    timeout=self.timeout,
+                )
+            with smtp:
                 smtp.send_message(message)
         except (smtplib.SMTPException, OSError) as exc:
-            raise NotifyError(f"SMTP {self.host}:{self.port}: {exc}") from exc
+            raise NotifyError(f"SMTP {self._where}: {exc}") from exc
 
 
 @attrs.frozen
@@ -643,6 +663,8 @@ class NoticeDispatcher:
 
 
 def _default_transport(config: NotifyConfig) -> Transport:
+    if isinstance(config.smtp, Path):
+        return SmtpTransport(config.smtp, None, config.send_timeout)
     if config.smtp is not None:
         host, port = config.smtp
         return SmtpTransport(host, port, config.send_timeout)
