@@ -12,7 +12,7 @@ Rules every connection follows:
   reply that is followed by silence;
 * the read is bounded in size (the protocol's cap) and in time (``server.read_timeout``);
 * past ``server.max_connections`` a new connection still gets an answer, ``defer``, instead of
-  waiting or being refused: a refused connect poisons the Exim process (EXIM.md §1.6);
+  waiting or being refused: a refused connect poisons the Exim process (docs/exim-facts.md §1.4);
 * a failure while serving one client is logged and answered ``error``; every other client is
   served as before.
 """
@@ -127,7 +127,8 @@ def bind_inet_listener(host: str, port: int, *, backlog: int) -> socket.socket:
     """Create a listening TCP socket on *host*:*port* (a loopback address, checked by config).
 
     Exim's readsocket to an ``inet:`` spec resets its descriptor after a failed connect, so
-    this listener is immune to the stale-descriptor bug of Unix-socket readsocket (EXIM.md §1.6).
+    this listener is immune to the stale-descriptor bug of Unix-socket readsocket
+    (docs/exim-facts.md §1.4).
 
     Raises:
         OSError: the address cannot be bound (in use, not local, ...).
