@@ -417,6 +417,8 @@ def debian_config(lab: EximLab) -> tuple[Path, list[str]]:
     debian = lab.dir / "debian.conf"
     update = shutil.which("update-exim4.conf") or "/usr/sbin/update-exim4.conf"
     subprocess.run([update, "--output", str(debian)], check=True, timeout=60)
+    # -bs logs like a real submission: into the lab's log directory, not the machine's
+    debian.write_text(f"log_file_path = {lab.dir}/log/%slog\n" + debian.read_text())
     return debian, [f"-DMAIN_ACL_CHECK_RCPT={acl}"]
 
 
