@@ -315,17 +315,7 @@ class TestDebian:
         /etc/exim4, whatever --confdir says, so that flavour cannot be tested from a copy).
         """
         lab = exim_lab
-        # the shipped file with its two paths pointed at the lab (and nothing else changed)
-        text = (CONTRIB / "acl_spamguardd_rcpt").read_text()
-        assert "{/run/spamguardd/query.sock}" in text
-        assert "{/var/lib/spamguardd/blocked}" in text
-        acl = lab.dir / "acl_spamguardd_rcpt"
-        acl.write_text(
-            text.replace("/run/spamguardd/query.sock", str(lab.spamguard.socket)).replace(
-                "/var/lib/spamguardd/blocked", str(lab.spamguard.blocked)
-            )
-        )
-        acl.chmod(0o644)
+        acl = lab_acl(lab)
         debian = lab.dir / "debian.conf"
         update = shutil.which("update-exim4.conf") or "/usr/sbin/update-exim4.conf"
         defines: list[str] = []
@@ -403,10 +393,12 @@ class TestDebian:
         assert "freezing" not in to_postmaster
 
 
-def debian_config(lab: EximLab) -> tuple[Path, list[str]]:
-    """Debian's generated configuration (unsplit) and the -D that points it at the shipped ACL
-    file, with its socket and block file moved to the lab's."""
+def lab_acl(lab: EximLab) -> Path:
+    """The shipped Debian ACL file with its socket and block file pointed at the lab's (and
+    nothing else changed)."""
     text = (CONTRIB / "acl_spamguardd_rcpt").read_text()
+    assert "{/run/spamguardd/query.sock}" in text
+    assert "{/var/lib/spamguardd/blocked}" in text
     acl = lab.dir / "acl_spamguardd_rcpt"
     acl.write_text(
         text.replace("/run/spamguardd/query.sock", str(lab.spamguard.socket)).replace(
@@ -414,6 +406,13 @@ def debian_config(lab: EximLab) -> tuple[Path, list[str]]:
         )
     )
     acl.chmod(0o644)
+    return acl
+
+
+def debian_config(lab: EximLab) -> tuple[Path, list[str]]:
+    """Debian's generated configuration (unsplit) and the -D that points it at the shipped ACL
+    file (:func:`lab_acl`)."""
+    acl = lab_acl(lab)
     debian = lab.dir / "debian.conf"
     update = shutil.which("update-exim4.conf") or "/usr/sbin/update-exim4.conf"
     subprocess.run([update, "--output", str(debian)], check=True, timeout=60)
