@@ -60,6 +60,27 @@ lab_plain:
 """
 
 
+#: Commands the docs give an admin for every day, run as written on the installed system.
+EVERYDAY = (
+    "spamguardctl list",
+    "spamguardctl --json list",
+    "spamguardctl stats",
+    "spamguardctl metrics",
+    "spamguardctl reload",
+    "spamguardctl block auth:dave@lab.test --reason phished",
+    "spamguardctl unblock auth:dave@lab.test",
+    "spamguardctl reset auth:alice",
+    "spamguardctl --help",
+    "spamguardctl replay --help",
+    "spamguardd --config /etc/spamguardd/spamguardd.toml --check-config",
+    "systemctl reload spamguardd",
+    "systemctl status spamguardd",
+    "exiqgrep -z -i",
+    "exim -bp",
+    "man -w spamguardd spamguardctl",
+)
+
+
 def shell_blocks(page: Path) -> list[str]:
     """The ```sh blocks of a documentation page, in order: the commands an admin copies."""
     return re.findall(r"^```sh\n(.*?)^```", page.read_text(), re.MULTILINE | re.DOTALL)
@@ -321,6 +342,16 @@ def test_admin_story(story: Story, tmp_path_factory: pytest.TempPathFactory) -> 
         assert "state_access_repaired" in lab.journal("spamguardd.service")
         group = lab.run(["stat", "-c", "%G", "/var/lib/spamguardd/blocked"]).stdout.strip()
         assert group == "Debian-exim"
+
+    with story.step("the everyday commands of docs/admin.md, operations.md and exim.md"):
+        for command in EVERYDAY:
+            story.sh(command)
+        headers = story.sh("exim -Mvh $(exiqgrep -z -i | head -1) | grep X-Spamguard-User")
+        assert "X-Spamguard-User: auth:mallory@lab.test" in headers
+        blocked = story.sh(
+            "journalctl -u spamguardd -o cat | jq -r 'select(.event == \"user_blocked\") | .user'"
+        )
+        assert "auth:mallory@lab.test" in blocked.split()
 
     with story.step("unblock --release thaws the frozen mail"):
         frozen_before = story.frozen()
