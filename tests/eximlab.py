@@ -4,7 +4,7 @@ The Exim configuration is assembled from the shipped ``contrib/exim/`` files wit
 so what is tested is what ships. Everything lives in one scratch directory under ``/tmp`` that
 Exim's user can reach (pytest's own temp directories are mode 0700): spool, logs, sockets, the
 daemon's state and the mailbox files. Exim runs with ``-C`` as root, which is why the config
-sets ``deliver_drop_privilege`` (EXIM.md §6).
+sets ``deliver_drop_privilege`` (docs/exim-facts.md §7.5).
 """
 
 from __future__ import annotations

@@ -385,12 +385,17 @@ def _loopback(text: str, expected: str) -> tuple[str, int]:
     return str(address), port
 
 
-def _smtp_relay(value: Any) -> tuple[str, int]:
+def _smtp_relay(value: Any) -> tuple[str, int] | Path:
     text = _string(value)
+    if text.startswith("/"):
+        return Path(text)  # a Unix socket speaking SMTP (the package's spamguardd-submit.socket)
     try:
         return split_host_port(text)
     except ValueError:
-        raise ValueError(f'expected "host:port" such as "127.0.0.1:25" (got {text!r})') from None
+        raise ValueError(
+            f'expected "host:port" such as "127.0.0.1:25", or the absolute path of a Unix socket '
+            f"(got {text!r})"
+        ) from None
 
 
 def _metrics_listen(value: Any) -> tuple[str, int]:
@@ -569,8 +574,9 @@ class NotifyConfig:
     sendmail: tuple[str, ...] = setting(
         key="notify.sendmail", parse=_argv, default=DEFAULT_SENDMAIL
     )
-    #: ``(host, port)`` of an SMTP relay; when set it replaces ``sendmail``.
-    smtp: tuple[str, int] | None = setting(
+    #: ``(host, port)`` of an SMTP relay, or the path of a Unix socket that speaks SMTP (the
+    #: package's ``spamguardd-submit.socket``); when set it replaces ``sendmail``.
+    smtp: tuple[str, int] | Path | None = setting(
         key="notify.smtp", parse=_smtp_relay, excludes="notify.sendmail"
     )
     #: Seconds one attempt to hand a notice to sendmail or the relay may take.

@@ -31,6 +31,7 @@ from spamguardd.core.adminproto import (
 )
 from spamguardd.core.config import AdminConfig, load_config
 from spamguardd.core.errors import ConfigError
+from spamguardd.core.userkey import normalise
 from spamguardd.ctl.client import DEFAULT_TIMEOUT, UnreachableError, request
 from spamguardd.ctl.render import render
 from spamguardd.tools.exim_queue import EximError, EximQueue
@@ -40,6 +41,9 @@ EX_OK: Final = 0
 EX_FAILED: Final = 1
 EX_USAGE: Final = 2
 EX_UNAVAILABLE: Final = 69  # sysexits.h
+#: The installed daemon's configuration (the Debian package's conffile): without --socket or
+#: --config, its admin.socket is used when the file exists, else the embedded default.
+SYSTEM_CONFIG: Final = Path("/etc/spamguardd/spamguardd.toml")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,14 +56,15 @@ def _parser() -> argparse.ArgumentParser:
         "--socket",
         type=Path,
         metavar="PATH",
-        help=f"the daemon's admin socket (default: admin.socket of --config, else "
-        f"{AdminConfig().socket})",
+        help=f"the daemon's admin socket (default: admin.socket of --config, else of "
+        f"{SYSTEM_CONFIG} if it exists, else {AdminConfig().socket})",
     )
     parser.add_argument(
         "--config",
         type=Path,
         metavar="FILE",
-        help="read the admin socket's path from the daemon's configuration file",
+        help=f"read the admin socket's path from the daemon's configuration file "
+        f"(default: {SYSTEM_CONFIG} if it exists)",
     )
     parser.add_argument("--json", action="store_true", help="print the JSON reply (for scripts)")
     parser.add_argument(
@@ -133,7 +138,7 @@ def _admin_main(argv: Sequence[str]) -> int:
         return _fail(f"--exim-command: {exc}", EX_USAGE)
     except ConfigError as exc:
         return _fail(str(exc), EX_USAGE)
-    command = Command(args.command, getattr(args, "user", None), getattr(args, "reason", None))
+    command = Command(args.command, _user_key(args), getattr(args, "reason", None))
     try:
         reply = request(path, command, timeout=args.timeout)
     except UnreachableError as exc:
@@ -165,11 +170,27 @@ def _exim_queue(args: argparse.Namespace) -> EximQueue | None:
     return None
 
 
+def _user_key(args: argparse.Namespace) -> str | None:
+    """The USER argument as the ACL writes keys (``auth:`` folded, IPv6 as its /64), saying so
+    on standard error when that changed what was typed."""
+    typed: str | None = getattr(args, "user", None)
+    if typed is None:
+        return None
+    key = normalise(typed)
+    if key.changed:
+        print(f"spamguardctl: {typed} is written {key.key} by the ACL; using that", file=sys.stderr)
+    args.user = key.key
+    return key.key
+
+
 def _socket_path(args: argparse.Namespace) -> Path:
+    """--socket, else admin.socket of --config, else of the installed configuration."""
     if args.socket is not None:
         return Path(args.socket)
     if args.config is not None:
         return load_config(args.config).admin.socket
+    if SYSTEM_CONFIG.exists():
+        return load_config(SYSTEM_CONFIG).admin.socket
     return AdminConfig().socket
 
 

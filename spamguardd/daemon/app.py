@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import grp
+import os
 import signal
 import socket
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Final
 
 import attrs
@@ -30,6 +32,7 @@ from spamguardd.daemon.notices import NoticeQueue
 from spamguardd.daemon.persist import BlockPersister
 from spamguardd.daemon.query_server import QueryServer
 from spamguardd.daemon.systemd import SdNotify
+from spamguardd.state import eximaccess
 from spamguardd.state.blockfile import BlockStore
 from spamguardd.state.journal import FILENAME as JOURNAL_FILENAME
 from spamguardd.state.journal import Journal
@@ -60,7 +63,24 @@ def load_policy(config: Config) -> tuple[Policy, BlockStore]:
             ) from None
     store = BlockStore(config.state.dir, group=gid)
     store.prepare()
-    return Policy(config.policy, store.load()), store
+    policy = Policy(config.policy, store.load())
+    if gid is not None:
+        ensure_exim_access(store.path, gid, group=str(config.state.group))
+    return policy, store
+
+
+def ensure_exim_access(block_file: Path, gid: int, *, group: str) -> None:
+    """Make sure Exim's group can read the block file: repair what we own, log the rest."""
+    problems = eximaccess.check(block_file, gid, uid=os.geteuid())
+    try:
+        for change in eximaccess.repair(problems, gid):
+            log.warning("state_access_repaired", change=change)
+    except OSError as exc:
+        log.error("state_access_repair_failed", error=str(exc))
+    for problem in eximaccess.check(block_file, gid, uid=os.geteuid()):
+        log.error(
+            "exim_cannot_read_block_file", path=str(problem.path), problem=problem.describe(group)
+        )
 
 
 def _inet_spec(address: tuple[str, int] | None) -> str | None:
@@ -182,6 +202,8 @@ class Daemon:
                 if before != after
             )
             carried = self.policy.reconfigure(new.policy, trio.current_time())
+            if self.store.group is not None:
+                ensure_exim_access(self.store.path, self.store.group, group=str(old.state.group))
             self.config = attrs.evolve(
                 old,
                 source=new.source,

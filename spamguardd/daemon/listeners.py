@@ -1,9 +1,9 @@
 """Listening sockets: adopted from systemd, or bound here without a moment of absence.
 
 A refused connect poisons the Exim process that saw it (a stale-descriptor bug in Exim's Unix
-socket readsocket, docs/exim.md), so a socket path must never be missing while a daemon is
-meant to be there: systemd's socket units hold the socket across restarts, and a socket bound
-here replaces a stale one by rename, never by unlink-then-bind.
+socket readsocket, docs/exim-facts.md §1.4), so a socket path must never be missing while a
+daemon is meant to be there: systemd's socket units hold the socket across restarts, and a
+socket bound here replaces a stale one by rename, never by unlink-then-bind.
 """
 
 from __future__ import annotations
@@ -36,8 +36,15 @@ def adopt_or_bind(  # noqa: PLR0913 - which socket, where, and its three propert
     sock = inherited.pop(name, None)
     if sock is not None:
         return sock
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return bind_unix_listener(path, mode=mode, group=group, backlog=backlog)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return bind_unix_listener(path, mode=mode, group=group, backlog=backlog)
+    except OSError as exc:
+        # "[Errno 13] Permission denied" alone names nothing (a relative path resolved under
+        # / when started by hand): say which socket, where, and what was being done
+        raise OSError(
+            exc.errno, f"cannot create the {name} socket {path.absolute()}: {exc.strerror or exc}"
+        ) from exc
 
 
 def bind_unix_listener(path: Path, *, mode: int, group: str | None, backlog: int) -> socket.socket:
@@ -76,7 +83,8 @@ def bind_inet_listener(host: str, port: int, *, backlog: int) -> socket.socket:
     """Create a listening TCP socket on *host*:*port* (a loopback address, checked by config).
 
     Exim's readsocket to an ``inet:`` spec resets its descriptor after a failed connect, so
-    this listener is immune to the stale-descriptor bug of Unix-socket readsocket (docs/exim.md).
+    this listener is immune to the stale-descriptor bug of Unix-socket readsocket
+    (docs/exim-facts.md §1.4).
 
     Raises:
         OSError: the address cannot be bound (in use, not local, ...).

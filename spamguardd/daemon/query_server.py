@@ -12,7 +12,7 @@ Rules every connection follows:
   reply that is followed by silence;
 * the read is bounded in size (the protocol's cap) and in time (``server.read_timeout``);
 * past ``server.max_connections`` a new connection still gets an answer, ``defer``, instead of
-  waiting or being refused: a refused connect poisons the Exim process (docs/exim.md);
+  waiting or being refused: a refused connect poisons the Exim process (docs/exim-facts.md §1.4);
 * a failure while serving one client is logged and answered ``error``; every other client is
   served as before.
 """

@@ -2,9 +2,9 @@
 
 Socket activation is how spamguardd is meant to run: systemd owns the query socket, so it
 exists before the daemon starts and survives its restarts, and Exim's connect() never fails
-(a failed connect poisons the Exim process, docs/exim.md). Both protocols are tiny and stable
-(``sd_listen_fds(3)``, ``sd_notify(3)``), so they are implemented here rather than pulling in a
-C binding.
+(a failed connect poisons the Exim process, docs/exim-facts.md §1.4). Both protocols are tiny
+and stable (``sd_listen_fds(3)``, ``sd_notify(3)``), so they are implemented here rather than
+pulling in a C binding.
 """
 
 from __future__ import annotations

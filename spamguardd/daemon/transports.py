@@ -14,6 +14,7 @@ import smtplib
 import subprocess
 from collections.abc import Iterator, Sequence
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Final, Protocol
 
 import attrs
@@ -23,6 +24,7 @@ import trio
 from spamguardd.core.config import NotifyConfig
 from spamguardd.core.errors import NotifyError
 from spamguardd.core.notice import Notice
+from spamguardd.daemon.smtp_socket import UnixSocketSMTP
 
 log = structlog.get_logger("spamguardd.daemon.transports")
 
@@ -65,10 +67,14 @@ class SendmailTransport:
 
 @attrs.frozen
 class SmtpTransport:
-    """Sends the message to an SMTP relay with the standard library, in a worker thread."""
+    """Sends the message to an SMTP relay with the standard library, in a worker thread.
 
-    host: str
-    port: int
+    *host* may be the path of a Unix socket that speaks SMTP (then *port* is None): the
+    package's ``spamguardd-submit.socket``, the local MTA's ``sendmail -bs``.
+    """
+
+    host: str | Path
+    port: int | None
     timeout: float
     #: EHLO name. Passed explicitly: smtplib's default asks DNS for the host's full name.
     local_hostname: str = attrs.field(factory=lambda: platform.node() or "localhost")
@@ -79,18 +85,32 @@ class SmtpTransport:
         Raises:
             NotifyError: connecting failed, the relay refused, or the attempt timed out.
         """
-        with time_limit(self.timeout, f"SMTP {self.host}:{self.port}"):
+        with time_limit(self.timeout, f"SMTP {self._where}"):
             # abandoned on timeout: the thread ends by itself within smtplib's own timeout
             await trio.to_thread.run_sync(self._send_sync, message, abandon_on_cancel=True)
 
+    @property
+    def _where(self) -> str:
+        return str(self.host) if self.port is None else f"{self.host}:{self.port}"
+
     def _send_sync(self, message: EmailMessage) -> None:
         try:
-            with smtplib.SMTP(
-                self.host, self.port, local_hostname=self.local_hostname, timeout=self.timeout
-            ) as smtp:
+            smtp: smtplib.SMTP
+            if self.port is None:
+                smtp = UnixSocketSMTP(
+                    Path(self.host), local_hostname=self.local_hostname, timeout=self.timeout
+                )
+            else:
+                smtp = smtplib.SMTP(
+                    str(self.host),
+                    self.port,
+                    local_hostname=self.local_hostname,
+                    timeout=self.timeout,
+                )
+            with smtp:
                 smtp.send_message(message)
         except (smtplib.SMTPException, OSError) as exc:
-            raise NotifyError(f"SMTP {self.host}:{self.port}: {exc}") from exc
+            raise NotifyError(f"SMTP {self._where}: {exc}") from exc
 
 
 @attrs.frozen
@@ -154,7 +174,9 @@ def _stderr(result: subprocess.CompletedProcess[bytes]) -> str:
 
 
 def default_transport(config: NotifyConfig) -> Transport:
-    """The transport ``[notify]`` names: the SMTP relay when set, else sendmail."""
+    """The transport ``[notify]`` names: the SMTP relay or socket when set, else sendmail."""
+    if isinstance(config.smtp, Path):
+        return SmtpTransport(config.smtp, None, config.send_timeout)
     if config.smtp is not None:
         host, port = config.smtp
         return SmtpTransport(host, port, config.send_timeout)

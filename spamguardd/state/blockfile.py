@@ -19,6 +19,7 @@ never overwritten: loading stops with ``file:line: what is wrong``.
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
 import re
 import tempfile
@@ -174,6 +175,13 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o640, group: int | Non
         raise StoreError(f"{path}: cannot write: {exc.strerror or exc}") from exc
 
 
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
 class BlockStore:
     """The block file of one state directory."""
 
@@ -203,7 +211,8 @@ class BlockStore:
                 os.chown(directory, -1, self.group)
             except OSError as exc:
                 raise StoreError(
-                    f"{directory}: cannot give it group {self.group}: {exc.strerror}"
+                    f"{directory}: cannot give it group {_group_name(self.group)} (is the "
+                    f"daemon's user a member?): {exc.strerror}"
                 ) from exc
 
     def load(self) -> list[Block]:
