@@ -75,12 +75,13 @@ class FailureSample:
 class Blocked:
     """Effect: *block* was just made. Persist it before answering, log it, tell the abuse desk.
 
-    *samples* are the user's most recent counted failures (at most :data:`EVIDENCE_SAMPLES`,
-    oldest first), the evidence a notice shows.
+    *rate* is the window whose bucket emptied (None for a block an admin made); *samples* are
+    the user's most recent counted failures (at most :data:`EVIDENCE_SAMPLES`, oldest first),
+    the evidence a notice shows.
     """
 
     block: Block
-    rate: Rate
+    rate: Rate | None = None
     samples: tuple[FailureSample, ...] = ()
 
 
@@ -93,7 +94,38 @@ class WouldBlock:
     samples: tuple[FailureSample, ...] = ()
 
 
-Effect = Blocked | WouldBlock
+@attrs.frozen
+class Unblocked:
+    """Effect: *block* was lifted by *by* at wall-clock time *at*; the user counts afresh."""
+
+    block: Block
+    by: str
+    at: float
+
+
+@attrs.frozen
+class Reset:
+    """Effect: *user*'s counters were forgotten by *by* at wall-clock time *at*."""
+
+    user: str
+    by: str
+    at: float
+
+
+Effect = Blocked | WouldBlock | Unblocked | Reset
+
+
+@attrs.frozen
+class Change:
+    """What an admin's change did: the effects to carry out, as a :class:`Decision` has them.
+
+    No effects means nothing changed (the user was already blocked, not blocked, or had no
+    counters).
+    """
+
+    effects: tuple[Effect, ...] = ()
+    #: The block-list generation to persist before the change is reported done.
+    needs_generation: int | None = None
 
 
 @attrs.frozen
@@ -155,8 +187,7 @@ class Policy:
         self._users: dict[str, bytes] = {}  # user -> buckets.dump(state)
         self._samples: collections.deque[FailureSample] = collections.deque(maxlen=SAMPLE_CAPACITY)
         self._would_block: set[str] = set()
-        #: Blocks this policy made itself, and users dropped at ``max_tracked_users`` (metrics).
-        self.auto_blocks = 0
+        #: Users dropped at ``max_tracked_users``.
         self.evicted_users = 0
 
     # -- queries --------------------------------------------------------------------------
@@ -230,7 +261,6 @@ class Policy:
             )
         block = Block(user=user, blocked_at=float(int(wall_now)), reason=reason, by="auto")
         self._add_block(block)
-        self.auto_blocks += 1
         return Decision(
             Reply(self.config.verdict, reason),
             (Blocked(block, tripped, evidence),),
@@ -246,40 +276,44 @@ class Policy:
 
     # -- admin changes --------------------------------------------------------------------
 
-    def block(self, user: str, reason: str, *, by: str, wall_now: float) -> tuple[Block, bool]:
-        """Block *user* on an admin's word; returns the block in force and whether it is new.
+    def block(self, user: str, reason: str, *, by: str, wall_now: float) -> Change:
+        """Block *user* on an admin's word.
 
-        A user already blocked keeps the block it has (its time and reason are the evidence).
-        A new block bumps :attr:`generation`: the caller answers once that is durable.
+        A user already blocked keeps the block it has (its time and reason are the evidence) and
+        nothing changes. A new block bumps :attr:`generation`: the change is done once that is
+        durable.
         """
-        existing = self.blocks.get(user)
-        if existing is not None:
-            return existing, False
+        if user in self.blocks:
+            return Change()
         block = Block(user=user, blocked_at=float(int(wall_now)), reason=reason, by=by)
+        evidence = tuple(reversed(self.failure_samples(user, EVIDENCE_SAMPLES)))
         self._add_block(block)
-        return block, True
+        return Change((Blocked(block, None, evidence),), needs_generation=self.generation)
 
-    def unblock(self, user: str) -> Block | None:
-        """Lift *user*'s block; returns it, or None when the user was not blocked.
+    def unblock(self, user: str, *, by: str, wall_now: float) -> Change:
+        """Lift *user*'s block; nothing changes when the user was not blocked.
 
         The user starts counting again from full buckets. Bumps :attr:`generation`.
         """
         block = self.blocks.pop(user, None)
-        if block is not None:
-            self._would_block.discard(user)
-            self.generation += 1
-        return block
+        if block is None:
+            return Change()
+        self._would_block.discard(user)
+        self.generation += 1
+        return Change((Unblocked(block, by, wall_now),), needs_generation=self.generation)
 
-    def reset(self, user: str) -> bool:
+    def reset(self, user: str, *, by: str, wall_now: float) -> Change:
         """Forget *user*'s counters (and monitor mode's "would block" mark).
 
-        A block is not lifted: that is :meth:`unblock`. Returns whether there was anything to
-        forget.
+        A block is not lifted: that is :meth:`unblock`. Nothing changes when there was nothing
+        to forget.
         """
         had_counters = self._users.pop(user, None) is not None
         was_marked = user in self._would_block
         self._would_block.discard(user)
-        return had_counters or was_marked
+        if not (had_counters or was_marked):
+            return Change()
+        return Change((Reset(user, by, wall_now),))
 
     def inspect(self, user: str, *, now: float, wall_now: float) -> UserView:
         """Where *user* stands at monotonic *now*: block, windows, recent failures.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import grp
+import os
 import signal
 import socket
 import time
@@ -20,13 +21,18 @@ from spamguardd import __version__
 from spamguardd.core.config import Config
 from spamguardd.core.errors import ConfigError, StoreError
 from spamguardd.core.policy import Policy
+from spamguardd.core.statistics import Statistics
 from spamguardd.daemon.admin_server import AdminServer
+from spamguardd.daemon.effects import EffectExecutor
+from spamguardd.daemon.journal_writer import JournalWriter
+from spamguardd.daemon.listeners import adopt_or_bind, bind_inet_listener
 from spamguardd.daemon.metrics import render_metrics
 from spamguardd.daemon.metrics_http import serve_metrics
-from spamguardd.daemon.notices import NoticeDispatcher, run_notifier
+from spamguardd.daemon.notices import NoticeQueue
 from spamguardd.daemon.persist import BlockPersister
-from spamguardd.daemon.query_server import QueryServer, bind_inet_listener, bind_unix_listener
-from spamguardd.daemon.systemd import Notifier
+from spamguardd.daemon.query_server import QueryServer
+from spamguardd.daemon.systemd import SdNotify
+from spamguardd.state import eximaccess
 from spamguardd.state.blockfile import BlockStore
 from spamguardd.state.journal import FILENAME as JOURNAL_FILENAME
 from spamguardd.state.journal import Journal
@@ -57,7 +63,24 @@ def load_policy(config: Config) -> tuple[Policy, BlockStore]:
             ) from None
     store = BlockStore(config.state.dir, group=gid)
     store.prepare()
-    return Policy(config.policy, store.load()), store
+    policy = Policy(config.policy, store.load())
+    if gid is not None:
+        ensure_exim_access(store.path, gid, group=str(config.state.group))
+    return policy, store
+
+
+def ensure_exim_access(block_file: Path, gid: int, *, group: str) -> None:
+    """Make sure Exim's group can read the block file: repair what we own, log the rest."""
+    problems = eximaccess.check(block_file, gid, uid=os.geteuid())
+    try:
+        for change in eximaccess.repair(problems, gid):
+            log.warning("state_access_repaired", change=change)
+    except OSError as exc:
+        log.error("state_access_repair_failed", error=str(exc))
+    for problem in eximaccess.check(block_file, gid, uid=os.geteuid()):
+        log.error(
+            "exim_cannot_read_block_file", path=str(problem.path), problem=problem.describe(group)
+        )
 
 
 def _inet_spec(address: tuple[str, int] | None) -> str | None:
@@ -90,9 +113,8 @@ class Daemon:
         config: the configuration to start with.
         wall_clock: the wall clock (tests pass a fake one).
         inherited: sockets systemd passed in, by ``FileDescriptorName=``: ``query`` is served
-            instead of binding ``server.query_socket``; ``admin`` is kept here for the admin
-            server.
-        notifier: where to send sd_notify state changes, when systemd asked for them.
+            instead of binding ``server.query_socket``; ``admin`` instead of ``admin.socket``.
+        sd_notify: where to report state changes, when systemd asked for them.
         load_config: re-reads the configuration on reload (default: the one given).
         watchdog_interval: seconds between ``WATCHDOG=1`` pings, when systemd watches us.
     """
@@ -103,7 +125,7 @@ class Daemon:
         *,
         wall_clock: Callable[[], float] = time.time,
         inherited: Mapping[str, socket.socket] | None = None,
-        notifier: Notifier | None = None,
+        sd_notify: SdNotify | None = None,
         load_config: Callable[[], Config] | None = None,
         watchdog_interval: float | None = None,
     ) -> None:
@@ -112,35 +134,33 @@ class Daemon:
         self.started_at = wall_clock()
         self.inherited: dict[str, socket.socket] = dict(inherited or {})
         self._inherited_names = sorted(self.inherited)  # for the log; run() takes them out
-        self.notifier = notifier
+        self.sd_notify = sd_notify
         self.watchdog_interval = watchdog_interval
         self._load_config = load_config or (lambda: self.config)
         self.snapshots = SnapshotStore(config.state.dir)
-        self.journal = Journal(config.state.dir / JOURNAL_FILENAME)
-        #: Event counters fed by other parts (notices, unblocks), exposed as metrics.
-        self.events: dict[str, int] = {}
         self.policy, self.store = load_policy(config)
-        self.persister = BlockPersister(self.policy, self.store)
-        self.notices = NoticeDispatcher(
-            config.notify,
-            verdict=config.policy.verdict,
-            journal=self.journal,
+        self.journal = JournalWriter(Journal(config.state.dir / JOURNAL_FILENAME))
+        self.notices = NoticeQueue(config.notify, record=self.journal.record, wall_clock=wall_clock)
+        self.effects = EffectExecutor(
+            self.policy,
+            BlockPersister(self.policy, self.store),
+            self.journal,
+            self.notices,
             wall_clock=wall_clock,
         )
         self.server = QueryServer(
             config.server,
             self.policy,
-            self.persister,
+            self.effects,
             wall_clock=wall_clock,
             log_decisions=config.log.level == "debug",
         )
         self.admin = AdminServer(self, wall_clock=wall_clock)
-        self.server.effect_listeners += [self.notices.on_effect, self.admin.on_effect]
 
     def stop(self) -> None:
         """Stop accepting and exit once in-flight answers are sent."""
-        if self.notifier is not None:
-            self.notifier.stopping()
+        if self.sd_notify is not None:
+            self.sd_notify.stopping()
         self.server.stop()
         self.admin.stop()
 
@@ -153,8 +173,8 @@ class Daemon:
         settings need a restart; a change to them is reported in
         ``needs_restart`` and otherwise ignored. Must be called from within trio.
         """
-        if self.notifier is not None:
-            self.notifier.reloading()
+        if self.sd_notify is not None:
+            self.sd_notify.reloading()
         try:
             new = self._load_config()
         except ConfigError as exc:
@@ -182,7 +202,8 @@ class Daemon:
                 if before != after
             )
             carried = self.policy.reconfigure(new.policy, trio.current_time())
-            self.notices.verdict = new.policy.verdict
+            if self.store.group is not None:
+                ensure_exim_access(self.store.path, self.store.group, group=str(old.state.group))
             self.config = attrs.evolve(
                 old,
                 source=new.source,
@@ -205,19 +226,28 @@ class Daemon:
                 carried_users=carried,
                 needs_restart=list(needs_restart),
             )
-        if self.notifier is not None:
-            self.notifier.ready(self._status())
+        if self.sd_notify is not None:
+            self.sd_notify.ready(self._status())
         return result
+
+    def statistics(self) -> Statistics:
+        """Every counter of the daemon, at this moment: what ``stats`` and the metrics show."""
+        return Statistics(
+            version=__version__,
+            started_at=self.started_at,
+            now=self.wall_clock(),
+            mode=self.policy.config.mode.value,
+            policy=self.policy.statistics(),
+            server=self.server.statistics(),
+            effects=self.effects.statistics(),
+            notices=self.notices.statistics(),
+            latency=self.server.latency.snapshot(),
+            admin_errors=self.admin.errors,
+        )
 
     def render_metrics(self) -> str:
         """The current metrics in the Prometheus text format."""
-        return render_metrics(
-            self.policy.statistics(),
-            self.server.statistics(),
-            self.server.latency,
-            auto_blocks=self.policy.auto_blocks,
-            events={**self.events, **self.notices.statistics().metric_events()},
-        )
+        return render_metrics(self.statistics())
 
     def save_snapshot(self) -> int:
         """Write the counters of users still being counted to the snapshot now.
@@ -268,7 +298,8 @@ class Daemon:
         """
         self._restore_snapshot()
         server_config = self.config.server
-        sock = self._adopt_or_bind(
+        sock = adopt_or_bind(
+            self.inherited,
             "query",
             server_config.query_socket,
             mode=server_config.socket_mode,
@@ -286,7 +317,8 @@ class Daemon:
                 host, port = server_config.query_listen
                 listeners.append(bind_inet_listener(host, port, backlog=server_config.backlog))
             admin_config = self.config.admin
-            admin_sock = self._adopt_or_bind(
+            admin_sock = adopt_or_bind(
+                self.inherited,
                 "admin",
                 admin_config.socket,
                 mode=admin_config.socket_mode,
@@ -307,29 +339,21 @@ class Daemon:
             listen = self.config.metrics.listen
             if listen is not None:
                 await nursery.start(serve_metrics, listen[0], listen[1], self.render_metrics)
-            await nursery.start(run_notifier, self.notices.receive_channel, self.notices)
+            await nursery.start(self.notices.run)
+            await nursery.start(self.journal.run)
             async with trio.open_nursery() as serving:
                 await serving.start(self.server.serve, listeners)
                 await serving.start(self.admin.serve, admin_sock)
                 self._log_started(query_socket)
-                if self.notifier is not None:
-                    self.notifier.ready(self._status())
+                if self.sd_notify is not None:
+                    self.sd_notify.ready(self._status())
                 task_status.started()
             # serve() has returned: stop() was called and in-flight answers went out
             await self.notices.aclose()  # queued notices get the shutdown grace period
+            await self.journal.flush()  # what the notices left, and everything before it
             nursery.cancel_scope.cancel()
         self._save_snapshot_logged()
         log.info("stopped")
-
-    def _adopt_or_bind(
-        self, name: str, path: Path, *, mode: int, group: str | None, backlog: int
-    ) -> socket.socket:
-        """The socket systemd passed in as *name*, else a new one bound at *path*."""
-        sock = self.inherited.pop(name, None)
-        if sock is not None:
-            return sock
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return bind_unix_listener(path, mode=mode, group=group, backlog=backlog)
 
     def _log_started(self, query_socket: str) -> None:
         log.info(
@@ -358,9 +382,9 @@ class Daemon:
 
     async def _watchdog(self, interval: float) -> None:
         # pinged from the event loop itself: a stuck loop stops the pings and systemd restarts us
-        assert self.notifier is not None  # noqa: S101 - only started with a notifier
+        assert self.sd_notify is not None  # noqa: S101 - only started when systemd watches
         while True:
-            self.notifier.watchdog()
+            self.sd_notify.watchdog()
             await trio.sleep(interval)
 
     async def _snapshot_loop(self) -> None:
