@@ -389,11 +389,13 @@ class TestSessionFuse:
             no_panic(lab)
 
     def test_off_by_default(self, exim_lab: EximLab) -> None:
-        """Without the macro no connection is dropped, however many recipients fail."""
-        sent = exim_lab.send(
-            [f"bad{i}@remote.test" for i in range(2)] + ["ok@remote.test"], user="alice"
-        )
-        assert list(sent.refused) == ["bad0@remote.test", "bad1@remote.test"]
+        """Without the macro no connection is dropped, however many recipients fail; each is
+        refused for good (550), the ninth and later too: the count of failures is decimal
+        (``${eval:08+1}`` would read an octal 08 and answer 451)."""
+        bad = [f"bad{i}@example.test" for i in range(12)]
+        sent = exim_lab.send([*bad, "ok@remote.test"], user="alice")
+        assert list(sent.refused) == bad
+        assert {code for code, _ in sent.refused.values()} == {550}
         assert sent.message_id is not None
 
 
