@@ -11,9 +11,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # Debian packages the real-Exim tests drive (exim -be/-bh/-bd, exiqgrep, swaks; socat and jq as the
-# docs use them; systemd and iproute2 for the systemd lab), and those the package build needs
+# docs use them; systemd and iproute2 for the systemd lab; redis-server for fleet mode's shared store),
+# and those the package build needs
 # (dh-virtualenv bundles the Python dependencies; lintian checks the result)
-DEBIAN_TEST_PACKAGES := exim4-daemon-light swaks socat jq systemd iproute2
+DEBIAN_TEST_PACKAGES := exim4-daemon-light swaks socat jq systemd iproute2 redis-server
 DEBIAN_BUILD_PACKAGES := build-essential debhelper dh-virtualenv lintian python3-dev python3-venv
 DEB_BUILD_DIR := build/deb
 

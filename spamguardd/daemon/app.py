@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import grp
 import os
+import platform
 import signal
 import socket
 import time
@@ -23,6 +24,7 @@ from spamguardd.core.errors import ConfigError, StoreError
 from spamguardd.core.policy import Policy
 from spamguardd.core.statistics import Statistics
 from spamguardd.daemon.admin_server import AdminServer
+from spamguardd.daemon.cluster import Cluster, read_password
 from spamguardd.daemon.effects import EffectExecutor
 from spamguardd.daemon.journal_writer import JournalWriter
 from spamguardd.daemon.listeners import adopt_or_bind, bind_inet_listener
@@ -148,14 +150,37 @@ class Daemon:
             self.notices,
             wall_clock=wall_clock,
         )
+        #: Fleet mode's link to the shared store; None for a single host.
+        self.cluster = self._make_cluster(config, wall_clock)
         self.server = QueryServer(
             config.server,
             self.policy,
             self.effects,
             wall_clock=wall_clock,
             log_decisions=config.log.level == "debug",
+            cluster=self.cluster,
         )
         self.admin = AdminServer(self, wall_clock=wall_clock)
+
+    def _make_cluster(self, config: Config, wall_clock: Callable[[], float]) -> Cluster | None:
+        """The fleet link when ``[cluster]`` names a store.
+
+        Raises:
+            ConfigError: the password file cannot be read.
+        """
+        settings = config.cluster
+        if not settings.enabled:
+            return None
+        password = None if settings.password_file is None else read_password(settings.password_file)
+        return Cluster(
+            settings,
+            self.policy,
+            self.effects,
+            reload=lambda: self.reload().ok,
+            password=password,
+            relay=settings.name or platform.node() or "localhost",
+            wall_clock=wall_clock,
+        )
 
     def stop(self) -> None:
         """Stop accepting and exit once in-flight answers are sent."""
@@ -198,6 +223,7 @@ class Daemon:
                     ("admin.socket", old.admin.socket, new.admin.socket),
                     ("admin.socket_mode", old.admin.socket_mode, new.admin.socket_mode),
                     ("admin.socket_group", old.admin.socket_group, new.admin.socket_group),
+                    ("cluster", old.cluster, new.cluster),
                 )
                 if before != after
             )
@@ -243,6 +269,7 @@ class Daemon:
             notices=self.notices.statistics(),
             latency=self.server.latency.snapshot(),
             admin_errors=self.admin.errors,
+            cluster=None if self.cluster is None else self.cluster.statistics(),
         )
 
     def render_metrics(self) -> str:
@@ -341,6 +368,8 @@ class Daemon:
                 await nursery.start(serve_metrics, listen[0], listen[1], self.render_metrics)
             await nursery.start(self.notices.run)
             await nursery.start(self.journal.run)
+            if self.cluster is not None:
+                await nursery.start(self.cluster.run)
             async with trio.open_nursery() as serving:
                 await serving.start(self.server.serve, listeners)
                 await serving.start(self.admin.serve, admin_sock)
