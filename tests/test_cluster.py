@@ -145,6 +145,7 @@ class TestCountAnswers:
         )
         assert call.keys == (b"p:count:auth:u", b"p:blocks", b"p:events", b"p:would:auth:u")
         assert call.args[0] == b"count"
+        assert call.args[4] == b"enforce"
         assert call.args[9] == b"2"
         assert call.args[10:13] == (
             b"5",

@@ -17,6 +17,7 @@ Keys, all under ``cluster.key_prefix`` (``P``)::
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Final
@@ -157,7 +158,7 @@ def count_call(  # noqa: PLR0913 - every argument is part of the one call
     keys: Keys,
     user: str,
     rcpt: str,
-    rates: Sequence[Rate],
+    rates: tuple[Rate, ...],
     *,
     mode: Mode,
     relay: str,
@@ -168,12 +169,24 @@ def count_call(  # noqa: PLR0913 - every argument is part of the one call
 
     *now* is for tests; the daemon leaves it to the server's clock.
     """
-    args: list[bytes] = [
-        b"count",
-        user.encode(ENCODING, ERRORS),
-        b"%d" % int(buckets.fingerprint(rcpt)),
+    return CountCall(
+        keys=(keys.count(user), keys.blocks, keys.events, keys.would_block(user)),
+        args=(
+            b"count",
+            user.encode(ENCODING, ERRORS),
+            b"%d" % int(buckets.fingerprint(rcpt)),
+            b"" if now is None else _number(now),
+            *_window_args(rates, mode, relay, origin),
+        ),
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _window_args(rates: tuple[Rate, ...], mode: Mode, relay: str, origin: str) -> tuple[bytes, ...]:
+    """The arguments of a count that depend only on the limits and the relay (made once per
+    set of limits, not per failure: they are on the query path)."""
+    args = [
         mode.value.encode("ascii"),
-        b"" if now is None else _number(now),
         relay.encode("ascii"),
         origin.encode("ascii"),
         b"%d" % max(buckets.MIN_RECENT, *(rate.count for rate in rates)),
@@ -186,10 +199,7 @@ def count_call(  # noqa: PLR0913 - every argument is part of the one call
             b"%d" % rate.period,
             record_tail(block_reason(rate), "auto", relay, origin=origin, rate=rate),
         ]
-    return CountCall(
-        keys=(keys.count(user), keys.blocks, keys.events, keys.would_block(user)),
-        args=tuple(args),
-    )
+    return tuple(args)
 
 
 def parse_count(user: str, rates: Sequence[Rate], reply: object) -> StoreCount:

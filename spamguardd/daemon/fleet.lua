@@ -115,7 +115,7 @@ end
 
 -- count: one failed recipient of one user, in every window, de-duplicated.
 -- KEYS: counter, blocks, events, would-block mark
--- ARGV: 'count', user, fingerprint, mode, now, relay, origin, limit, maxlen, w,
+-- ARGV: 'count', user, fingerprint, now, mode, relay, origin, limit, maxlen, w,
 --       then count, period, record tail for each window
 -- Returns {status, counted, tripped window (0: none), record, tokens_1, ..., tokens_w}, status:
 --   'blocked'  the user is blocked already (record: the block); nothing was counted
@@ -129,8 +129,8 @@ local function count()
     return {'blocked', 0, 0, existing}
   end
   local fingerprint = tonumber(ARGV[3])
-  local mode = ARGV[4]
-  local now = clock(ARGV[5])
+  local now = clock(ARGV[4])
+  local mode = ARGV[5]
   local limit = tonumber(ARGV[8])
   local w = tonumber(ARGV[10])
   local counts, periods, tails = {}, {}, {}
