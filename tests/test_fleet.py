@@ -9,13 +9,18 @@ say what they measure.
 from __future__ import annotations
 
 import concurrent.futures
+import secrets
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from spamguardd.core.config import Config, StateConfig
+from spamguardd.daemon.app import Daemon
 from tests.exim_queue_fixture import make_exim_queue
 from tests.fleetlab import Fleet, make_fleet, wait_until
 from tests.redislab import RedisLab, running_redis
@@ -317,3 +322,84 @@ def test_release_frozen_mail_on_every_relay(fleet: Fleet, sock_dir: Path) -> Non
     again = b.ctl("unblock", "auth:frozen", "--release", "--exim-command", queues[b.name].command)
     assert again.returncode == 0, again.stderr
     assert "no frozen messages" in again.stdout
+
+
+def test_monitor_mode_reports_once_fleet_wide(sock_dir: Path, redis: RedisLab) -> None:
+    """Monitor mode: the failure that empties a bucket is reported (user_would_block) by one
+    relay of the fleet, nobody is blocked, and counting goes on."""
+    fleet = make_fleet(sock_dir, redis.url, NAMES, limits=f'["{LIMIT}/1h"]')
+    for relay in fleet.relays:
+        config = relay.workdir / "spamguardd.toml"
+        config.write_text(config.read_text().replace('mode = "enforce"', 'mode = "monitor"'))
+        relay.start()
+    try:
+        for relay in fleet.relays:
+            wait_until(relay.cluster_up)
+        answers = [fleet.relays[i % 3].fail("auth:watched", f"r{i}@x") for i in range(3 * LIMIT)]
+        assert answers == ["accept\n"] * (3 * LIMIT)
+        reports = [len(relay.log_events("user_would_block")) for relay in fleet.relays]
+        assert sorted(reports) == [0, 0, 1]
+        assert not any(relay.blocked_in_file("auth:watched") for relay in fleet.relays)
+    finally:
+        fleet.stop()
+
+
+def test_password_from_a_file(sock_dir: Path) -> None:
+    """A store with a password: the relay reads it from password_file and links; a wrong one
+    is a store that refuses (degraded, said once, the reason logged); a missing file stops the
+    start with exit 78, naming it."""
+    (sock_dir / "store").mkdir()
+    password = secrets.token_hex(16)
+    with running_redis(sock_dir / "store", password=password) as lab:
+        secret = sock_dir / "password"
+        secret.write_text(f"{password}\n")
+        extra = f'password_file = "{secret}"\n'
+        fleet = make_fleet(sock_dir, lab.url, ["relay-a"], limits='["5/1h"]', extra=extra)
+        relay = fleet.relays[0]
+        relay.start()
+        try:
+            wait_until(relay.cluster_up)
+            secret.write_text("wrong\n")
+            assert relay.stop() == 0
+            relay.start()
+            wait_until(lambda: len(relay.log_events("cluster_down")) == 1)
+            [down] = relay.log_events("cluster_down")
+            assert "WRONGPASS" in down["reason"] or "invalid" in down["reason"].lower()
+            assert relay.fail("auth:x", "r@x") == "accept\n"
+            assert relay.ctl_json("stats")["cluster"]["local_counts"] == 1
+            assert relay.stop() == 0
+            secret.unlink()
+            result = subprocess.run(
+                [sys.executable, "-m", "spamguardd", "--config", "spamguardd.toml"],
+                cwd=relay.workdir,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert result.returncode == 78
+            assert f"cluster.password_file: {secret}: cannot read" in result.stderr
+        finally:
+            fleet.stop()
+
+
+def test_a_single_host_knows_nothing_of_fleets(sock_dir: Path) -> None:
+    """Without [cluster] the daemon is the single-host daemon: no link, no fleet statistics,
+    no fleet metrics."""
+    daemon = Daemon(Config(state=StateConfig(dir=sock_dir / "var")))
+    assert daemon.cluster is None
+    assert daemon.server.cluster is None
+    assert daemon.statistics().cluster is None
+    assert "cluster" not in daemon.render_metrics()
+    # nor does it load the store's client (about half a second at every start)
+    code = (
+        "import sys; from pathlib import Path; "
+        "from spamguardd.core.config import Config, StateConfig; "
+        "from spamguardd.daemon.app import Daemon; "
+        f"Daemon(Config(state=StateConfig(dir=Path({str(sock_dir / 'var')!r})))); "
+        "print('coredis' in sys.modules)"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout == "False\n"

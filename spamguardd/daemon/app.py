@@ -11,7 +11,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import attrs
 import structlog
@@ -24,7 +24,6 @@ from spamguardd.core.errors import ConfigError, StoreError
 from spamguardd.core.policy import Policy
 from spamguardd.core.statistics import Statistics
 from spamguardd.daemon.admin_server import AdminServer
-from spamguardd.daemon.cluster import Cluster, read_password
 from spamguardd.daemon.effects import EffectExecutor
 from spamguardd.daemon.journal_writer import JournalWriter
 from spamguardd.daemon.listeners import adopt_or_bind, bind_inet_listener
@@ -39,6 +38,9 @@ from spamguardd.state.blockfile import BlockStore
 from spamguardd.state.journal import FILENAME as JOURNAL_FILENAME
 from spamguardd.state.journal import Journal
 from spamguardd.state.snapshot import Entry, SnapshotStore
+
+if TYPE_CHECKING:
+    from spamguardd.daemon.cluster import Cluster
 
 log = structlog.get_logger("spamguardd")
 
@@ -171,6 +173,10 @@ class Daemon:
         settings = config.cluster
         if not settings.enabled:
             return None
+        # imported here: the store's client takes about half a second to import, which a
+        # single host (no [cluster]) should not pay at every start
+        from spamguardd.daemon.cluster import Cluster, read_password  # noqa: PLC0415
+
         password = None if settings.password_file is None else read_password(settings.password_file)
         return Cluster(
             settings,
