@@ -403,3 +403,27 @@ def test_a_single_host_knows_nothing_of_fleets(sock_dir: Path) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert loaded.stdout == "False\n"
+
+
+def test_block_made_by_a_call_given_up_on_is_still_notified_once(
+    fleet: Fleet, redis: RedisLab
+) -> None:
+    """The failure that empties the bucket reaches a paused store: the relay stops waiting
+    after the budget (counting it locally meanwhile), but the store makes the block when it
+    resumes. The relay learns of its own block from the stream and makes it here with its
+    notice; the others adopt it; one notice in all."""
+    a = fleet.relays[0]
+    for i in range(LIMIT - 1):
+        assert fleet.relays[i % 3].fail("auth:late", f"r{i}@x") == "accept\n"
+    redis.pause()
+    try:
+        assert a.fail("auth:late", "last@x") == "accept\n"  # the budget ran out
+    finally:
+        redis.resume()
+    for relay in fleet.relays:
+        wait_until(lambda r=relay: r.check("auth:late").startswith("freeze "))  # type: ignore[misc]
+        wait_until(lambda r=relay: r.blocked_in_file("auth:late"))  # type: ignore[misc]
+    wait_until(lambda: len(fleet.notice_lines()) >= 1)
+    time.sleep(0.5)
+    assert fleet.notice_lines() == [f"{a.name} blocked auth:late"]
+    assert a.ctl_json("stats")["cluster"]["up"] is True  # one slow call is not an outage

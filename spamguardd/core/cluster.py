@@ -276,6 +276,8 @@ class Event:
     relay: str
     #: The block, for ``block``.
     block: Block | None = None
+    #: The window that emptied, for an automatic ``block``.
+    rate: Rate | None = None
     #: Who lifted the block or forgot the counters, for ``unblock`` and ``reset``.
     by: str = ""
     #: Wall-clock time of an unblock or reset.
@@ -315,7 +317,7 @@ def parse_event(fields: Mapping[bytes, bytes]) -> Event:
     origin, relay = text(b"origin"), text(b"relay")
     if op is Op.BLOCK:
         stored = decode_record(user, fields.get(b"record", b""))
-        return Event(op, user, origin, relay or stored.relay, block=stored.block)
+        return Event(op, user, origin, relay or stored.relay, block=stored.block, rate=stored.rate)
     if op is Op.RELOAD:
         return Event(op, "", origin, relay, digest=fields.get(b"digest", b"").decode("ascii"))
     try:

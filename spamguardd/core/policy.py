@@ -363,6 +363,15 @@ class Policy:
             )
         return Decision(ACCEPT, counted=count.counted, tokens_left=tokens)
 
+    def own_block(self, block: Block, rate: Rate | None) -> Change:
+        """Take *block*, made in the store by one of this relay's counts whose answer never
+        came back (it gave up waiting), with the evidence and notice of a block made here."""
+        if block.user in self.blocks:
+            return Change()
+        evidence = tuple(reversed(self.failure_samples(block.user, EVIDENCE_SAMPLES)))
+        self._add_block(block)
+        return Change((Blocked(block, rate, evidence),), needs_generation=self.generation)
+
     def adopt_block(self, block: Block) -> Change:
         """Take over *block*, made on another relay; a user blocked here already keeps its block.
 

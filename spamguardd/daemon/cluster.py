@@ -60,6 +60,7 @@ from spamguardd.core.config import ClusterConfig
 from spamguardd.core.errors import ConfigError, StoreError
 from spamguardd.core.policy import Block, Change, Decision, Policy, StoreCountStatus
 from spamguardd.core.protocol import RcptRequest, Request
+from spamguardd.core.rate import Rate
 from spamguardd.core.statistics import ClusterStatistics
 from spamguardd.daemon.effects import EffectExecutor
 
@@ -70,6 +71,9 @@ RETRY_INTERVAL: Final = 0.5
 #: The budget of what runs off the query path: catching up, admin changes, pushes, one read of
 #: the events stream beyond its blocking wait.
 BACKGROUND_TIMEOUT: Final = 5.0
+#: Calls in a row that get no answer within ``cluster.timeout`` before the relay counts locally
+#: (degraded mode) until the store has caught up again; each of them is counted locally anyway.
+SLOW_CALLS_TO_GO_DOWN: Final = 3
 #: How long one read of the events stream waits on the server for something new.
 FOLLOW_WAIT_MS: Final = 1000
 #: Events read at once.
@@ -352,6 +356,7 @@ class Cluster:
         self.up = False
         self._down_since: float | None = wall_clock()
         self._reported_down = False
+        self._slow_in_a_row = 0
         #: Admin changes made while the store was away, pushed first when it returns, in order.
         self._pending: list[tuple[Op, str, str, float]] = []
         self._outages = self._store_counts = self._local_counts = 0
@@ -399,18 +404,26 @@ class Cluster:
             origin=self.origin,
         )
         count = None
+        failed = False
         with trio.move_on_after(self.config.timeout):
             try:
                 count = parse_count(request.user, rates, await self.store.count(call))
             except (StoreUnavailableError, ValueError) as exc:
                 self._errors += 1
+                failed = True
                 self._went_down(str(exc))
         if count is None:
-            if self.up:  # the budget ran out, not the store
+            if not failed:  # the budget ran out: slow once may be a moment; slow in a row is down
                 self._timeouts += 1
-                self._went_down(f"no answer within {self.config.timeout * 1000:g} ms")
+                self._slow_in_a_row += 1
+                if self._slow_in_a_row >= SLOW_CALLS_TO_GO_DOWN:
+                    self._went_down(
+                        f"{self._slow_in_a_row} calls in a row without an answer within "
+                        f"{self.config.timeout * 1000:g} ms"
+                    )
             self._local_counts += 1
             return policy.decide(request, now=trio.current_time(), wall_now=self.wall_clock())
+        self._slow_in_a_row = 0
         self._store_counts += 1
         block = count.block
         if count.status is StoreCountStatus.BLOCKED and block is not None:
@@ -523,6 +536,12 @@ class Cluster:
             changes = [
                 (self.policy.adopt_block(block), remote[block.user].relay or "fleet")
                 for block in plan.adopt
+                if remote[block.user].origin != self.origin
+            ]
+            own = [
+                remote[block.user]
+                for block in plan.adopt
+                if remote[block.user].origin == self.origin
             ]
             changes += [
                 self._lift(user, by="fleet", at=at, relay="fleet") for user, at in plan.lift
@@ -537,6 +556,8 @@ class Cluster:
                     self._pushed += 1
                     log.info("cluster_block_pushed", user=block.user, reason=block.reason)
         await self._carry_out(changes)
+        for stored in own:
+            await self._own_block(stored.block, stored.rate)
         self._came_back(len(plan.adopt), len(plan.lift), len(plan.push))
         return after
 
@@ -555,6 +576,10 @@ class Cluster:
                     continue
                 if event.origin != self.origin:
                     changes.append(self._change_for(event))
+                elif event.op is Op.BLOCK and event.block is not None:
+                    # ours: made by a count whose answer we stopped waiting for (or is still
+                    # on its way); whichever comes first makes the block here, with the notice
+                    await self._own_block(event.block, event.rate)
             await self._carry_out(changes)
 
     def _change_for(self, event: Event) -> tuple[Change, str]:
@@ -580,6 +605,14 @@ class Cluster:
                 our_digest=mine,
                 hint="every relay must have the same limits, overrides and mode",
             )
+
+    async def _own_block(self, block: Block, rate: Rate | None) -> None:
+        change = self.policy.own_block(block, rate)
+        if not change.effects:
+            return
+        log.info("cluster_own_block_settled", user=block.user, reason=block.reason)
+        with contextlib.suppress(StoreError):  # logged and counted by the executor
+            await self.effects.apply(change)
 
     async def adopt(self, stored: StoredBlock) -> None:
         """Take over a block the fleet has (made on ``stored.relay``), durably, without notice."""
