@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -21,9 +22,26 @@ from spamguardd.core.cluster import (
 )
 from spamguardd.core.config import Config, Mode, PolicyConfig
 from spamguardd.core.errors import ConfigError
-from spamguardd.core.policy import Block, StoreCountStatus
+from spamguardd.core.policy import (
+    ACCEPT,
+    Block,
+    Blocked,
+    Policy,
+    StoreCount,
+    StoreCountStatus,
+    WouldBlock,
+)
+from spamguardd.core.protocol import (
+    CheckRequest,
+    PingRequest,
+    RcptRequest,
+    ReportRequest,
+    Verdict,
+    Verify,
+)
 from spamguardd.core.rate import Rate
 from spamguardd.core.storeurl import StoreAddress, parse_store_url
+from tests.helpers import T0
 from tests.strategies import blocks, user_keys, wire_text
 
 RATES = (Rate(5, 3600), Rate(20, 86400))
@@ -271,3 +289,93 @@ class TestDigest:
             PolicyConfig(failed_recipients=RATES, overrides={"auth:n": (Rate(1000, 3600),)}),
         ]
         assert len({policy_digest(c) for c in [base, *others]}) == 4
+
+
+FIVE = PolicyConfig(failed_recipients=(Rate(5, 3600),))
+
+
+def _fail(user: str, rcpt: str = "r@x", verify: Verify = Verify.FAIL) -> RcptRequest:
+    return RcptRequest(user=user, rcpt=rcpt, verify=verify)
+
+
+class TestPolicyInFleetMode:
+    def test_what_the_store_counts(self) -> None:
+        """Only failures that would count go to the store: not a verifying recipient, not a
+        blocked user, not an exemption, not a check or a ping; a report counts as a recipient."""
+        config = attrs.evolve(FIVE, exempt_users=frozenset({"auth:exempt"}))
+        policy = Policy(config, [Block("auth:blocked", T0, "r")])
+        assert policy.to_count(_fail("auth:m")) == _fail("auth:m")
+        assert policy.to_count(_fail("auth:m", verify=Verify.OK)) is None
+        assert policy.to_count(_fail("auth:m", verify=Verify.DEFER)) is None
+        assert policy.to_count(_fail("auth:blocked")) is None
+        assert policy.to_count(_fail("auth:exempt")) is None
+        assert policy.to_count(CheckRequest("auth:m")) is None
+        assert policy.to_count(PingRequest()) is None
+        report = ReportRequest(user="auth:m", rcpt="r@x", event="msg:fail:delivery")
+        assert policy.to_count(report) == report.as_rcpt()
+
+    def test_settle_a_block_the_store_made(self) -> None:
+        """The block the store made here is the policy's block: verdict, effect with the
+        window and the evidence, durable before the answer; settled twice, blocked once."""
+        policy = Policy(FIVE)
+        block = Block("auth:m", T0, "5 failed recipients within 1h")
+        count = StoreCount(StoreCountStatus.BLOCK, True, Rate(5, 3600), (0.0,), block)
+        decision = policy.settle(_fail("auth:m", "last@x"), count, wall_now=T0)
+        assert decision.reply.verdict is Verdict.FREEZE
+        [effect] = decision.effects
+        assert isinstance(effect, Blocked)
+        assert (effect.block, effect.rate) == (block, Rate(5, 3600))
+        assert [sample.rcpt for sample in effect.samples] == ["last@x"]
+        assert decision.needs_generation == policy.generation == 1
+        again = policy.settle(_fail("auth:m", "other@x"), count, wall_now=T0)
+        assert again.effects == ()
+        assert again.reply == decision.reply
+
+    def test_settle_counted_and_would_block(self) -> None:
+        """A plain count is an accept; monitor mode's first trip in the fleet is reported."""
+        policy = Policy(attrs.evolve(FIVE, mode=Mode.MONITOR))
+        counted = StoreCount(StoreCountStatus.COUNTED, True, None, (3.0,))
+        assert policy.settle(_fail("auth:m"), counted, wall_now=T0).reply == ACCEPT
+        would = StoreCount(StoreCountStatus.WOULD, True, Rate(5, 3600), (0.0,))
+        decision = policy.settle(_fail("auth:m"), would, wall_now=T0)
+        assert decision.reply == ACCEPT
+        assert [type(effect) for effect in decision.effects] == [WouldBlock]
+        assert policy.statistics().would_block_users == 1
+
+    def test_adopt_and_own(self) -> None:
+        """A block from elsewhere carries no evidence; one of ours does; a user blocked here
+        keeps its block either way."""
+        policy = Policy(FIVE)
+        theirs = Block("auth:t", T0, "r")
+        [adopted] = policy.adopt_block(theirs).effects
+        assert isinstance(adopted, Blocked)
+        assert (adopted.rate, adopted.samples) == (None, ())
+        assert policy.adopt_block(Block("auth:t", T0 + 5, "other")).effects == ()
+        assert policy.blocks["auth:t"] == theirs
+        policy.decide(_fail("auth:o", "seen@x"), now=0.0, wall_now=T0)
+        [own] = policy.own_block(Block("auth:o", T0, "r"), Rate(5, 3600)).effects
+        assert isinstance(own, Blocked)
+        assert [sample.rcpt for sample in own.samples] == ["seen@x"]
+        assert policy.own_block(Block("auth:o", T0, "r"), None).effects == ()
+
+
+class TestStoreUrlProperties:
+    @given(st.text(max_size=80))
+    def test_any_text_is_an_address_or_a_value_error(self, text: str) -> None:
+        """Whatever an admin types, the answer is an address or a ValueError saying why."""
+        try:
+            address = parse_store_url(text)
+        except ValueError:
+            return
+        assert address.scheme in {"redis", "rediss", "unix"}
+
+    @given(
+        st.sampled_from(["redis", "rediss"]),
+        st.from_regex(r"\A[a-z][a-z0-9-]{0,20}(\.[a-z][a-z0-9-]{0,20}){0,3}\Z"),
+        st.integers(1, 65535),
+        st.integers(0, 15),
+    )
+    def test_shown_form_reads_back(self, scheme: str, host: str, port: int, db: int) -> None:
+        """The address as stats show it is a URL that reads back as the same address."""
+        address = StoreAddress(scheme, host, port, db=db)
+        assert parse_store_url(str(address)) == address
