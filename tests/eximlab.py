@@ -281,6 +281,7 @@ never_users = root
 freeze_tell =
 keep_environment =
 acl_smtp_rcpt = acl_check_rcpt
+acl_not_smtp = acl_check_not_smtp
 
 begin acl
 
@@ -291,6 +292,10 @@ acl_check_rcpt:
   accept domains = +local_domains
          verify = recipient
   deny   message = relay not permitted
+
+acl_check_not_smtp:
+.include {contrib}/spamguardd-not-smtp.conf
+  accept
 
 begin routers
 
@@ -535,6 +540,20 @@ class EximLab:
             assert code == 250, (code, text)
             match = re.search(rb"id=(\S+)", text)
             return Sent(refused, match.group(1).decode() if match else None)
+
+    def submit_local(self, recipients: list[str], *, login: str, subject: str = "test") -> str:
+        """One message submitted on this host without SMTP, as ``sendmail -t`` from *login*'s
+        script would (Exim's ``-oMt`` gives the caller's login, as only a trusted caller may),
+        delivered at once (``-odi``); returns its queue id."""
+        lines = [f"From: {login}@example.test", f"To: {', '.join(recipients)}"]
+        message = "\n".join([*lines, f"Subject: {subject}", "", "hello", ""])
+        self.run_exim("-odi", "-oMt", login, "-f", f"{login}@example.test", "-t", stdin=message)
+        ids = re.findall(
+            rf"(\S+) <= {re.escape(login)}@example.test U={re.escape(login)} ",
+            self.mainlog.read_text(),
+        )
+        assert ids, f"no arrival from {login} in the main log"
+        return str(ids[-1])
 
 
 @contextlib.contextmanager

@@ -244,6 +244,8 @@ def test_admin_story(story: Story, tmp_path_factory: pytest.TempPathFactory) -> 
         story.sh(split)
         rcpt_acl = lab.run(["exim", "-bP", "acl_smtp_rcpt"]).stdout.strip()
         assert rcpt_acl == "acl_smtp_rcpt = /etc/exim4/acl_spamguardd_rcpt"
+        not_smtp_acl = lab.run(["exim", "-bP", "acl_not_smtp"]).stdout.strip()
+        assert not_smtp_acl == "acl_not_smtp = /etc/exim4/acl_spamguardd_not_smtp"
         # the split drop-ins put the delivery-time event into Debian's smarthost transport
         event = lab.run(["exim", "-bP", "transport", "remote_smtp_smarthost"]).stdout
         assert "event_action = ${if and{{def:acl_m_sg_out}" in event
@@ -313,6 +315,38 @@ def test_admin_story(story: Story, tmp_path_factory: pytest.TempPathFactory) -> 
         assert "uid:www-data" in story.ctl("list").stdout
         root = story.ctl("show", "uid:root").stdout
         assert "not blocked" in root
+
+    with story.step("a web script piping harvested addresses to sendmail -t is frozen"):
+        lab.run(["useradd", "--system", "--no-create-home", "site1"])
+        lab.run(["useradd", "--system", "--no-create-home", "site2"])
+        harvested = "".join(f"To: bad{i}@remote.test\n" for i in range(1, 6))
+        script = f"Subject: cheap pills\n{harvested}\nbuy now\n"
+        lab.run(["sendmail", "-t"], input=script, user="site1")
+        story.wait(
+            "the refused deliveries to block uid:site1",
+            lambda: "uid:site1" in story.ctl("list").stdout,
+        )
+        lab.run(["sendmail", "-t"], input="To: friend4@remote.test\n\nhello\n", user="site1")
+
+        def frozen_of_site1() -> list[str]:
+            return [
+                message_id
+                for message_id in story.frozen()
+                if "X-Spamguard-User: uid:site1" in lab.run(["exim", "-Mvh", message_id]).stdout
+            ]
+
+        assert story.wait("site1's next message to be frozen", frozen_of_site1)
+        lab.run(["sendmail", "-t"], input="To: friend5@remote.test\n\nhello\n", user="site2")
+        delivered = lab.path("/root/fakemx.log")
+        story.wait(
+            "site2's message to be delivered",
+            lambda: delivered.exists() and "friend5@remote.test" in delivered.read_text(),
+        )
+        assert "uid:site2" not in story.ctl("list").stdout
+        # the site's admin deletes the spam that was held back, and lifts the block
+        removed = story.ctl("unblock", "uid:site1", "--remove").stdout
+        assert "removed" in removed, removed
+        assert frozen_of_site1() == []
 
     with story.step("reload and restart keep blocks and counters"):
         story.send("bad7@remote.test", "bad8@remote.test", user="bob")

@@ -300,6 +300,103 @@ class TestDeliveryTimeFailures:
         no_panic(lab)
 
 
+class TestLocalSubmissions:
+    def test_a_web_script_spraying_harvested_addresses_is_counted_blocked_and_frozen(
+        self, exim_lab: EximLab
+    ) -> None:
+        """sendmail -t from www-data's script to harvested addresses: the recipients the remote
+        MX refuses at delivery are counted under uid:www-data until it is blocked; its next
+        message is frozen, another local user's is not."""
+        lab = exim_lab
+        spray = [f"bad{i}@remote.test" for i in range(3)] + ["ok@remote.test"]
+        first = lab.submit_local(spray, login="www-data")
+        lab.wait_queue_settled(first)
+        wait_for("three refusals to be counted", lambda: lab.spamguard.is_blocked("uid:www-data"))
+        assert_delivered(lab, first, "ok@remote.test")  # submitted before the block: delivered
+        frozen = lab.submit_local(["friend@remote.test"], login="www-data")
+        assert_frozen_for(lab, frozen, "uid:www-data")
+        other = lab.submit_local(["friend2@remote.test"], login="alice")
+        assert_delivered(lab, other, "friend2@remote.test")
+        assert not lab.spamguard.is_blocked("uid:alice")
+        assert "spamguardd: freezing message from uid:www-data" in lab.mainlog.read_text()
+        no_panic(lab)
+
+    def test_block_file_freezes_a_blocked_local_user_while_the_daemon_is_down(
+        self, exim_lab: EximLab
+    ) -> None:
+        """With the daemon stopped the non-SMTP ACL reads the block file, as the RCPT ACL does."""
+        lab = exim_lab
+        lab.submit_local([f"bad{i}@remote.test" for i in range(3)], login="www-data")
+        wait_for("the block", lambda: lab.spamguard.is_blocked("uid:www-data"))
+        lab.spamguard.stop()
+        frozen = lab.submit_local(["friend@remote.test"], login="www-data")
+        assert_frozen_for(lab, frozen, "uid:www-data")
+        other = lab.submit_local(["friend2@remote.test"], login="alice")
+        assert_delivered(lab, other, "friend2@remote.test")
+        assert "using the block file for this message" in lab.mainlog.read_text()
+        no_panic(lab)
+
+    def test_the_daemons_own_notices_and_bounces_are_left_alone(self, exim_lab: EximLab) -> None:
+        """uid:spamguardd (the daemon's notices) is never counted, even to refused recipients."""
+        lab = exim_lab
+        notice = lab.submit_local([f"bad{i}@remote.test" for i in range(4)], login="spamguardd")
+        lab.wait_queue_settled(notice)
+        assert not lab.spamguard.is_blocked("uid:spamguardd")
+        assert "uid:spamguardd" not in lab.spamguard.log.read_text()
+
+
+class TestSessionFuse:
+    def test_the_fuse_drops_the_connection_after_n_failures(self) -> None:
+        """SPAMGUARD_SESSION_FUSE = 2: two refused recipients in one connection, across two
+        messages, and the next RCPT drops the connection before the daemon is asked; the
+        daemon counted the two it saw."""
+        with running_lab(
+            limit="10/1h",
+            macros={"SPAMGUARD_SESSION_FUSE": "2", "SPAMGUARD_FUSE_DELAY": "0s"},
+        ) as lab:
+            with smtplib.SMTP("127.0.0.1", lab.port, timeout=30) as smtp:
+                smtp.ehlo("client.test")
+                smtp.login("mallory", PASSWORD)
+                smtp.mail("mallory@example.test")
+                assert smtp.rcpt("bad1@remote.test")[0] == 550
+                smtp.rset()  # a new message: Exim's own $rcpt_fail_count starts again
+                smtp.mail("mallory@example.test")
+                assert smtp.rcpt("bad2@remote.test")[0] == 550
+                code, text = smtp.rcpt("ok@remote.test")
+                assert (code, text) == (550, b"too many failed recipients in this connection")
+                with pytest.raises(smtplib.SMTPServerDisconnected):
+                    smtp.noop()
+            shown = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "spamguardd.ctl",
+                    "--socket",
+                    str(lab.spamguard.socket.parent / "admin.sock"),
+                    "--json",
+                    "show",
+                    "auth:mallory",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=60,
+            ).stdout
+            assert '"counted": 2' in shown
+            log = lab.mainlog.read_text()
+            assert "dropped the connection of auth:mallory after 2 failed recipients" in log
+            assert "ok@remote.test" not in lab.mx.rcpt_log  # no callout for the dropped RCPT
+            no_panic(lab)
+
+    def test_off_by_default(self, exim_lab: EximLab) -> None:
+        """Without the macro no connection is dropped, however many recipients fail."""
+        sent = exim_lab.send(
+            [f"bad{i}@remote.test" for i in range(2)] + ["ok@remote.test"], user="alice"
+        )
+        assert list(sent.refused) == ["bad0@remote.test", "bad1@remote.test"]
+        assert sent.message_id is not None
+
+
 class TestDebian:
     @pytest.mark.parametrize("flavour", ["unsplit", "split"])
     def test_wrapper_acl_against_debians_generated_config(
@@ -437,6 +534,21 @@ class TestShippedFiles:
             include = include.replace(name, macros[name])
         debian = statements((CONTRIB / "acl_spamguardd_rcpt").read_text())
         assert debian == include + "require acl = acl_check_rcpt\naccept\n"
+
+    def test_debian_not_smtp_acl_is_the_include_with_the_default_macros(self) -> None:
+        """acl_spamguardd_not_smtp is spamguardd-not-smtp.conf with the defaults filled in."""
+        macros = dict(
+            re.findall(
+                r"^(SPAMGUARD_\w+) = (.*)$",
+                (CONTRIB / "spamguardd-macros.conf").read_text(),
+                re.MULTILINE,
+            )
+        )
+        include = statements((CONTRIB / "spamguardd-not-smtp.conf").read_text())
+        for name in sorted(macros, key=len, reverse=True):
+            include = include.replace(name, macros[name])
+        debian = statements((CONTRIB / "acl_spamguardd_not_smtp").read_text())
+        assert debian == include + "accept\n"
 
     def test_exim_is_installed(self) -> None:
         """The integration tests need a real Exim; its absence is a failure, not a skip."""
