@@ -326,6 +326,7 @@ class Cluster:
         reload: re-reads this relay's configuration (a fleet-wide reload); returns whether the
             new one was taken.
         password: the store's password, read from ``password_file``.
+        relay: this relay's name (``cluster.name``, else the host name).
         wall_clock: the wall clock.
     """
 
