@@ -20,9 +20,12 @@ from pathlib import Path
 import pytest
 
 from spamguardd.core.config import Config, StateConfig
+from spamguardd.core.policy import Block
 from spamguardd.daemon.app import Daemon
+from spamguardd.state.blockfile import encode
 from tests.exim_queue_fixture import make_exim_queue
 from tests.fleetlab import Fleet, make_fleet, wait_until
+from tests.helpers import T0
 from tests.redislab import RedisLab, running_redis
 
 NAMES = ["relay-a", "relay-b", "relay-c"]
@@ -427,3 +430,26 @@ def test_block_made_by_a_call_given_up_on_is_still_notified_once(
     time.sleep(0.5)
     assert fleet.notice_lines() == [f"{a.name} blocked auth:late"]
     assert a.ctl_json("stats")["cluster"]["up"] is True  # one slow call is not an outage
+
+
+def test_many_blocks_pushed_back_into_an_empty_store(sock_dir: Path, redis: RedisLab) -> None:
+    """A relay with a long block list meets an empty store (a new server, data lost): it
+    pushes every block, however long that takes, links, and a relay that starts next adopts
+    them all."""
+    fleet = make_fleet(sock_dir, redis.url, ["relay-a", "relay-b"], limits='["5/1h"]')
+    a, b = fleet.relays
+    users = [f"auth:old{n}@example.com" for n in range(20_000)]
+    (a.workdir / "var").mkdir()
+    a.block_file.write_bytes(encode(Block(user, T0, "from before") for user in users))
+    try:
+        a.start()
+        wait_until(
+            lambda: len(a.log_events("cluster_up")) == 1, timeout=120, what="relay-a caught up"
+        )
+        assert a.ctl_json("stats")["cluster"]["pushed"] == len(users)
+        b.start()
+        wait_until(b.cluster_up, timeout=60)
+        assert b.check(users[-1]).startswith("freeze ")
+        assert b.block_file.read_text().count("from before") == len(users)
+    finally:
+        fleet.stop()

@@ -30,9 +30,9 @@ import logging
 import ssl
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import attrs
 import coredis
@@ -65,6 +65,7 @@ from spamguardd.core.statistics import ClusterStatistics
 from spamguardd.daemon.effects import EffectExecutor
 
 log = structlog.get_logger("spamguardd.daemon.cluster")
+T = TypeVar("T")
 
 #: Seconds between two attempts to reach a store that went away.
 RETRY_INTERVAL: Final = 0.5
@@ -523,39 +524,34 @@ class Cluster:
         block can be made here alone, and the block list read next holds every block made here
         while the store was away.
         """
-        with trio.fail_after(BACKGROUND_TIMEOUT):
-            after = await self.store.last_event_id()
-            while self._pending:
-                op, user, by, at = self._pending[0]
-                await self._push_one(op, user, by, at)
-                self._pending.pop(0)
-            self.up = True
-            remote, unblocked = await self.store.fleet_blocks()
-            plan = plan_catch_up(
-                self.policy.blocks, {user: s.block for user, s in remote.items()}, unblocked
-            )
-            changes = [
-                (self.policy.adopt_block(block), remote[block.user].relay or "fleet")
-                for block in plan.adopt
-                if remote[block.user].origin != self.origin
-            ]
-            own = [
-                remote[block.user]
-                for block in plan.adopt
-                if remote[block.user].origin == self.origin
-            ]
-            changes += [
-                self._lift(user, by="fleet", at=at, relay="fleet") for user, at in plan.lift
-            ]
-            for block in plan.push:
-                status, _ = await self.store.block(block, pushed=True)
-                if status == "unblocked":  # lifted elsewhere after it was made: lift it here
-                    changes.append(
-                        self._lift(block.user, by="fleet", at=self.wall_clock(), relay="fleet")
-                    )
-                elif status == "new":
-                    self._pushed += 1
-                    log.info("cluster_block_pushed", user=block.user, reason=block.reason)
+        # each call has the background budget, not the whole catch-up: a fleet with many
+        # blocks to push back (a store that lost its data) takes as long as it takes
+        after = await _bounded(self.store.last_event_id())
+        while self._pending:
+            op, user, by, at = self._pending[0]
+            await _bounded(self._push_one(op, user, by, at))
+            self._pending.pop(0)
+        self.up = True
+        remote, unblocked = await _bounded(self.store.fleet_blocks())
+        plan = plan_catch_up(
+            self.policy.blocks, {user: s.block for user, s in remote.items()}, unblocked
+        )
+        own = [remote[b.user] for b in plan.adopt if remote[b.user].origin == self.origin]
+        changes = [
+            (self.policy.adopt_block(block), remote[block.user].relay or "fleet")
+            for block in plan.adopt
+            if remote[block.user].origin != self.origin
+        ]
+        changes += [self._lift(user, by="fleet", at=at, relay="fleet") for user, at in plan.lift]
+        for block in plan.push:
+            status, _ = await _bounded(self.store.block(block, pushed=True))
+            if status == "unblocked":  # lifted elsewhere after it was made: lift it here too
+                changes.append(
+                    self._lift(block.user, by="fleet", at=self.wall_clock(), relay="fleet")
+                )
+            elif status == "new":
+                self._pushed += 1
+                log.info("cluster_block_pushed", user=block.user, reason=block.reason)
         await self._carry_out(changes)
         for stored in own:
             await self._own_block(stored.block, stored.rate)
@@ -673,3 +669,9 @@ class Cluster:
             if was_down_since is None
             else round(self.wall_clock() - was_down_since, 3),
         )
+
+
+async def _bounded(call: Awaitable[T]) -> T:
+    """*call* within :data:`BACKGROUND_TIMEOUT` (raises ``trio.TooSlowError`` past it)."""
+    with trio.fail_after(BACKGROUND_TIMEOUT):
+        return await call
