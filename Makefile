@@ -1,7 +1,8 @@
 # Two commands set everything up on a fresh Debian machine:
 #   make run    create .venv, install spamguardd, run the daemon in the foreground (embedded defaults)
 #   make test   install what the tests need (Python packages, Debian's Exim), run the whole suite
-# Other targets: make lint (ruff, mypy, the import contract), make bench, make demo (Exim + spamguardd on loopback,
+# Other targets: make lint (ruff, mypy, the import contract), make bench (single host, then fleet mode
+# against Debian's redis-server), make demo (Exim + spamguardd on loopback,
 # a compromised account gets frozen; needs root), make deb (the Debian package in dist/; needs root for apt),
 # make lab (build the package, install it in a throwaway root under a real systemd, run the admin's story),
 # make clean.
@@ -11,9 +12,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # Debian packages the real-Exim tests drive (exim -be/-bh/-bd, exiqgrep, swaks; socat and jq as the
-# docs use them; systemd and iproute2 for the systemd lab), and those the package build needs
+# docs use them; systemd and iproute2 for the systemd lab; redis-server for fleet mode's shared store),
+# and those the package build needs
 # (dh-virtualenv bundles the Python dependencies; lintian checks the result)
-DEBIAN_TEST_PACKAGES := exim4-daemon-light swaks socat jq systemd iproute2
+DEBIAN_TEST_PACKAGES := exim4-daemon-light swaks socat jq systemd iproute2 redis-server
 DEBIAN_BUILD_PACKAGES := build-essential debhelper dh-virtualenv lintian python3-dev python3-venv
 DEB_BUILD_DIR := build/deb
 
@@ -73,8 +75,9 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-bench: $(STAMP)
+bench: $(STAMP) debian-test-deps
 	$(BIN)/python bench/query_load.py
+	$(BIN)/python bench/fleet_load.py
 
 demo: $(STAMP) debian-test-deps
 	$(BIN)/python contrib/demo.py $(ARGS)

@@ -238,6 +238,9 @@ def test_admin_story(story: Story, tmp_path_factory: pytest.TempPathFactory) -> 
         lab.sh(f"cd /root\n{install}", timeout=300)
         story.timings["apt-get install"] = time.monotonic() - started
         assert "spamguardd" in lab.run(["id", "spamguardd"]).stdout
+        # fleet mode's client and script are in the package's own environment (docs/fleet.md)
+        fleet = "import spamguardd.daemon.cluster as c; print(len(c.SCRIPT) > 0)"
+        assert lab.run(["/opt/venvs/spamguardd/bin/python", "-c", fleet]).stdout == "True\n"
         assert "configuration is valid" in story.sh(check)
 
     with story.step("point Exim at the ACL (docs/install.md step 3, split)"):

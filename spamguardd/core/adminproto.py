@@ -267,7 +267,10 @@ class UnblockReply:
     """``unblock USER``: the block that was lifted."""
 
     user: str
-    unblocked: BlockInfo
+    #: None only from ``spamguardctl unblock --release``/``--remove`` for a user no longer
+    #: blocked (lifted on another relay of a fleet, or by an earlier run): the queue is still
+    #: handled, the daemon's answer was "not blocked".
+    unblocked: BlockInfo | None = attrs.field(default=None, metadata=_OMIT_NONE)
     #: Added by ``spamguardctl`` for ``--release``/``--remove``; never sent by the daemon.
     exim: EximReport | None = attrs.field(default=None, metadata=_OMIT_NONE)
 
@@ -300,6 +303,25 @@ class ErrorCounts:
 
 
 @attrs.frozen(kw_only=True)
+class ClusterInfo:
+    """Fleet mode, as ``stats`` shows it (docs/fleet.md)."""
+
+    relay: str
+    store: str
+    #: False while degraded: the store is away or slow, failures are counted locally.
+    up: bool
+    #: Since when the store is away, while it is.
+    down_since: str | None
+    outages: int
+    store_counts: int
+    local_counts: int
+    timeouts: int
+    errors: int
+    remote_changes: int
+    pushed: int
+
+
+@attrs.frozen(kw_only=True)
 class StatsReply:
     """``stats``: counters since the start."""
 
@@ -319,6 +341,8 @@ class StatsReply:
     errors: ErrorCounts
     #: Percentiles in ms (``p50``...``p99_9``); None past the last bucket; empty before a query.
     latency_ms: Mapping[str, float | None]
+    #: Fleet mode only (absent for a single host).
+    cluster: ClusterInfo | None = attrs.field(default=None, metadata={"omit_none": True})
 
     @classmethod
     def from_statistics(cls, stats: Statistics) -> StatsReply:
@@ -326,6 +350,24 @@ class StatsReply:
         queries: dict[str, dict[str, int]] = {}
         for (verb, verdict), count in sorted(stats.server.queries.items()):
             queries.setdefault(verb, {})[verdict] = count
+        fleet = stats.cluster
+        cluster = (
+            None
+            if fleet is None
+            else ClusterInfo(
+                relay=fleet.relay,
+                store=fleet.store,
+                up=fleet.up,
+                down_since=None if fleet.down_since is None else format_time(fleet.down_since),
+                outages=fleet.outages,
+                store_counts=fleet.store_counts,
+                local_counts=fleet.local_counts,
+                timeouts=fleet.timeouts,
+                errors=fleet.errors,
+                remote_changes=fleet.remote_changes,
+                pushed=fleet.pushed,
+            )
+        )
         return cls(
             version=stats.version,
             started_at=format_time(stats.started_at),
@@ -347,6 +389,7 @@ class StatsReply:
                 admin=stats.admin_errors + stats.effects.journal_failures,
             ),
             latency_ms=percentiles(stats.latency.bounds, stats.latency.counts),
+            cluster=cluster,
         )
 
 

@@ -17,6 +17,7 @@ Invariants:
 from __future__ import annotations
 
 import collections
+import enum
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
@@ -126,6 +127,37 @@ class Change:
     effects: tuple[Effect, ...] = ()
     #: The block-list generation to persist before the change is reported done.
     needs_generation: int | None = None
+
+
+class StoreCountStatus(enum.StrEnum):
+    """What the shared store did with one failed recipient (fleet mode)."""
+
+    #: Counted (or a retry, not counted); no bucket emptied, or monitor mode and marked already.
+    COUNTED = "counted"
+    #: This call emptied a bucket and made the block, fleet-wide: this relay announces it.
+    BLOCK = "block"
+    #: The user was blocked in the store already (made elsewhere); nothing was counted.
+    BLOCKED = "blocked"
+    #: Monitor mode: this call emptied a bucket, the first in the fleet to see it.
+    WOULD = "would"
+
+
+@attrs.frozen
+class StoreCount:
+    """The shared store's answer for one failed recipient it counted (fleet mode)."""
+
+    status: StoreCountStatus
+    counted: bool
+    #: The window whose bucket emptied, if one did.
+    tripped: Rate | None = None
+    tokens_left: tuple[float, ...] | None = None
+    #: The block, for ``BLOCK`` and ``BLOCKED``.
+    block: Block | None = None
+    #: Which daemon made the block (its fleet origin), for ``BLOCKED``: a daemon whose own
+    #: block comes back to it before the answer that made it is told so by this.
+    made_by: str = ""
+    #: The relay that made the block, for ``BLOCKED`` (logs and journal).
+    made_on: str = ""
 
 
 @attrs.frozen
@@ -273,6 +305,83 @@ class Policy:
         self.blocks[block.user] = block
         self._users.pop(block.user, None)
         self.generation += 1
+
+    # -- fleet mode: the shared store counts, the policy decides -----------------------------
+
+    def to_count(self, request: Request) -> RcptRequest | None:
+        """The failed recipient *request* would count, or None when no counting is needed.
+
+        None for a blocked user, a recipient that verified (or deferred, unless counted), an
+        exemption, and requests that are not recipients: :meth:`decide` answers those from this
+        relay's own view, without the store.
+        """
+        if isinstance(request, ReportRequest):
+            request = request.as_rcpt()
+        elif not isinstance(request, RcptRequest):
+            return None
+        if request.user in self.blocks:
+            return None
+        if request.verify is Verify.OK or (
+            request.verify is Verify.DEFER and not self.config.count_defer
+        ):
+            return None
+        if self._is_exempt(request):
+            return None
+        return request
+
+    def settle(self, request: RcptRequest, count: StoreCount, *, wall_now: float) -> Decision:
+        """Decide *request* (from :meth:`to_count`) from what the store counted.
+
+        ``BLOCKED`` is not settled here: the caller adopts the fleet's block
+        (:meth:`adopt_block`) and asks :meth:`decide` again.
+        """
+        user = request.user
+        if count.counted:
+            self._samples.append(FailureSample(user, request.rcpt, request.ip, wall_now))
+        tokens = count.tokens_left
+        if count.status is StoreCountStatus.BLOCK and count.block is not None:
+            if user in self.blocks:  # blocked here meanwhile: that block answers
+                return self.decide(request, now=0.0, wall_now=wall_now)
+            block = count.block
+            evidence = tuple(reversed(self.failure_samples(user, EVIDENCE_SAMPLES)))
+            self._add_block(block)
+            return Decision(
+                Reply(self.config.verdict, block.reason),
+                (Blocked(block, count.tripped, evidence),),
+                counted=count.counted,
+                tokens_left=tokens,
+                needs_generation=self.generation,
+            )
+        if count.status is StoreCountStatus.WOULD and count.tripped is not None:
+            self._would_block.add(user)
+            evidence = tuple(reversed(self.failure_samples(user, EVIDENCE_SAMPLES)))
+            return Decision(
+                ACCEPT,
+                (WouldBlock(user, count.tripped, evidence),),
+                counted=count.counted,
+                tokens_left=tokens,
+            )
+        return Decision(ACCEPT, counted=count.counted, tokens_left=tokens)
+
+    def own_block(self, block: Block, rate: Rate | None) -> Change:
+        """Take *block*, made in the store by one of this relay's counts whose answer never
+        came back (it gave up waiting), with the evidence and notice of a block made here."""
+        if block.user in self.blocks:
+            return Change()
+        evidence = tuple(reversed(self.failure_samples(block.user, EVIDENCE_SAMPLES)))
+        self._add_block(block)
+        return Change((Blocked(block, rate, evidence),), needs_generation=self.generation)
+
+    def adopt_block(self, block: Block) -> Change:
+        """Take over *block*, made on another relay; a user blocked here already keeps its block.
+
+        The change carries the block for the log, the journal and the block file, not for a
+        notice: the relay that made it sends that.
+        """
+        if block.user in self.blocks:
+            return Change()
+        self._add_block(block)
+        return Change((Blocked(block),), needs_generation=self.generation)
 
     # -- admin changes --------------------------------------------------------------------
 

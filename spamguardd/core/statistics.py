@@ -59,6 +59,32 @@ class NoticeStatistics:
 
 
 @attrs.frozen
+class ClusterStatistics:
+    """Fleet mode: the shared store's state as this relay sees it, and what went through it."""
+
+    #: This relay's name in the fleet.
+    relay: str
+    #: The store's address (never its password).
+    store: str
+    #: Whether the store answers; False means degraded (counting locally).
+    up: bool
+    #: Wall-clock time the store went away, None while it is up.
+    down_since: float | None
+    #: Times the store went away since the start.
+    outages: int
+    #: Failed recipients counted in the store, and locally because it was away or slow.
+    store_counts: int
+    local_counts: int
+    #: Queries that gave up waiting for the store (``cluster.timeout``), and store errors.
+    timeouts: int
+    errors: int
+    #: Blocks, unblocks and resets made on other relays and applied here.
+    remote_changes: int
+    #: Blocks made here while the store was away, pushed to it when it came back.
+    pushed: int
+
+
+@attrs.frozen
 class Statistics:
     """Everything ``stats`` and the metrics report, taken at one moment."""
 
@@ -75,3 +101,5 @@ class Statistics:
     latency: LatencySnapshot
     #: Admin requests refused as malformed, or that hit a bug.
     admin_errors: int
+    #: Fleet mode's statistics; None for a single host.
+    cluster: ClusterStatistics | None = None

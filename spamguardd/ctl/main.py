@@ -26,6 +26,8 @@ from spamguardd.core.adminproto import (
     ErrorReply,
     EximReport,
     MessageOutcome,
+    Reply,
+    ShowReply,
     UnblockReply,
     reply_to_json,
 )
@@ -144,11 +146,8 @@ def _admin_main(argv: Sequence[str]) -> int:
     except UnreachableError as exc:
         return _fail(str(exc), EX_UNAVAILABLE)
     status = EX_FAILED if isinstance(reply, ErrorReply) else EX_OK
-    if isinstance(reply, UnblockReply) and queue is not None:
-        report = _handle_queue(queue, args.user, remove=args.remove)
-        reply = attrs.evolve(reply, exim=report)
-        if report.error is not None or not all(message.ok for message in report.messages):
-            status = EX_FAILED
+    if queue is not None:
+        reply, status = _with_queue(reply, status, queue, path, args)
     if args.json:
         json.dump(reply_to_json(reply), sys.stdout, ensure_ascii=True, sort_keys=True, indent=2)
         sys.stdout.write("\n")
@@ -157,6 +156,31 @@ def _admin_main(argv: Sequence[str]) -> int:
     if isinstance(reply, ErrorReply):
         return _fail(reply.error, EX_FAILED)
     return status
+
+
+def _with_queue(
+    reply: Reply, status: int, queue: EximQueue, path: Path, args: argparse.Namespace
+) -> tuple[Reply, int]:
+    """``unblock --release``/``--remove``: the reply and status once the queue is handled."""
+    if isinstance(reply, ErrorReply) and _lifted_already(path, args):
+        # lifted on another relay of the fleet (or by an earlier run that stopped before the
+        # queue): this host's frozen mail is released all the same, which finishes the job here
+        reply, status = UnblockReply(user=args.user), EX_OK
+    if not isinstance(reply, UnblockReply):
+        return reply, status
+    report = _handle_queue(queue, args.user, remove=args.remove)
+    if report.error is not None or not all(message.ok for message in report.messages):
+        status = EX_FAILED
+    return attrs.evolve(reply, exim=report), status
+
+
+def _lifted_already(path: Path, args: argparse.Namespace) -> bool:
+    """Whether the user of a refused ``unblock`` is simply not blocked (any more)."""
+    try:
+        shown = request(path, Command("show", args.user), timeout=args.timeout)
+    except UnreachableError:
+        return False
+    return isinstance(shown, ShowReply) and not shown.blocked
 
 
 def _exim_queue(args: argparse.Namespace) -> EximQueue | None:

@@ -116,7 +116,10 @@ def _(reply: BlockReply, out: TextIO) -> None:
 
 @render.register
 def _(reply: UnblockReply, out: TextIO) -> None:
-    out.write(f"unblocked {reply.user}\n")
+    if reply.unblocked is None:
+        out.write(f"{reply.user} is not blocked (lifted already); this host's queue:\n")
+    else:
+        out.write(f"unblocked {reply.user}\n")
     exim = reply.exim
     if exim is None:
         return
@@ -149,6 +152,15 @@ def _(reply: StatsReply, out: TextIO) -> None:
         f"errors:         {errors.admin} admin, {errors.busy} busy, {errors.internal} internal, "
         f"{errors.protocol} protocol, {errors.store} store\n"
     )
+    fleet = reply.cluster
+    if fleet is not None:
+        state = "up" if fleet.up else f"DOWN since {fleet.down_since}, counting locally"
+        out.write(f"fleet:          relay {fleet.relay}, store {fleet.store}: {state}\n")
+        out.write(
+            f"fleet counting: {fleet.store_counts} in the store, {fleet.local_counts} locally; "
+            f"{fleet.outages} outages, {fleet.timeouts} timeouts, {fleet.errors} errors; "
+            f"{fleet.remote_changes} changes from other relays, {fleet.pushed} blocks pushed\n"
+        )
     if reply.latency_ms:
         parts = ", ".join(
             f"{key.replace('_', '.')} <= {'>10000' if value is None else value} ms"

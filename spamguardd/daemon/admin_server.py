@@ -23,7 +23,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import structlog
 import trio
@@ -53,12 +53,15 @@ from spamguardd.core.adminproto import (
 )
 from spamguardd.core.config import AdminConfig, Config
 from spamguardd.core.errors import StoreError
-from spamguardd.core.policy import Change, Policy
+from spamguardd.core.policy import Block, Change, Policy, Reset, Unblocked
 from spamguardd.core.statistics import Statistics
 from spamguardd.core.timestamps import format_time
 from spamguardd.daemon.effects import EffectExecutor
 from spamguardd.daemon.metrics import render_metrics
 from spamguardd.state.journal import read_journal
+
+if TYPE_CHECKING:
+    from spamguardd.daemon.cluster import Cluster
 
 log = structlog.get_logger("spamguardd.daemon.admin_server")
 
@@ -100,6 +103,9 @@ class AdminTarget(Protocol):
 
     @property
     def effects(self) -> EffectExecutor: ...  # pragma: no cover - protocol
+
+    @property
+    def cluster(self) -> Cluster | None: ...  # pragma: no cover - protocol
 
     def statistics(self) -> Statistics:
         """The daemon's counters now."""
@@ -299,8 +305,20 @@ class AdminServer:
 
     async def _block(self, user: str, reason: str, actor: str) -> Reply:
         policy = self.target.policy
-        change = policy.block(user, reason, by=actor, wall_now=self.wall_clock())
         verdict = policy.config.verdict.value
+        now = self.wall_clock()
+        cluster = self.target.cluster
+        if cluster is not None and user not in policy.blocks:
+            # the fleet's block list first: a user blocked on another relay meanwhile keeps
+            # that block (one block, one notice) and this relay adopts it
+            fleets = await cluster.claim_block(Block(user, float(int(now)), reason, actor))
+            if fleets is not None:
+                await cluster.adopt(fleets)
+                current = policy.blocks.get(user, fleets.block)
+                return BlockReply(
+                    user=user, changed=False, block=BlockInfo.from_block(current, verdict)
+                )
+        change = policy.block(user, reason, by=actor, wall_now=now)
         block = BlockInfo.from_block(policy.blocks[user], verdict)
         if not change.effects:
             return BlockReply(user=user, changed=False, block=block)
@@ -314,13 +332,26 @@ class AdminServer:
         change = policy.unblock(user, by=actor, wall_now=self.wall_clock())
         if lifted is None or not change.effects:
             return ErrorReply(error=f"{user} is not blocked")
-        return await self._apply(change, f"{user} is unblocked") or UnblockReply(
+        failed = await self._apply(change, f"{user} is unblocked")
+        cluster = self.target.cluster
+        if cluster is not None:
+            lift = change.effects[0]
+            at = lift.at if isinstance(lift, Unblocked) else self.wall_clock()
+            await cluster.unblocked(user, by=actor, at=at)
+        return failed or UnblockReply(
             user=user, unblocked=BlockInfo.from_block(lifted, policy.config.verdict.value)
         )
 
     async def _reset(self, user: str, actor: str) -> Reply:
         policy = self.target.policy
-        change = policy.reset(user, by=actor, wall_now=self.wall_clock())
+        now = self.wall_clock()
+        change = policy.reset(user, by=actor, wall_now=now)
+        cluster = self.target.cluster
+        if cluster is not None and user not in policy.blocks:
+            in_store = await cluster.reset(user, by=actor, at=now)
+            if in_store is not False and not change.effects:
+                # the store's counters were forgotten (or will be, when it is back)
+                change = Change((Reset(user, actor, now),))
         if not change.effects:
             if user in policy.blocks:
                 return ErrorReply(error=f"{user} is blocked and has no counters; use unblock")
@@ -338,6 +369,8 @@ class AdminServer:
         journal = self.target.effects.journal
         journal.record({"at": format_time(self.wall_clock()), "event": "reload", "actor": actor})
         await journal.wait_written()
+        if self.target.cluster is not None:
+            await self.target.cluster.reloaded()
         return ReloadReply(
             config=result.source,
             needs_restart=result.needs_restart,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import functools
 import grp
 import os
+import platform
 import signal
 import socket
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import attrs
 import structlog
@@ -37,6 +38,9 @@ from spamguardd.state.blockfile import BlockStore
 from spamguardd.state.journal import FILENAME as JOURNAL_FILENAME
 from spamguardd.state.journal import Journal
 from spamguardd.state.snapshot import Entry, SnapshotStore
+
+if TYPE_CHECKING:
+    from spamguardd.daemon.cluster import Cluster
 
 log = structlog.get_logger("spamguardd")
 
@@ -148,14 +152,41 @@ class Daemon:
             self.notices,
             wall_clock=wall_clock,
         )
+        #: Fleet mode's link to the shared store; None for a single host.
+        self.cluster = self._make_cluster(config, wall_clock)
         self.server = QueryServer(
             config.server,
             self.policy,
             self.effects,
             wall_clock=wall_clock,
             log_decisions=config.log.level == "debug",
+            cluster=self.cluster,
         )
         self.admin = AdminServer(self, wall_clock=wall_clock)
+
+    def _make_cluster(self, config: Config, wall_clock: Callable[[], float]) -> Cluster | None:
+        """The fleet link when ``[cluster]`` names a store.
+
+        Raises:
+            ConfigError: the password file cannot be read.
+        """
+        settings = config.cluster
+        if not settings.enabled:
+            return None
+        # imported here: the store's client takes about half a second to import, which a
+        # single host (no [cluster]) should not pay at every start
+        from spamguardd.daemon.cluster import Cluster, read_password  # noqa: PLC0415
+
+        password = None if settings.password_file is None else read_password(settings.password_file)
+        return Cluster(
+            settings,
+            self.policy,
+            self.effects,
+            reload=lambda: self.reload().ok,
+            password=password,
+            relay=settings.name or platform.node() or "localhost",
+            wall_clock=wall_clock,
+        )
 
     def stop(self) -> None:
         """Stop accepting and exit once in-flight answers are sent."""
@@ -198,6 +229,7 @@ class Daemon:
                     ("admin.socket", old.admin.socket, new.admin.socket),
                     ("admin.socket_mode", old.admin.socket_mode, new.admin.socket_mode),
                     ("admin.socket_group", old.admin.socket_group, new.admin.socket_group),
+                    ("cluster", old.cluster, new.cluster),
                 )
                 if before != after
             )
@@ -243,6 +275,7 @@ class Daemon:
             notices=self.notices.statistics(),
             latency=self.server.latency.snapshot(),
             admin_errors=self.admin.errors,
+            cluster=None if self.cluster is None else self.cluster.statistics(),
         )
 
     def render_metrics(self) -> str:
@@ -341,6 +374,8 @@ class Daemon:
                 await nursery.start(serve_metrics, listen[0], listen[1], self.render_metrics)
             await nursery.start(self.notices.run)
             await nursery.start(self.journal.run)
+            if self.cluster is not None:
+                await nursery.start(self.cluster.run)
             async with trio.open_nursery() as serving:
                 await serving.start(self.server.serve, listeners)
                 await serving.start(self.admin.serve, admin_sock)

@@ -10,6 +10,8 @@ Invariants:
 1. :meth:`EffectExecutor.carry_out` never waits and never raises: the query path calls it.
 2. A block-list change is reported done (a block verdict sent, an admin answered) only after
    :meth:`EffectExecutor.wait_durable` for its generation has returned, or has said why not.
+3. A change made on another relay of a fleet (``relay=``) is logged, journaled and made durable
+   here like any other, but sends no notice: the relay that made it sent that one.
 """
 
 from __future__ import annotations
@@ -64,12 +66,21 @@ class EffectExecutor:
             journal_failures=self.journal.failures,
         )
 
-    def carry_out(self, effects: Sequence[Effect]) -> None:
-        """Log, count, journal and notify each effect. Never waits, never raises."""
+    def carry_out(self, effects: Sequence[Effect], *, relay: str | None = None) -> None:
+        """Log, count, journal and notify each effect. Never waits, never raises.
+
+        With *relay*, the effects were made on that relay of the fleet: they are logged and
+        journaled with its name, counted apart, and not notified again.
+        """
         verdict = self.policy.config.verdict
         for effect in effects:
-            self._log_and_count(effect)
             entry = entry_for(effect)
+            if relay is not None:
+                self._log_remote(effect, relay)
+                if entry is not None:
+                    self.journal.record({**entry, "relay": relay})
+                continue
+            self._log_and_count(effect)
             if entry is not None:
                 self.journal.record(entry)
             notice = Notice.from_effect(effect, verdict=verdict, when=self.wall_clock())
@@ -90,18 +101,36 @@ class EffectExecutor:
             log.error("block_not_persisted", error=str(exc))
             raise
 
-    async def apply(self, change: Change) -> None:
-        """Carry out an admin's *change*: its effects, then its block list and journal on disk.
+    async def apply(self, change: Change, *, relay: str | None = None) -> None:
+        """Carry out *change* (an admin's, or one made on *relay*): its effects, then its block
+        list and journal on disk.
 
         Raises:
             StoreError: the block list could not be written; the change holds in memory.
         """
-        self.carry_out(change.effects)
+        self.carry_out(change.effects, relay=relay)
         try:
             if change.needs_generation is not None:
                 await self.wait_durable(change.needs_generation)
         finally:
             await self.journal.wait_written()
+
+    def _log_remote(self, effect: Effect, relay: str) -> None:
+        if isinstance(effect, Blocked):
+            block = effect.block
+            log.warning(
+                "user_blocked",
+                user=block.user,
+                reason=block.reason,
+                by=block.by,
+                relay=relay,
+                verdict=str(self.policy.config.verdict),
+                blocked_at=format_time(block.blocked_at),
+            )
+        elif isinstance(effect, Unblocked):
+            log.warning("user_unblocked", user=effect.block.user, by=effect.by, relay=relay)
+        elif isinstance(effect, Reset):
+            log.info("user_reset", user=effect.user, by=effect.by, relay=relay)
 
     def _log_and_count(self, effect: Effect) -> None:
         if isinstance(effect, Blocked):

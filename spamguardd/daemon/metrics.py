@@ -92,6 +92,43 @@ class _Collector(Collector):
         )
         for name, documentation, value in gauges:
             yield GaugeMetricFamily(f"spamguardd_{name}", documentation, value=value)
+        fleet = stats.cluster
+        if fleet is not None:
+            yield GaugeMetricFamily(
+                "spamguardd_cluster_up",
+                "1 while the fleet's shared store answers; 0 while counting locally (degraded).",
+                value=int(fleet.up),
+            )
+            fleet_counters = (
+                (
+                    "cluster_store_counts",
+                    "Failed recipients counted in the store.",
+                    fleet.store_counts,
+                ),
+                (
+                    "cluster_local_counts",
+                    "Failed recipients counted locally because the store was away or slow.",
+                    fleet.local_counts,
+                ),
+                ("cluster_outages", "Times the shared store went away.", fleet.outages),
+                (
+                    "cluster_timeouts",
+                    "Queries that stopped waiting for the store (cluster.timeout).",
+                    fleet.timeouts,
+                ),
+                (
+                    "cluster_remote_changes",
+                    "Blocks, unblocks and resets made on other relays and applied here.",
+                    fleet.remote_changes,
+                ),
+                (
+                    "cluster_pushed_blocks",
+                    "Blocks made here while the store was away, pushed on its return.",
+                    fleet.pushed,
+                ),
+            )
+            for name, documentation, value in fleet_counters:
+                yield CounterMetricFamily(f"spamguardd_{name}", documentation, value=value)
         yield HistogramMetricFamily(
             "spamguardd_query_duration_seconds",
             "Time from accepting a query to its decision.",

@@ -26,7 +26,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import structlog
 import trio
@@ -34,7 +34,7 @@ import trio
 from spamguardd.core.config import ServerConfig
 from spamguardd.core.errors import RemoteProtocolError, StoreError
 from spamguardd.core.latency import LatencyHistogram
-from spamguardd.core.policy import Policy
+from spamguardd.core.policy import Decision, Policy
 from spamguardd.core.protocol import (
     MAX_REQUEST_SIZE,
     NEED_DATA,
@@ -49,6 +49,9 @@ from spamguardd.core.protocol import (
 )
 from spamguardd.core.statistics import ServerStatistics
 from spamguardd.daemon.effects import EffectExecutor
+
+if TYPE_CHECKING:
+    from spamguardd.daemon.cluster import Cluster
 
 log = structlog.get_logger("spamguardd.daemon.query_server")
 
@@ -84,7 +87,7 @@ class QueryServer:
     gets a task, and only those count against ``max_connections``.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - keyword-only seams, one per collaborator
         self,
         config: ServerConfig,
         policy: Policy,
@@ -92,9 +95,13 @@ class QueryServer:
         *,
         wall_clock: Callable[[], float] = time.time,
         log_decisions: bool = False,
+        cluster: Cluster | None = None,
     ) -> None:
         self.config = config
         self.policy = policy
+        #: Fleet mode: failed recipients are counted in the shared store, in a task each (the
+        #: only queries that wait for it); everything else is answered here as before.
+        self.cluster = cluster
         #: Carries out what each decision implies (log, journal, notices, durable blocks).
         self.effects = effects
         self.wall_clock = wall_clock
@@ -189,6 +196,17 @@ class QueryServer:
         except OSError as exc:
             self._client_gone(conn, exc)
             return
+        cluster = self.cluster
+        if (
+            cluster is not None
+            and request is not NEED_DATA
+            and self._open < self.config.max_connections
+            and (counted := cluster.to_count(request)) is not None
+        ):
+            conn.setblocking(False)
+            self._open += 1
+            handlers.start_soon(self._count_in_store, conn, request, counted, started)
+            return
         if request is NEED_DATA:
             conn.setblocking(False)
             if self._open >= self.config.max_connections:
@@ -225,10 +243,36 @@ class QueryServer:
                 except OSError as exc:
                     self._client_gone(conn, exc)
                     return
-                reply, generation = self._decide(request, started)
+                if self.cluster is not None and (counted := self.cluster.to_count(request)):
+                    reply, generation = await self._decide_in_store(request, counted, started)
+                else:
+                    reply, generation = self._decide(request, started)
                 await self._reply(conn, reply, generation)
         finally:
             self._open -= 1
+
+    async def _count_in_store(
+        self, conn: socket.socket, request: Request, counted: RcptRequest, started: float
+    ) -> None:
+        """A complete request whose failure the fleet's store counts (fleet mode)."""
+        try:
+            with conn:
+                reply, generation = await self._decide_in_store(request, counted, started)
+                await self._reply(conn, reply, generation)
+        finally:
+            self._open -= 1
+
+    async def _decide_in_store(
+        self, request: Request, counted: RcptRequest, started: float
+    ) -> tuple[Reply, int | None]:
+        assert self.cluster is not None  # noqa: S101 - only called in fleet mode
+        try:
+            decision = await self.cluster.decide(counted)
+        except Exception:  # the one place a bug in one query must not take down the others
+            self._internal_errors += 1
+            log.exception("internal_error", request=repr(request))
+            return INTERNAL_ERROR, None
+        return self._decided(request, decision, started)
 
     async def _finish(self, conn: socket.socket, reply: Reply, generation: int | None) -> None:
         """Slow path for a decided request whose reply waits for the disk (or a full buffer)."""
@@ -279,6 +323,12 @@ class QueryServer:
             self._internal_errors += 1
             log.exception("internal_error", request=repr(request))
             return INTERNAL_ERROR, None
+        return self._decided(request, decision, started)
+
+    def _decided(
+        self, request: Request, decision: Decision, started: float
+    ) -> tuple[Reply, int | None]:
+        """Carry out a decision's effects and count it; the reply and the generation it needs."""
         self.effects.carry_out(decision.effects)
         verb = _VERBS[type(request)]
         self._queries[verb, decision.reply.verdict.value] += 1
