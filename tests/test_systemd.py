@@ -7,6 +7,7 @@ an answered query; conditions on a subprocess are polled with a deadline, never 
 from __future__ import annotations
 
 import json
+import math
 import os
 import selectors
 import shutil
@@ -21,6 +22,9 @@ from typing import Any
 
 import pytest
 
+from spamguardd.core import buckets
+from spamguardd.state import snapshot_format
+from spamguardd.state.snapshot import SnapshotStore
 from tests.helpers import ask_blocking
 
 REPO = Path(__file__).resolve().parent.parent
@@ -228,14 +232,24 @@ def test_sigkill_does_not_forgive_a_user_half_way(workdir: Path, daemon: Process
     """Killed with SIGKILL and restarted, a user half way to the limit is still counted."""
     query = workdir / "own.sock"
     assert [ask(query, fail(i)) for i in range(5)] == [b"accept\n"] * 5
-    snapshot = workdir / "state" / "buckets"
+    store = SnapshotStore(workdir / "state")
 
     def saved_after_five() -> bool:
         # a snapshot taken after all five failures: 5 of 10 tokens left (give or take refill)
-        if not snapshot.exists():
-            return False
-        lines = [line for line in snapshot.read_bytes().splitlines() if line.startswith(b"{")]
-        return bool(lines) and json.loads(lines[0])["state"][1] < 5.5
+        records = [
+            record
+            for path in store.files_to_load()
+            for record in snapshot_format.decode(
+                path.read_bytes(), source=str(path), shift=0.0, latest=math.inf
+            )
+            if isinstance(record, snapshot_format.Record) and record.state is not None
+        ]
+        last = records[-1] if records else None
+        return (
+            last is not None
+            and last.state is not None
+            and (buckets.tokens_left(last.state, last.rates)[0] < 5.5)
+        )
 
     poll(saved_after_five, "a snapshot after the fifth failure")
     daemon.signal(signal.SIGKILL)
