@@ -5,9 +5,10 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
+import attrs
 import pytest
 
-from spamguardd.core.config import Config, Mode, load_config
+from spamguardd.core.config import Config, Mode, PolicyConfig, load_config, toml_keys
 from spamguardd.core.errors import ConfigError
 from spamguardd.core.protocol import Verdict
 from spamguardd.core.rate import Rate
@@ -270,3 +271,57 @@ class TestNotifySection:
         with pytest.raises(ConfigError) as info:
             load_config(path)
         assert any(f"{path}: {problem}" in p for p in info.value.problems), info.value.problems
+
+
+class TestHostileFiles:
+    @pytest.mark.parametrize("key", ["server.read_timeout", "state.snapshot_interval"])
+    @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-0.0"])
+    def test_durations_must_be_finite_and_positive(
+        self, tmp_path: Path, key: str, value: str
+    ) -> None:
+        """nan and inf are TOML numbers but no duration: refused, naming the key."""
+        table, name = key.split(".")
+        path = write(tmp_path, f"[{table}]\n{name} = {value}\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert info.value.problems == [f"{path}: {key}: must be > 0 and finite (got {value})"]
+
+    @pytest.mark.parametrize("key", ["send_timeout", "hook_timeout", "retry_for", "shutdown_grace"])
+    def test_notify_durations_refuse_nan(self, tmp_path: Path, key: str) -> None:
+        """Every duration is checked the same way."""
+        path = write(tmp_path, f"[notify]\n{key} = nan\n")
+        with pytest.raises(ConfigError, match=f"notify.{key}: must be > 0 and finite"):
+            load_config(path)
+
+    def test_not_utf8(self, tmp_path: Path) -> None:
+        """A file that is not UTF-8 is a configuration error naming the line, not a traceback."""
+        path = tmp_path / "spamguardd.toml"
+        path.write_bytes(b'mode = "monitor"\n[log]\nlevel = "\xff"\n')
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert info.value.problems == [f"{path}: not valid UTF-8 (line 3, byte 32)"]
+
+    @pytest.mark.parametrize("nesting", ["x = " + "[" * 100_000, "x = " + "{a=" * 100_000])
+    def test_deep_nesting(self, tmp_path: Path, nesting: str) -> None:
+        """Nesting deep enough to exhaust the parser's recursion is a configuration error."""
+        path = write(tmp_path, nesting + "\n")
+        with pytest.raises(ConfigError, match="not valid TOML"):
+            load_config(path)
+
+
+class TestBuiltInCode:
+    def test_evolved_sections_are_validated(self) -> None:
+        """A section built or evolved in code is checked like one read from a file."""
+        with pytest.raises(ValueError, match="must be between 1 and 1048576"):
+            attrs.evolve(Config().server, backlog=0)
+        with pytest.raises(ValueError, match="must be > 0 and finite"):
+            attrs.evolve(Config().notify, hook_timeout=float("nan"))
+        with pytest.raises(ValueError, match="two rates with the same period"):
+            PolicyConfig(failed_recipients=(Rate(1, 3600), Rate(2, 3600)))
+
+    def test_every_setting_has_one_key(self) -> None:
+        """Each TOML key is declared once, in the field that holds it."""
+        keys = toml_keys()
+        assert len(keys) == len(set(keys))
+        assert "notify.from" in keys
+        assert "mode" in keys

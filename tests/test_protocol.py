@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spamguardd.core import protocol
-from spamguardd.core.errors import LocalProtocolError, RemoteProtocolError
+from spamguardd.core.errors import RemoteProtocolError
 from spamguardd.core.protocol import (
     MAX_REQUEST_SIZE,
     NEED_DATA,
@@ -164,13 +164,6 @@ class TestConnection:
         line = b"rcpt user=u verify=fail rcpt=" + b"r" * (MAX_REQUEST_SIZE - 30) + b"\n"
         assert len(line) == MAX_REQUEST_SIZE
         assert isinstance(feed(line), RcptRequest)
-
-    def test_one_reply_per_connection(self) -> None:
-        """Sending twice is our bug, and says so."""
-        connection = PolicyConnection()
-        assert connection.send(Reply(Verdict.ACCEPT)) == b"accept\n"
-        with pytest.raises(LocalProtocolError):
-            connection.send(Reply(Verdict.ACCEPT))
 
     @given(data=st.binary(max_size=MAX_REQUEST_SIZE + 100), cuts=st.lists(st.integers(0, 5000)))
     def test_arbitrary_bytes_in_arbitrary_chunks(self, data: bytes, cuts: list[int]) -> None:

@@ -29,10 +29,6 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent something we cannot serve: answer ``error`` and close."""
 
 
-class LocalProtocolError(ProtocolError):
-    """We tried to send something the protocol cannot carry: a bug in spamguardd."""
-
-
 class StoreError(SpamguardError):
     """A state file could not be read, parsed or written.
 

@@ -27,7 +27,7 @@ from typing import Final
 
 import attrs
 
-from spamguardd.core.errors import LocalProtocolError, RemoteProtocolError
+from spamguardd.core.errors import RemoteProtocolError
 
 #: Largest request accepted, terminator included. Exim's readsocket request is one short line
 #: (verb, user key, recipient, sender, IP: well under 1 KiB even for 255-byte local parts), so 4 KiB
@@ -378,17 +378,17 @@ def serialize_request(request: Request) -> bytes:
 class PolicyConnection:
     """The server side of one query connection, without I/O.
 
-    Invariants: at most one request is read per connection (anything after its LF is ignored), and
-    at most one reply is sent. Feed bytes with :meth:`receive_data` (``b""`` means EOF), then
-    :meth:`next_request` gives the request or :data:`NEED_DATA`.
+    Invariant: at most one request is read per connection (anything after its LF is ignored).
+    Feed bytes with :meth:`receive_data` (``b""`` means EOF), then :meth:`next_request` gives the
+    request or :data:`NEED_DATA`. The one answer is :meth:`Reply.to_bytes`, written by the server
+    as soon as it is decided (the hot path writes it without going through this object).
     """
 
-    __slots__ = ("_buffer", "_eof", "_replied")
+    __slots__ = ("_buffer", "_eof")
 
     def __init__(self) -> None:
         self._buffer = b""
         self._eof = False
-        self._replied = False
 
     def receive_data(self, data: bytes) -> None:
         """Add bytes read from the peer; ``b""`` marks EOF (the peer half-closed)."""
@@ -417,17 +417,6 @@ class PolicyConnection:
         if line.endswith(b"\r"):
             line = line[:-1]
         return parse_request(line)
-
-    def send(self, reply: Reply) -> bytes:
-        """Return the bytes of *reply*, the one answer this connection gets.
-
-        Raises:
-            LocalProtocolError: a reply was already sent on this connection.
-        """
-        if self._replied:
-            raise LocalProtocolError("a query connection gets exactly one reply")
-        self._replied = True
-        return reply.to_bytes()
 
 
 def parse_reply(line: bytes) -> Reply:
