@@ -203,6 +203,7 @@ class TestDaemon:
                             handle_signals=False, task_status=task_status
                         )
                     )
+                    await daemon.counters.loaded.wait()
                     reply = await readsocket(query, fail(attempt))
                     daemon.stop()
             assert reply == b"accept\n"
