@@ -35,6 +35,7 @@ from __future__ import annotations
 import array
 import hashlib
 import math
+import struct
 from collections.abc import Sequence
 from typing import Final, Protocol, Self, cast, overload
 
@@ -66,6 +67,8 @@ _TOKENS: Final = 4
 #: Largest fingerprint: 52 bits, exact as a double.
 _FINGERPRINT_MAX: Final = float((1 << 52) - 1)
 _EMPTY: Final = 0.0
+_DOUBLE: Final = struct.Struct("d")
+_TOKEN_LAYOUTS: dict[int, struct.Struct] = {}
 
 
 def recent_limit(rates: Sequence[Rate]) -> int:
@@ -114,6 +117,7 @@ class _Doubles(Protocol):
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc: object) -> None: ...
     def tolist(self) -> list[float]: ...
+    def release(self) -> None: ...
 
 
 def _view(state: UserState) -> _Doubles:
@@ -217,38 +221,36 @@ def refill(state: UserState, rates: Sequence[Rate], now: float) -> None:
 
 def updated(state: UserState) -> float:
     """The time the state's levels were last brought forward to."""
-    with _view(state) as view:
-        return float(view[_UPDATED])
+    return cast("float", _DOUBLE.unpack_from(state, 8 * _UPDATED)[0])
 
 
 def layout(state: UserState) -> float:
     """The owner's tag for the rates *state* is laid out for (see :func:`set_layout`)."""
-    with _view(state) as view:
-        return float(view[_LAYOUT])
+    return cast("float", _DOUBLE.unpack_from(state, 8 * _LAYOUT)[0])
 
 
 def set_layout(state: UserState, tag: float) -> None:
     """Tag *state* as laid out for the owner's rates *tag*."""
-    with _view(state) as view:
-        view[_LAYOUT] = tag
+    _DOUBLE.pack_into(state, 8 * _LAYOUT, tag)
 
 
 def filed(state: UserState) -> float:
     """The owner's sweep tag of *state* (NaN until :func:`set_filed`)."""
-    with _view(state) as view:
-        return float(view[_FILED])
+    return cast("float", _DOUBLE.unpack_from(state, 8 * _FILED)[0])
 
 
 def set_filed(state: UserState, tag: float) -> None:
     """Set the owner's sweep tag of *state*."""
-    with _view(state) as view:
-        view[_FILED] = tag
+    _DOUBLE.pack_into(state, 8 * _FILED, tag)
 
 
 def tokens_left(state: UserState, rates: Sequence[Rate]) -> tuple[float, ...]:
     """Tokens left per window as of the last update."""
-    with _view(state) as view:
-        return tuple(view[_TOKENS : _TOKENS + len(rates)].tolist())
+    w = len(rates)
+    layout = _TOKEN_LAYOUTS.get(w)
+    if layout is None:
+        layout = _TOKEN_LAYOUTS[w] = struct.Struct(f"{w}d")
+    return cast("tuple[float, ...]", layout.unpack_from(state, 8 * _TOKENS))
 
 
 def remembered(state: UserState, rates: Sequence[Rate]) -> int:
@@ -273,38 +275,52 @@ def count_failure(
     """
     w = len(rates)
     mark = fingerprint(rcpt)
-    with _view(state) as view:
+    view = _view(state)
+    try:
         elapsed = now - view[_UPDATED]
         if elapsed > 0:
             for index, rate in enumerate(rates, start=_TOKENS):
                 view[index] = refilled(view[index], elapsed, rate)
             view[_UPDATED] = now
         found, free = _probe(view, mark, w)
-        full = found < 0 and 2 * (view[_ENTRIES] + 1) > (len(view) - _TOKENS - w) // (1 + w)
-    if full:
-        _rebuild(state, rates, now, limit)
-    with _view(state) as view:
         if found < 0:
-            if full:
+            if 2 * (view[_ENTRIES] + 1) > (len(view) - _TOKENS - w) // (1 + w):
+                view.release()
+                _rebuild(state, rates, now, limit)
+                view = _view(state)
                 free = _probe(view, mark, w)[1]
-            found = free
-            view[found] = mark
-            for index in range(found + 1, found + 1 + w):
-                view[index] = _NEVER
-            view[_ENTRIES] += 1
-        counted = False
-        tripped: Rate | None = None
-        for index, rate in enumerate(rates):
-            at = found + 1 + index
-            if now - view[at] < rate.period:
-                continue  # a retry in this window
-            counted = True
-            view[at] = now
-            level = max(0.0, view[_TOKENS + index] - 1.0)
-            view[_TOKENS + index] = level
-            if tripped is None and is_empty(level):
-                tripped = rate
-        return counted, tripped
+            found = _insert(view, free, mark, w)
+        return _take(view, found, rates, now)
+    finally:
+        view.release()
+
+
+def _insert(view: _Doubles, at: int, mark: float, w: int) -> int:
+    """Put a recipient never counted into the empty slot at *at*."""
+    view[at] = mark
+    for index in range(at + 1, at + 1 + w):
+        view[index] = _NEVER
+    view[_ENTRIES] += 1
+    return at
+
+
+def _take(
+    view: _Doubles, found: int, rates: Sequence[Rate], now: float
+) -> tuple[bool, Rate | None]:
+    """Take a token in every window where the recipient at *found* is not a retry."""
+    counted = False
+    tripped: Rate | None = None
+    for index, rate in enumerate(rates):
+        at = found + 1 + index
+        if now - view[at] < rate.period:
+            continue  # a retry in this window
+        counted = True
+        view[at] = now
+        level = max(0.0, view[_TOKENS + index] - 1.0)
+        view[_TOKENS + index] = level
+        if tripped is None and is_empty(level):
+            tripped = rate
+    return counted, tripped
 
 
 def _probe(view: _Doubles, mark: float, w: int) -> tuple[int, int]:
