@@ -97,8 +97,18 @@ class TestCap:
         policy = Policy(PolicyConfig(max_tracked_users=2))
         for user in ("auth:a", "auth:b", "auth:c"):
             fail(policy, user, "r", 0.0)
-        assert policy.tracked_users() == ["auth:b", "auth:c"]
+        assert sorted(policy.tracked_users()) == ["auth:b", "auth:c"]
         assert policy.evicted_users == 1
+
+    def test_the_user_counted_least_recently_makes_room(self) -> None:
+        """At the cap the one closest to going idle goes, not the most active."""
+        policy = Policy(PolicyConfig(max_tracked_users=3))
+        fail(policy, "auth:busy", "r0", 0.0)
+        fail(policy, "auth:quiet", "r0", 600.0)
+        fail(policy, "auth:busy", "r1", 1200.0)  # counted again: later in the sweep's order
+        fail(policy, "auth:other", "r0", 1300.0)
+        fail(policy, "auth:new", "r0", 1400.0)
+        assert sorted(policy.tracked_users()) == ["auth:busy", "auth:new", "auth:other"]
 
     def test_snapshot_restore_stops_at_the_cap(self) -> None:
         """A snapshot bigger than the cap fills the table up to the cap and no further."""
@@ -116,7 +126,7 @@ def encode_all(policy: Policy, now: float, *, offset: float) -> bytes:
         snapshot_format.encode_record(
             snapshot_format.Kind.STATE, user, rates, buckets.export(state, rates, now, offset)
         )
-        for user, rates, state in policy.counting_states(now)
+        for user, rates, state in sorted(policy.counting_states(now), key=lambda entry: entry[0])
     ]
     return snapshot_format.header(base=True) + b"".join(records)
 

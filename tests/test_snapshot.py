@@ -184,7 +184,7 @@ class TestKeeper:
         fail(policy, "auth:ok", "r", 0.0)
         with structlog.testing.capture_logs() as logs:
             assert await keeper.snapshot() == 1
-        assert [entry["event"] for entry in logs] == ["snapshot_user_skipped"]
+        assert [entry["event"] for entry in logs] == ["snapshot_user_skipped", "snapshot_written"]
 
     async def test_snapshots_write_only_what_changed(
         self, tmp_path: Path, autojump_clock: trio.testing.MockClock
@@ -266,6 +266,30 @@ class TestKeeper:
         await keeper_for(tmp_path, third).load()
         assert fail(third, "auth:a", "t", 0.0) is Verdict.FREEZE  # 6 + 3 + 1
 
+    async def test_snapshots_while_loading_are_not_counted_twice(
+        self, tmp_path: Path, autojump_clock: trio.testing.MockClock
+    ) -> None:
+        """Two snapshots during a load, then a crash: the saved and the new counts add once."""
+        first = Policy(TEN_PER_HOUR)
+        keeper = keeper_for(tmp_path, first)
+        await keeper.load()
+        for i in range(6):
+            fail(first, "auth:a", f"r{i}", 0.0)
+        await keeper.snapshot()
+        second = Policy(TEN_PER_HOUR)
+        loading = keeper_for(tmp_path, second)  # its load has not read anything yet
+        for i in range(2):
+            fail(second, "auth:a", f"s{i}", 0.0)
+        await loading.snapshot()
+        fail(second, "auth:a", "s2", 0.0)
+        await loading.snapshot()
+        third = Policy(TEN_PER_HOUR)  # the second was killed
+        await keeper_for(tmp_path, third).load()
+        state = third.user_state("auth:a")
+        assert state is not None
+        (tokens,) = buckets.tokens_left(state, TEN_PER_HOUR.failed_recipients)
+        assert tokens == pytest.approx(1.0)  # 10 - 6 - 3
+
     async def test_compaction_keeps_everyone_and_drops_old_files(
         self, tmp_path: Path, autojump_clock: trio.testing.MockClock
     ) -> None:
@@ -279,9 +303,12 @@ class TestKeeper:
         await keeper.compact()
         files = keeper.store.numbered()
         assert len(files) == 2  # the base and the log after it
+        unfinished = tmp_path / "counters" / "0000000009.tmp"  # a crash in a compaction
+        unfinished.write_bytes(b"half a base")
         again = Policy(TEN_PER_HOUR)
         await keeper_for(tmp_path, again).load()
         assert sorted(again.tracked_users()) == sorted(policy.tracked_users())
+        assert not unfinished.exists()
 
     async def test_idle_users_are_swept(
         self, tmp_path: Path, autojump_clock: trio.testing.MockClock

@@ -213,10 +213,12 @@ class Policy:
         state = users.get(user)
         if state is None:
             if len(users) >= self.config.max_tracked_users:
-                # At the cap the user counted first (dict order) makes room: what is failing
-                # now keeps being counted, and memory stays bounded whatever floods the table.
-                users.pop(users.first())
-                self.evicted_users += 1
+                # At the cap the user closest to going idle makes room: what is failing now
+                # keeps being counted, and memory stays bounded whatever floods the table.
+                oldest = users.first()
+                if oldest is not None:
+                    users.pop(oldest)
+                    self.evicted_users += 1
             state = buckets.new_state(rates, now, self._tag(rates))
             users.put(user, state)
         else:

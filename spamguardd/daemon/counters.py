@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final
 
 import structlog
@@ -24,6 +24,7 @@ import trio
 import trio.lowlevel
 
 from spamguardd.core import buckets
+from spamguardd.core.counters import SHARDS
 from spamguardd.core.errors import StoreError
 from spamguardd.core.policy import Policy
 from spamguardd.state.snapshot import SnapshotStore
@@ -60,6 +61,32 @@ class _Slicer:
             self._began = time.perf_counter()
 
 
+class _Staged:
+    """The last record of each user read so far, cut into dictionaries like the policy's
+    table (one dictionary of a million would stall the loop each time it grows)."""
+
+    def __init__(self) -> None:
+        self._shards: list[dict[str, Record | None]] = [{} for _ in range(SHARDS)]
+
+    def _shard(self, user: str) -> dict[str, Record | None]:
+        return self._shards[hash(user) & (SHARDS - 1)]
+
+    def __contains__(self, user: str) -> bool:
+        return user in self._shard(user)
+
+    def get(self, user: str) -> Record | None:
+        return self._shard(user).get(user)
+
+    def put(self, user: str, record: Record | None) -> None:
+        self._shard(user)[user] = record
+
+    def drain(self) -> Iterator[tuple[str, Record | None]]:
+        """Every user and its record, each taken out as it is handed over."""
+        for shard in self._shards:
+            while shard:
+                yield shard.popitem()
+
+
 class CounterKeeper:
     """Loads, snapshots, compacts and sweeps the policy's counters."""
 
@@ -78,7 +105,7 @@ class CounterKeeper:
         #: Set once the snapshot is loaded; snapshots and compaction wait for it.
         self.loaded = trio.Event()
         self._reading = True
-        self._staged: dict[str, Record | None] = {}
+        self._staged = _Staged()
         self.snapshots = 0
         self._scope = trio.CancelScope()
         self._started = False
@@ -100,7 +127,7 @@ class CounterKeeper:
             log.exception("snapshot_load_failed", action="serving with the counters loaded so far")
             restored = skipped = 0
             self._reading = False
-            self._staged = {}
+            self._staged = _Staged()
         finally:
             # cancelled part way (a stop): _reading and _staged still say what is not loaded
             gc.freeze()
@@ -131,6 +158,8 @@ class CounterKeeper:
             now = trio.current_time()
             items = self.store.decode(path, data, shift=now - self.wall_clock(), latest=now)
             damaged = False
+            # one run's merge records are cumulative: within a file the last one counts
+            merges: dict[str, Record] = {}
             for item in items:
                 if isinstance(item, Problem):
                     damaged = True
@@ -140,13 +169,14 @@ class CounterKeeper:
                         problem=item.text,
                         action="record skipped; the others are loaded",
                     )
-                elif item.kind is Kind.FORGET:
-                    staged[item.user] = None
                 elif item.kind is Kind.MERGE:
-                    staged[item.user] = _merged(staged.get(item.user), item, now)
+                    merges[item.user] = item
                 else:
-                    staged[item.user] = item
+                    merges.pop(item.user, None)
+                    staged.put(item.user, item if item.kind is Kind.STATE else None)
                 await slicer.pause()
+            for user, record in merges.items():
+                staged.put(user, _merged(staged.get(user), record, now))
             if damaged:
                 self.store.damaged.add(path)
         return files, problems
@@ -156,8 +186,7 @@ class CounterKeeper:
         slicer = _Slicer()
         staged = self._staged
         restored = skipped = 0
-        while staged:
-            user, record = staged.popitem()
+        for user, record in staged.drain():
             if record is not None and record.state is not None:
                 now = trio.current_time()
                 if self.policy.restore_state(user, record.rates, record.state, now):
@@ -175,10 +204,17 @@ class CounterKeeper:
         Returns:
             How many records were written.
         """
+        written = 0
+        with trio.CancelScope(shield=True):  # a stop waits: the taken users must be written
+            written = await self._snapshot(sliced=sliced)
+        return written  # noqa: RET504 - a return inside the scope reads as maybe-skipped to mypy
+
+    async def _snapshot(self, *, sliced: bool) -> int:
         changed = self.policy.take_changed()
         if not changed:
             return 0
         slicer = _Slicer(enabled=sliced)
+        began = time.perf_counter()
         now = trio.current_time()
         shift = self.wall_clock() - now
         records = []
@@ -190,13 +226,20 @@ class CounterKeeper:
             if record is not None:
                 records.append(record)
             await slicer.pause()
+        data = b"".join(records)
         try:
-            await trio.to_thread.run_sync(self.store.append, b"".join(records))
+            await trio.to_thread.run_sync(self.store.append, data)
         except StoreError as exc:
             self.policy.mark_changed(changed)  # tried again next time
             log.error("snapshot_failed", error=str(exc))
             return 0
         self.snapshots += 1
+        log.info(
+            "snapshot_written",
+            users=len(records),
+            bytes=len(data),
+            seconds=round(time.perf_counter() - began, 3),
+        )
         return len(records)
 
     def _encode(self, user: str, now: float, shift: float, *, merge: bool) -> bytes | None:
@@ -289,7 +332,10 @@ class CounterKeeper:
             await self._done.wait()
 
     async def _run(self) -> None:
-        await self.load()
+        async with trio.open_nursery() as nursery:
+            # a crash while a large snapshot loads must not lose what was counted meanwhile
+            nursery.start_soon(self._snapshots_while_loading)
+            await self.load()
         try:
             await trio.to_thread.run_sync(self.store.open_log)
         except StoreError as exc:
@@ -310,8 +356,21 @@ class CounterKeeper:
                 await self.sweep()
                 next_sweep = trio.current_time() + SWEEP_INTERVAL
 
+    async def _snapshots_while_loading(self) -> None:
+        while True:
+            with trio.move_on_after(self.interval()):
+                await self.loaded.wait()
+                return
+            await self.snapshot()
+
     async def sweep(self) -> int:
         """Forget the users that went idle, a slice at a time."""
+        forgotten = 0
+        with trio.CancelScope(shield=True):  # the due slots are taken: finish them
+            forgotten = await self._sweep()
+        return forgotten  # noqa: RET504 - as in snapshot()
+
+    async def _sweep(self) -> int:
         slicer = _Slicer()
         forgotten = 0
         for slot, users in self.policy.take_due(trio.current_time()):

@@ -131,8 +131,15 @@ class SnapshotStore:
         found = [(number, path) for path in paths if (number := _number(path)) is not None]
         return sorted(found)
 
+    def remove_unfinished(self) -> None:
+        """Remove bases a crash left half written (they were never renamed into place)."""
+        with contextlib.suppress(OSError):
+            for path in self.dir.glob("*.tmp"):
+                path.unlink()
+
     def files_to_load(self) -> list[Path]:
         """The files a start reads, in order: the v1 file if any, the newest base, the rest."""
+        self.remove_unfinished()
         files = self.numbered()
         start = 0
         for index in range(len(files) - 1, -1, -1):
