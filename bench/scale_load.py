@@ -221,17 +221,28 @@ def _fail(user: str, rcpt: str) -> bytes:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    """Offer *rate* q/s for *seconds*; write ``[[start, latency], ...]`` to *out*."""
+    """Offer *rate* q/s for *seconds*; write ``[[start, latency], ...]`` to *out*.
+
+    With ``--churn`` every query comes from a user drawn from a space far larger than the
+    query count, so users keep coming and (once idle) going.
+    """
     rng = random.Random(2)
     requests = []
     for i in range(50_000):
         user = _user(rng.randrange(args.users)) if rng.random() < 0.9 else f"auth:new{i}@x.org"
+        if args.churn:
+            user = f"auth:churn{rng.randrange(1 << 40)}@x.org"
         verify = "fail" if rng.random() < 0.2 else "ok"
         requests.append(
             f"rcpt user={user} rcpt=q{i}@example.org verify={verify} ip=192.0.2.9 "
             f"sender=s@example.com\n".encode()
         )
     total = int(args.rate * args.seconds)
+    if args.churn:  # fresh users throughout, not the same 50,000 again
+        requests = [
+            request.replace(b"auth:churn", f"auth:c{i // len(requests)}-".encode())
+            for i, request in enumerate(requests * (1 + total // len(requests)))
+        ][:total]
     samples = []
     started = time.perf_counter()
     for i in range(total):
@@ -410,6 +421,78 @@ def _run(  # noqa: PLR0915 - one scenario, step by step
     return result
 
 
+SOAK_LIMITS = ("20/1m", "100/10m")
+
+
+def _soak(args: argparse.Namespace) -> None:
+    """RSS over a run where users keep coming and going (short windows, so they go idle)."""
+    print(
+        f"soak: {args.rate:g} q/s for {args.seconds:g} s, every query a new user, limits "
+        f"{', '.join(SOAK_LIMITS)}; load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="sgsoak-", dir="/tmp"))
+    daemon = Daemon(workdir, ROOT)
+    daemon.write_config(SOAK_LIMITS)
+    daemon.start()
+    out = workdir / "latencies.json"
+    generator = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "generate",
+            "--path",
+            str(daemon.query),
+            "--rate",
+            str(args.rate),
+            "--seconds",
+            str(args.seconds),
+            "--users",
+            "1",
+            "--out",
+            str(out),
+            "--churn",
+        ]
+    )
+    began = time.perf_counter()
+    curve = []
+    while generator.poll() is None:
+        curve.append((round(time.perf_counter() - began), daemon.rss(), daemon.tracked_users()))
+        time.sleep(30)
+    daemon.stop()
+    latencies = sorted(latency for _, latency in json.loads(out.read_text()))
+    print("  s   RSS MiB  tracked users")
+    for at, rss, tracked in curve:
+        print(f"{at:5} {rss / 2**20:8.1f} {tracked:14,}")
+    settled = 600 + 180  # the longest window, then the sweep's slots: users leave as they come
+    steady = [(at, rss) for at, rss, _ in curve if at >= settled]
+    if len(steady) >= 2:
+        (first_at, first), (last_at, last) = steady[0], steady[-1]
+        slope = (last - first) / 2**20 / ((last_at - first_at) / 3600)
+        print(
+            f"from {first_at} s (users leaving as fast as they come): RSS {first / 2**20:.1f} "
+            f"to {last / 2**20:.1f} MiB ({slope:+.1f} MiB per hour at that pace)"
+        )
+    samples = json.loads(out.read_text())
+    slowest = sorted(samples, key=lambda sample: -sample[1])[:5]
+    print(f"slowest answers (start s, ms): {[(round(a), round(1e3 * b, 1)) for a, b in slowest]}")
+    print(
+        "daemon events: "
+        + str(
+            [
+                (round(at - began), event.get("event"), event.get("seconds"))
+                for at, event in daemon.events
+                if at >= began and event.get("event") in {"users_forgotten", "snapshot_written"}
+            ][:40]
+        )
+    )
+    print(
+        f"latency: p50 {1e3 * _percentile(latencies, 0.5):.3f} ms, "
+        f"p99 {1e3 * _percentile(latencies, 0.99):.3f} ms, max {1e3 * latencies[-1]:.2f} ms; "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
+
+
 def _noise_floor(args: argparse.Namespace) -> dict[str, Any]:
     """The same open-loop load against a bare trio server (bench/query_load.py): the machine."""
     workdir = Path(tempfile.mkdtemp(prefix="sgscale-bare-", dir="/tmp"))
@@ -568,11 +651,15 @@ def main() -> None:
     gen.add_argument("--seconds", type=float, required=True)
     gen.add_argument("--users", type=int, required=True)
     gen.add_argument("--out", required=True)
+    gen.add_argument("--churn", action="store_true")
     write = sub.add_parser("write-snapshot")
     write.add_argument("--dir", required=True)
     write.add_argument("--users", type=int, required=True)
     write.add_argument("--now", type=float, required=True)
     write.add_argument("--v2", action="store_true")
+    soak = sub.add_parser("soak")
+    soak.add_argument("--seconds", type=float, default=900.0)
+    soak.add_argument("--rate", type=float, default=1000.0)
     cost = sub.add_parser("failure-cost")
     cost.add_argument("--limit", required=True)
     cost.add_argument("--failures", type=int, required=True)
@@ -583,6 +670,8 @@ def main() -> None:
         (_write_v2 if args.v2 else _write_v1)(Path(args.dir), args.users, args.now)
     elif args.command == "failure-cost":
         _failure_cost(args)
+    elif args.command == "soak":
+        _soak(args)
     else:
         print(
             f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the start",

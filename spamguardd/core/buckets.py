@@ -461,28 +461,28 @@ def import_state(
     """
     w = len(rates)
     width = 1 + w
+    values = list(values)
     if len(values) < 1 + w or (len(values) - 1 - w) % width:
         raise ValueError(f"{len(values)} values do not fit {w} window(s)")
     updated = values[0]
     if not math.isfinite(updated):
         raise ValueError("the update time is not a finite number")
     updated = min(updated + shift, latest)
-    tokens = list(values[1 : 1 + w])
+    tokens = values[1 : 1 + w]
     for level, rate in zip(tokens, rates, strict=True):
         if not 0.0 <= level <= rate.count:
             raise ValueError(f"{level!r} tokens left is outside 0..{rate.count} for {rate}")
     entries: dict[float, list[float]] = {}
     for at in range(1 + w, len(values), width):
-        mark = values[at]
-        if not (1.0 <= mark <= _FINGERPRINT_MAX and mark == int(mark)):
+        entry = values[at : at + width]
+        mark = entry[0]
+        if not 1.0 <= mark <= _FINGERPRINT_MAX or mark != int(mark):
             raise ValueError(f"{mark!r} is not a recipient fingerprint")
-        times = []
-        for time in values[at + 1 : at + width]:
-            if time == _NEVER:
-                times.append(_NEVER)
-            elif math.isfinite(time):
-                times.append(min(time + shift, updated))
-            else:
-                raise ValueError(f"{time!r} is not a time")
-        entries[mark] = [mark, *times]
+        for index in range(1, width):
+            time = entry[index]
+            if time != _NEVER:
+                if not math.isfinite(time):
+                    raise ValueError(f"{time!r} is not a time")
+                entry[index] = min(time + shift, updated)
+        entries[mark] = entry
     return _build((updated, 0.0, math.nan), tokens, _newest(list(entries.values()), limit), w)

@@ -538,9 +538,10 @@ class Policy:
         if user in self.blocks:
             return False
         current = self.config.limits_for(user)
-        if tuple(rates) != current:
+        tag = self._tag(current)
+        if self._tag(tuple(rates)) != tag:  # equal rates share a tag: no tuple comparison
             state = buckets.remap(state, rates, current, now, _recent_limit(current))
-        buckets.set_layout(state, self._tag(current))
+        buckets.set_layout(state, tag)
         counted = self._users.get(user)
         if counted is not None:
             self._fit(counted, current)

@@ -332,17 +332,19 @@ class CounterKeeper:
             await self._done.wait()
 
     async def _run(self) -> None:
+        next_snapshot = trio.current_time() + self.interval()
         async with trio.open_nursery() as nursery:
-            # a crash while a large snapshot loads must not lose what was counted meanwhile
-            nursery.start_soon(self._snapshots_while_loading)
-            await self.load()
-        try:
-            await trio.to_thread.run_sync(self.store.open_log)
-        except StoreError as exc:
-            log.error("snapshot_failed", error=str(exc))
+            nursery.start_soon(self.load)
+            # snapshots go on while a large snapshot loads (merge records), on the same
+            # schedule: a crash meanwhile must not lose more than one interval of counting
+            while not self.loaded.is_set():
+                with trio.move_on_at(next_snapshot):
+                    await self.loaded.wait()
+                if trio.current_time() >= next_snapshot:
+                    await self.snapshot()
+                    next_snapshot = trio.current_time() + self.interval()
         if self.store.wants_compaction():
             await self.compact()
-        next_snapshot = trio.current_time() + self.interval()
         next_sweep = trio.current_time() + SWEEP_INTERVAL
         while True:
             await trio.sleep_until(min(next_snapshot, next_sweep))
@@ -356,13 +358,6 @@ class CounterKeeper:
                 await self.sweep()
                 next_sweep = trio.current_time() + SWEEP_INTERVAL
 
-    async def _snapshots_while_loading(self) -> None:
-        while True:
-            with trio.move_on_after(self.interval()):
-                await self.loaded.wait()
-                return
-            await self.snapshot()
-
     async def sweep(self) -> int:
         """Forget the users that went idle, a slice at a time."""
         forgotten = 0
@@ -372,6 +367,7 @@ class CounterKeeper:
 
     async def _sweep(self) -> int:
         slicer = _Slicer()
+        began = time.perf_counter()
         forgotten = 0
         for slot, users in self.policy.take_due(trio.current_time()):
             for start in range(0, len(users), COMPACTION_BATCH):
@@ -379,10 +375,11 @@ class CounterKeeper:
                 forgotten += self.policy.sweep(trio.current_time(), slot, batch)
                 await slicer.pause()
         if forgotten:
-            log.debug(
+            log.info(
                 "users_forgotten",
                 count=forgotten,
                 tracked=self.policy.statistics().tracked_users,
+                seconds=round(time.perf_counter() - began, 3),
             )
         return forgotten
 

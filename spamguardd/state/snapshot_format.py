@@ -119,6 +119,8 @@ def encode_record(
 
 
 _LIMITS_TEXT: dict[tuple[Rate, ...], bytes] = {}
+#: Recent failures remembered under each set of limits seen in a file.
+_LIMITS: dict[tuple[Rate, ...], int] = {}
 
 
 def _limits_text(rates: tuple[Rate, ...]) -> bytes:
@@ -220,6 +222,7 @@ def _parse_limits(text: bytes, known: dict[bytes, tuple[Rate, ...]]) -> tuple[Ra
         except (UnicodeDecodeError, ValueError) as exc:
             raise ValueError(f"limits {text!r}: {exc}") from None
         known[text] = rates
+        _LIMITS.setdefault(rates, buckets.recent_limit(rates))
     return rates
 
 
@@ -252,6 +255,5 @@ def _content(
     doubles.frombytes(body)
     if not _LITTLE:  # pragma: no cover - the reference machines are little-endian
         doubles.byteswap()
-    limit = buckets.recent_limit(rates)
-    state = buckets.import_state(doubles, rates, limit, shift=shift, latest=latest)
+    state = buckets.import_state(doubles, rates, _LIMITS[rates], shift=shift, latest=latest)
     return Record(kind, user, rates, state)
