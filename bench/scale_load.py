@@ -13,7 +13,8 @@ For each implementation (the working tree, and ``--baseline-rev REV`` checked ou
    day limit at 19 % of the run; snapshots every 20 s; RSS sampled every 5 s;
 4. stop it cleanly (timed), measure the snapshot on disk, start it again (timed);
 5. count a probe user to 99 of 100 failures, wait one snapshot interval, ``kill -9``, start
-   again (timed) and check that the 100th failure blocks (counters within one interval).
+   again (timed) and ask ``spamguardctl show`` how many failures of the probe the hour window
+   still counts (99: counters within one interval; the tokens themselves refill meanwhile).
 
 Then, in a process per implementation, the cost of one failed recipient at ``100/1h`` and at
 ``10000/1d`` (one user, distinct recipients, monitor mode so it keeps counting).
@@ -39,7 +40,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMITS = ("100/1h", "1000/1d")
@@ -167,8 +168,8 @@ class Daemon:
                 return int(line.split()[1]) * 1024
         return 0
 
-    def tracked_users(self) -> int:
-        """Users counted now, from ``spamguardctl stats``."""
+    def admin(self, *command: str) -> dict[str, Any]:
+        """``spamguardctl --json COMMAND`` against this daemon."""
         out = subprocess.run(
             [
                 sys.executable,
@@ -177,14 +178,18 @@ class Daemon:
                 "--socket",
                 str(self.workdir / "admin.sock"),
                 "--json",
-                "stats",
+                *command,
             ],
             capture_output=True,
             text=True,
             check=True,
             env={**os.environ, "PYTHONPATH": str(self.pythonpath)},
         ).stdout
-        return int(json.loads(out)["tracked_users"])
+        return cast("dict[str, Any]", json.loads(out))
+
+    def tracked_users(self) -> int:
+        """Users counted now, from ``spamguardctl stats``."""
+        return int(self.admin("stats")["tracked_users"])
 
     def send(self, signum: int) -> None:
         assert self.process is not None  # noqa: S101
@@ -414,9 +419,9 @@ def _run(  # noqa: PLR0915 - one scenario, step by step
     result["after_kill_first_answer_s"] = daemon.start()
     daemon.wait_event("snapshot_loaded", began)
     result["after_kill_loaded_s"] = time.perf_counter() - began
-    result["after_kill_counters_kept"] = ask(daemon.query, _fail("auth:probe", "p99")).startswith(
-        b"freeze"
-    )
+    # failures counted in the hour: 99 if kept (tokens refill meanwhile, so not the verdict)
+    hour = daemon.admin("show", "auth:probe")["windows"][0]
+    result["after_kill_counters_kept"] = f"{hour['counted']} of 99 failures"
     daemon.stop()
     return result
 
