@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import grp
 import os
 import sys
 from collections.abc import Sequence
@@ -16,9 +17,11 @@ import trio
 from spamguardd import __version__
 from spamguardd.core.config import Config, load_config, parse_inet_listen
 from spamguardd.core.errors import ConfigError, StoreError
-from spamguardd.daemon.app import Daemon, load_policy
+from spamguardd.daemon.app import Daemon
 from spamguardd.daemon.log import configure_logging
-from spamguardd.daemon.systemd import Notifier, listen_fds, watchdog_interval
+from spamguardd.daemon.systemd import SdNotify, listen_fds, watchdog_interval
+from spamguardd.state import eximaccess
+from spamguardd.state.blockfile import BlockStore
 
 EX_OK: Final = 0
 EX_FAILURE: Final = 1
@@ -102,20 +105,50 @@ def build_config(args: argparse.Namespace) -> Config:
     return config
 
 
+def check_config(config: Config) -> int:
+    """``--check-config``: the configuration, the block file and its permissions.
+
+    Reads only: nothing is created, repaired or rewritten, so it can run as root beside a
+    running daemon. Returns EX_OK, or EX_CONFIG with every problem printed.
+    """
+    problems: list[str] = []
+    gid = None
+    if config.state.group is not None:
+        try:
+            gid = grp.getgrnam(config.state.group).gr_gid
+        except KeyError:
+            problems.append(f"{config.source}: state.group: no such group {config.state.group!r}")
+    store = BlockStore(config.state.dir, group=gid)
+    try:
+        blocked = len(store.load())
+    except StoreError as exc:
+        problems.append(str(exc))
+        blocked = 0
+    if gid is not None:
+        problems += [
+            problem.describe(str(config.state.group))
+            for problem in eximaccess.check(store.path, gid, uid=os.geteuid())
+        ]
+    if problems:
+        for problem in problems:
+            print(f"spamguardd: {problem}", file=sys.stderr)
+        return EX_CONFIG
+    print(f"{config.source}: configuration is valid; {store.path}: {blocked} blocked users")
+    return EX_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``spamguardd``; returns the process exit status."""
     args = _parser().parse_args(argv)
     try:
         config = build_config(args)
         if args.check_config:
-            load_policy(config)
-            print(f"{config.source}: configuration is valid")
-            return EX_OK
+            return check_config(config)
         configure_logging(config.log)
         daemon = Daemon(
             config,
             inherited=listen_fds(os.environ),
-            notifier=Notifier.from_environ(os.environ),
+            sd_notify=SdNotify.from_environ(os.environ),
             load_config=lambda: build_config(args),
             watchdog_interval=watchdog_interval(os.environ),
         )

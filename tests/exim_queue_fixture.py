@@ -3,7 +3,8 @@
 Debian's ``exim`` with a minimal ``-C`` configuration: its own spool and logs, nothing delivered
 (messages are queued with ``-odq`` and the only router drops them), ``deliver_drop_privilege`` so
 that a ``-C`` configuration never needs Exim's trusted list. Run as root, which keeps root with
-``-C`` (EXIM.md §6). Exim missing is a failure, never a skip: the suite exists to drive it.
+``-C`` (docs/exim-facts.md §7.5). Exim missing is a failure, never a skip: the suite exists to
+drive it.
 """
 
 from __future__ import annotations

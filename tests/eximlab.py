@@ -4,7 +4,7 @@ The Exim configuration is assembled from the shipped ``contrib/exim/`` files wit
 so what is tested is what ships. Everything lives in one scratch directory under ``/tmp`` that
 Exim's user can reach (pytest's own temp directories are mode 0700): spool, logs, sockets, the
 daemon's state and the mailbox files. Exim runs with ``-C`` as root, which is why the config
-sets ``deliver_drop_privilege`` (EXIM.md §6).
+sets ``deliver_drop_privilege`` (docs/exim-facts.md §7.5).
 """
 
 from __future__ import annotations
@@ -281,6 +281,7 @@ never_users = root
 freeze_tell =
 keep_environment =
 acl_smtp_rcpt = acl_check_rcpt
+acl_not_smtp = acl_check_not_smtp
 
 begin acl
 
@@ -291,6 +292,10 @@ acl_check_rcpt:
   accept domains = +local_domains
          verify = recipient
   deny   message = relay not permitted
+
+acl_check_not_smtp:
+.include {contrib}/spamguardd-not-smtp.conf
+  accept
 
 begin routers
 
@@ -535,6 +540,20 @@ class EximLab:
             assert code == 250, (code, text)
             match = re.search(rb"id=(\S+)", text)
             return Sent(refused, match.group(1).decode() if match else None)
+
+    def submit_local(self, recipients: list[str], *, login: str, subject: str = "test") -> str:
+        """One message submitted on this host without SMTP, as ``sendmail -t`` from *login*'s
+        script would (Exim's ``-oMt`` gives the caller's login, as only a trusted caller may),
+        delivered at once (``-odi``); returns its queue id."""
+        lines = [f"From: {login}@example.test", f"To: {', '.join(recipients)}"]
+        message = "\n".join([*lines, f"Subject: {subject}", "", "hello", ""])
+        self.run_exim("-odi", "-oMt", login, "-f", f"{login}@example.test", "-t", stdin=message)
+        ids = re.findall(
+            rf"(\S+) <= {re.escape(login)}@example.test U={re.escape(login)} ",
+            self.mainlog.read_text(),
+        )
+        assert ids, f"no arrival from {login} in the main log"
+        return str(ids[-1])
 
 
 @contextlib.contextmanager

@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import attrs
 import trio
+
+from spamguardd.core.config import NotifyConfig, ServerConfig
+from spamguardd.core.policy import Policy
+from spamguardd.daemon.effects import EffectExecutor
+from spamguardd.daemon.journal_writer import JournalWriter
+from spamguardd.daemon.notices import NoticeQueue
+from spamguardd.daemon.persist import BlockPersister
+from spamguardd.daemon.query_server import QueryServer
+from spamguardd.daemon.transports import Transport
+from spamguardd.state.blockfile import BlockStore
+from spamguardd.state.journal import Journal
 
 #: A fixed wall-clock origin for tests: 2026-11-28T00:00:00Z.
 T0 = 1795824000.0
@@ -40,3 +53,53 @@ def ask_blocking(path: Path, request: bytes, *, timeout: float = 10.0) -> bytes:
         while chunk := sock.recv(4096):
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+@attrs.define
+class Wired:
+    """A query server with its effects executor, notice queue and journal, as the daemon wires
+    them (without the daemon's sockets, signals and housekeeping)."""
+
+    server: QueryServer
+    effects: EffectExecutor
+    notices: NoticeQueue
+    journal: JournalWriter
+
+    async def serve(
+        self,
+        listeners: Sequence[socket.socket],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve *listeners* with the workers running, until the server is stopped; then let the
+        notices finish (their grace period) and the journal catch up, as the daemon does."""
+        async with trio.open_nursery() as workers:
+            await workers.start(self.notices.run)
+            await workers.start(self.journal.run)
+            async with trio.open_nursery() as serving:
+                await serving.start(self.server.serve, listeners)
+                task_status.started()
+            await self.notices.aclose()
+            await self.journal.flush()
+            workers.cancel_scope.cancel()
+
+
+def wire(  # noqa: PLR0913 - one keyword per part a test may want to change
+    config: ServerConfig,
+    policy: Policy,
+    store: BlockStore,
+    *,
+    notify: NotifyConfig | None = None,
+    transport: Transport | None = None,
+    wall_clock: Callable[[], float] | None = None,
+) -> Wired:
+    """The query path of a daemon around *policy*, its journal beside the block file."""
+    wall = wall_clock or (lambda: T0 + trio.current_time())
+    journal = JournalWriter(Journal(store.path.with_name("journal")))
+    notices = NoticeQueue(
+        notify or NotifyConfig(), record=journal.record, transport=transport, wall_clock=wall
+    )
+    effects = EffectExecutor(
+        policy, BlockPersister(policy, store), journal, notices, wall_clock=wall
+    )
+    return Wired(QueryServer(config, policy, effects, wall_clock=wall), effects, notices, journal)

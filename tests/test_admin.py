@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from spamguardd.core import adminproto
-from spamguardd.ctl import EX_FAILED, EX_OK, EX_UNAVAILABLE, EX_USAGE
+from spamguardd.ctl.main import EX_FAILED, EX_OK, EX_UNAVAILABLE, EX_USAGE
 from tests.exim_queue_fixture import make_exim_queue
 from tests.test_cli import Daemon, ask
 
@@ -408,7 +408,7 @@ def same_shape(documented: Any, real: Any, where: str = "") -> None:
 def test_json_output_is_as_documented(sock_dir: Path) -> None:
     """Every command's --json reply has exactly the fields docs/admin.md shows for it."""
     documented = documented_replies()
-    assert sorted(documented) == sorted(adminproto.COMMANDS)
+    assert sorted(documented) == sorted(verb.value for verb in adminproto.Verb)
     sock_dir.chmod(0o755)
     queue = make_exim_queue(sock_dir / "exim")
     queue.submit("b@example.com", "auth:b")

@@ -11,14 +11,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spamguardd.core import adminproto
-from spamguardd.core.adminproto import AdminReplyError, AdminRequestError, Command
+from spamguardd.core.adminproto import (
+    AdminConnection,
+    AdminReplyError,
+    AdminRequestError,
+    Command,
+    Role,
+    Verb,
+)
 from spamguardd.core.config import Config, PolicyConfig
 from spamguardd.core.errors import ConfigError
-from spamguardd.core.latency import percentiles
-from spamguardd.core.policy import Policy
+from spamguardd.core.latency import LatencyHistogram, percentiles
+from spamguardd.core.policy import Blocked, Change, Policy, Reset, Unblocked
 from spamguardd.core.protocol import RcptRequest, Verdict, Verify
 from spamguardd.core.rate import Rate
-from spamguardd.daemon.metrics import LatencyHistogram
 from spamguardd.state.journal import Journal, read_journal
 from tests.helpers import T0
 
@@ -31,75 +37,159 @@ def fail(user: str, rcpt: str) -> RcptRequest:
     )
 
 
+def exchange(command: Command, reply: adminproto.Reply) -> tuple[object, object]:
+    """*command* from a client connection to a server one, and *reply* back: what each read."""
+    client = AdminConnection(Role.CLIENT)
+    server = AdminConnection(Role.SERVER)
+    server.receive_data(client.send(command))
+    received = server.next_event()
+    client.receive_data(server.send(reply))
+    return received, client.next_event()
+
+
+def serve_line(line: bytes) -> object:
+    server = AdminConnection(Role.SERVER)
+    server.receive_data(line + b"\n")
+    return server.next_event()
+
+
 class TestAdminProtocol:
     @given(
-        command=st.sampled_from(sorted(adminproto.USER_COMMANDS)),
+        verb=st.sampled_from(sorted(adminproto.USER_VERBS)),
         user=st.text(min_size=1, max_size=50).filter(lambda u: "\x00" not in u),
     )
-    def test_round_trip_any_user(self, command: str, user: str) -> None:
-        """Any user key, including surrogate-escaped bytes, survives encode/parse unchanged."""
-        sent = Command(command, user)
-        line = adminproto.encode_command(sent)
+    def test_round_trip_any_user(self, verb: Verb, user: str) -> None:
+        """Any user key, including surrogate-escaped bytes, survives the trip unchanged."""
+        sent = Command(verb, user)
+        client = AdminConnection(Role.CLIENT)
+        line = client.send(sent)
         assert line.endswith(b"\n")
         assert line.isascii()
-        assert adminproto.parse_command(line) == sent
+        server = AdminConnection(Role.SERVER)
+        server.receive_data(line)
+        assert server.next_event() == sent
 
     def test_non_utf8_user_key(self) -> None:
         """A key that is not UTF-8 (kept with surrogate escapes) is carried byte for byte."""
         user = b"auth:\xff\xfe".decode("utf-8", "surrogateescape")
-        sent = Command("block", user, "why")
-        assert adminproto.parse_command(adminproto.encode_command(sent)) == sent
+        sent = Command(Verb.RESET, user)
+        received, reply = exchange(sent, adminproto.ResetReply(user=user))
+        assert received == sent
+        assert reply == adminproto.ResetReply(user=user)
 
     @pytest.mark.parametrize(
         ("line", "message"),
         [
             (b"block auth:x", "not a JSON object"),
             (b"[1]", "not a JSON object"),
+            (b"[" * 50_000, "nested too deeply"),
             (b'{"command": "frob"}', "unknown command 'frob'"),
+            (b'{"command": 7}', "unknown command 7"),
             (b'{"command": "block"}', "block needs a user key"),
             (b'{"command": "show", "user": ""}', "show needs a user key"),
             (b'{"command": "list", "user": "a"}', "list takes no user"),
             (b'{"command": "reset", "user": "a", "reason": "x"}', "reset takes no reason"),
             (b'{"command": "list", "force": true}', "unknown field 'force'"),
             (b'{"command": "block", "user": "a", "reason": 5}', "reason must be a string"),
+            (b'{"command": "show", "user": "auth:\\ud800"}', "lone surrogate"),
+            (b'{"command": "show", "user": "auth:\\udc7f"}', "lone surrogate"),
+            (b'{"command": "block", "user": "a", "reason": "\\udfff"}', "lone surrogate"),
         ],
     )
     def test_bad_requests_say_why(self, line: bytes, message: str) -> None:
         """Every refused request names its problem."""
         with pytest.raises(AdminRequestError, match=message):
-            adminproto.parse_command(line)
+            serve_line(line)
+
+    def test_a_bad_line_does_not_end_the_connection(self) -> None:
+        """After a refused line the next one is read; an over-long line closes the connection."""
+        server = AdminConnection(Role.SERVER)
+        server.receive_data(b'nonsense\n{"command": "list"}\n')
+        with pytest.raises(AdminRequestError):
+            server.next_event()
+        assert server.next_event() == Command(Verb.LIST)
+        assert server.next_event() is adminproto.NEED_DATA
+        server.receive_data(b"x" * adminproto.MAX_REQUEST)
+        with pytest.raises(AdminRequestError, match="longer than 65536 bytes"):
+            server.next_event()
+        server.receive_data(b'\n{"command": "list"}\n')
+        assert server.next_event() is adminproto.CLOSED
 
     def test_replies(self) -> None:
-        """Replies are one sorted ASCII JSON line; a reply without ok is not a reply."""
-        line = adminproto.encode_reply(adminproto.ok(user="auth:é", b=1))
-        assert line == b'{"b":1,"ok":true,"user":"auth:\\u00e9"}\n'
-        assert adminproto.decode_reply(line) == {"ok": True, "user": "auth:é", "b": 1}
-        assert adminproto.decode_reply(adminproto.encode_reply(adminproto.error("no")))[
-            "error"
-        ] == ("no")
-        for bad in (b"pong", b"{}", b'{"ok": false}'):
-            with pytest.raises(AdminReplyError):
-                adminproto.decode_reply(bad)
+        """Replies are one sorted ASCII JSON line; optional fields are left out when unset."""
+        server = AdminConnection(Role.SERVER)
+        line = server.send(adminproto.ResetReply(user="auth:é"))
+        assert line == b'{"ok":true,"reset":true,"user":"auth:\\u00e9"}\n'
+        info = adminproto.BlockInfo(user="u", since="s", reason="r", by="b", verdict="freeze")
+        line = server.send(adminproto.UnblockReply(user="u", unblocked=info))
+        assert b'"exim"' not in line
+        assert server.send(adminproto.ErrorReply(error="no")) == b'{"error":"no","ok":false}\n'
+
+    @pytest.mark.parametrize(
+        "line",
+        [
+            b"pong",
+            b"{}",
+            b'{"ok": false}',
+            b'{"ok": true}',
+            b'{"ok": true, "user": "a", "reset": "yes"}',
+            b'{"ok": true, "user": 5, "reset": true}',
+        ],
+    )
+    def test_a_reply_that_does_not_fit_is_refused(self, line: bytes) -> None:
+        """The client reads a reply into its class, and says which field did not fit."""
+        client = AdminConnection(Role.CLIENT)
+        client.send(Command(Verb.RESET, "a"))
+        client.receive_data(line + b"\n")
+        with pytest.raises(AdminReplyError):
+            client.next_event()
+
+    def test_replies_come_back_typed_in_order(self) -> None:
+        """Several commands on one connection get their replies, each read as its own type."""
+        client = AdminConnection(Role.CLIENT)
+        server = AdminConnection(Role.SERVER)
+        server.receive_data(client.send(Command(Verb.METRICS)) + client.send(Command(Verb.LIST)))
+        assert server.next_event() == Command(Verb.METRICS)
+        assert server.next_event() == Command(Verb.LIST)
+        client.receive_data(
+            server.send(adminproto.MetricsReply(text="x 1\n"))
+            + server.send(adminproto.ListReply(blocked=()))
+        )
+        assert client.next_event() == adminproto.MetricsReply(text="x 1\n")
+        assert client.next_event() == adminproto.ListReply(blocked=())
+        client.receive_data(b"")
+        assert client.next_event() is adminproto.CLOSED
 
 
 class TestPolicyAdmin:
     def test_block_unblock_bump_generation(self) -> None:
         """Admin blocks and unblocks change the block list and its generation like auto blocks."""
         policy = Policy(FIVE)
-        block, new = policy.block("auth:a", "phished", by="admin:0", wall_now=T0 + 0.7)
-        assert new
-        assert (block.blocked_at, block.by, policy.generation) == (T0, "admin:0", 1)
-        again, new = policy.block("auth:a", "other", by="admin:5", wall_now=T0 + 99)
-        assert (again, new, policy.generation) == (block, False, 1)
+        change = policy.block("auth:a", "phished", by="admin:0", wall_now=T0 + 0.7)
+        (blocked,) = change.effects
+        assert isinstance(blocked, Blocked)
+        block = blocked.block
+        assert (block.blocked_at, block.by, blocked.rate) == (T0, "admin:0", None)
+        assert change.needs_generation == policy.generation == 1
+        again = policy.block("auth:a", "other", by="admin:5", wall_now=T0 + 99)
+        assert (again, policy.blocks["auth:a"], policy.generation) == (Change(), block, 1)
         reply = policy.decide(fail("auth:a", "x"), now=0.0, wall_now=T0).reply
         assert (reply.verdict, reply.reason) == (Verdict.FREEZE, "phished")
-        assert policy.unblock("auth:a") == block
-        assert policy.generation == 2
-        assert policy.unblock("auth:a") is None
+        lifted = policy.unblock("auth:a", by="admin:3", wall_now=T0 + 5)
+        assert lifted == Change((Unblocked(block, "admin:3", T0 + 5),), needs_generation=2)
+        assert policy.unblock("auth:a", by="admin:3", wall_now=T0 + 6) == Change()
         assert policy.generation == 2
         assert policy.decide(fail("auth:a", "x"), now=0.0, wall_now=T0).reply.verdict is (
             Verdict.ACCEPT
         )
+
+    def test_admin_block_carries_the_evidence(self) -> None:
+        """An admin's block brings the user's recent failures along, as an automatic one does."""
+        policy = Policy(FIVE)
+        policy.decide(fail("auth:a", "r1"), now=0.0, wall_now=T0)
+        (blocked,) = policy.block("auth:a", "x", by="admin:0", wall_now=T0).effects
+        assert isinstance(blocked, Blocked)
+        assert [s.rcpt for s in blocked.samples] == ["r1"]
 
     def test_block_drops_counters(self) -> None:
         """A user is counted or blocked, never both, also when an admin blocks."""
@@ -113,14 +203,16 @@ class TestPolicyAdmin:
         policy = Policy(FIVE)
         for i in range(4):
             policy.decide(fail("auth:a", f"r{i}"), now=0.0, wall_now=T0)
-        assert policy.reset("auth:a")
-        assert not policy.reset("auth:a")
+        assert policy.reset("auth:a", by="admin:0", wall_now=T0).effects == (
+            Reset("auth:a", "admin:0", T0),
+        )
+        assert policy.reset("auth:a", by="admin:0", wall_now=T0) == Change()
         for i in range(4):
             assert policy.decide(fail("auth:a", f"s{i}"), now=1.0, wall_now=T0).reply.verdict is (
                 Verdict.ACCEPT
             )
         policy.block("auth:b", "x", by="admin:0", wall_now=T0)
-        assert not policy.reset("auth:b")
+        assert policy.reset("auth:b", by="admin:0", wall_now=T0) == Change()
         assert "auth:b" in policy.blocks
 
     def test_inspect_windows_and_clear_time(self) -> None:

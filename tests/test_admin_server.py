@@ -16,9 +16,9 @@ import trio.testing
 from spamguardd.core.config import AdminConfig, Config, PolicyConfig, ServerConfig, StateConfig
 from spamguardd.core.policy import Block
 from spamguardd.core.rate import Rate
+from spamguardd.core.timestamps import format_time
 from spamguardd.daemon.admin_server import is_allowed
 from spamguardd.daemon.app import Daemon
-from spamguardd.state.blockfile import format_time
 from tests.helpers import T0, readsocket
 
 

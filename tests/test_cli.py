@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import grp
+import os
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -138,7 +143,35 @@ class TestCheckConfig:
         assert (
             main(["--config", str(path), "--state-dir", str(tmp_path / "s"), "--check-config"]) == 0
         )
-        assert capsys.readouterr().out == f"{path}: configuration is valid\n"
+        assert capsys.readouterr().out == (
+            f"{path}: configuration is valid; {tmp_path}/s/blocked: 0 blocked users\n"
+        )
+
+    def test_changes_nothing(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """--check-config creates no state directory and repairs no permission: it reports."""
+        group = grp.getgrgid(os.getgid()).gr_name
+        # under /tmp itself: pytest's own directories are 0700, which would be reported too
+        scratch = Path(tempfile.mkdtemp(prefix="check-", dir="/tmp"))
+        try:
+            scratch.chmod(0o755)
+            path = scratch / "c.toml"
+            path.write_text(f'[state]\ngroup = "{group}"\n')
+            new = scratch / "new"
+            assert main(["--config", str(path), "--state-dir", str(new), "--check-config"]) == 0
+            assert not new.exists()
+            state = scratch / "s"
+            state.mkdir()
+            state.chmod(0o700)
+            (state / "blocked").write_text("")
+            (state / "blocked").chmod(0o600)
+            assert main(["--config", str(path), "--state-dir", str(state), "--check-config"]) == 78
+            err = capsys.readouterr().err
+            assert f"{state}/blocked: Exim's group {group} cannot read this file" in err
+            assert f"{state}: Exim's group {group} cannot search this directory" in err
+            assert stat.S_IMODE((state / "blocked").stat().st_mode) == 0o600
+            assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        finally:
+            shutil.rmtree(scratch)
 
     def test_every_problem_and_78(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """--check-config on a bad file lists every problem, one per line, and exits 78."""

@@ -8,6 +8,7 @@ failed recipient of a user blocks it. A missing Exim fails these tests; they nev
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import smtplib
@@ -206,6 +207,32 @@ class TestDaemonDown:
             again = lab.send(["ok@remote.test"], user="alice")
             assert_delivered(lab, again.message_id, "ok@remote.test")
 
+    @pytest.mark.parametrize(("when_down", "code"), [("accept", 250), ("defer", 451)])
+    def test_unreadable_block_file_fails_open(self, when_down: str, code: int) -> None:
+        """A block file Exim's group cannot read (a restore, a chgrp) is treated like a down
+        daemon: no 451 for everyone, a log line naming the file; 451 only when fail closed."""
+        with running_lab(macros={"SPAMGUARD_WHEN_DOWN": when_down}) as lab:
+            lab.send(["bad1@remote.test", "bad2@remote.test", "bad3@remote.test"], user="mallory")
+            assert lab.spamguard.is_blocked("auth:mallory")
+            lab.spamguard.stop()
+            os.chown(lab.spamguard.blocked, 0, 0)
+            lab.spamguard.blocked.chmod(0o600)
+            sent = lab.send(["ok@remote.test"], user="alice")
+            if code == 250:
+                assert sent.refused == {}
+                assert_delivered(lab, sent.message_id, "ok@remote.test")
+            else:
+                assert sent.refused == {
+                    "ok@remote.test": (451, b"sending temporarily suspended, try later")
+                }
+            log = lab.mainlog.read_text()
+            assert "Temporary local problem" not in log
+            assert (
+                f"spamguardd: daemon unreachable, and Exim cannot read {lab.spamguard.blocked}: "
+                "nobody is frozen for this connection"
+            ) in log
+            no_panic(lab)
+
 
 def messages_in_one_session(lab: EximLab, count: int) -> list[int]:
     """Send *count* messages over one SMTP connection, each with a bad and a good recipient;
@@ -231,9 +258,10 @@ def messages_in_one_session(lab: EximLab, count: int) -> list[int]:
 
 
 class TestStaleDescriptor:
-    """Exim 4.96 reuses a closed descriptor after a refused Unix-socket readsocket (EXIM.md
-    §1.6); the ACL's once-per-connection guard cannot undo the close at DATA. These tests pin
-    down what docs/exim.md says: use a socket that never refuses, or the TCP listener."""
+    """Exim 4.96 reuses a closed descriptor after a refused Unix-socket readsocket
+    (docs/exim-facts.md §1.4); the ACL's once-per-connection guard cannot undo the close at
+    DATA. These tests pin down what docs/exim.md says: use a socket that never refuses, or the
+    TCP listener."""
 
     def test_tcp_listener_keeps_a_multi_message_session_clean(self) -> None:
         """With SPAMGUARD_SOCKET = inet:..., a stopped daemon costs nothing but counting."""
@@ -272,6 +300,103 @@ class TestDeliveryTimeFailures:
         no_panic(lab)
 
 
+class TestLocalSubmissions:
+    def test_a_web_script_spraying_harvested_addresses_is_counted_blocked_and_frozen(
+        self, exim_lab: EximLab
+    ) -> None:
+        """sendmail -t from www-data's script to harvested addresses: the recipients the remote
+        MX refuses at delivery are counted under uid:www-data until it is blocked; its next
+        message is frozen, another local user's is not."""
+        lab = exim_lab
+        spray = [f"bad{i}@remote.test" for i in range(3)] + ["ok@remote.test"]
+        first = lab.submit_local(spray, login="www-data")
+        lab.wait_queue_settled(first)
+        wait_for("three refusals to be counted", lambda: lab.spamguard.is_blocked("uid:www-data"))
+        assert_delivered(lab, first, "ok@remote.test")  # submitted before the block: delivered
+        frozen = lab.submit_local(["friend@remote.test"], login="www-data")
+        assert_frozen_for(lab, frozen, "uid:www-data")
+        other = lab.submit_local(["friend2@remote.test"], login="alice")
+        assert_delivered(lab, other, "friend2@remote.test")
+        assert not lab.spamguard.is_blocked("uid:alice")
+        assert "spamguardd: freezing message from uid:www-data" in lab.mainlog.read_text()
+        no_panic(lab)
+
+    def test_block_file_freezes_a_blocked_local_user_while_the_daemon_is_down(
+        self, exim_lab: EximLab
+    ) -> None:
+        """With the daemon stopped the non-SMTP ACL reads the block file, as the RCPT ACL does."""
+        lab = exim_lab
+        lab.submit_local([f"bad{i}@remote.test" for i in range(3)], login="www-data")
+        wait_for("the block", lambda: lab.spamguard.is_blocked("uid:www-data"))
+        lab.spamguard.stop()
+        frozen = lab.submit_local(["friend@remote.test"], login="www-data")
+        assert_frozen_for(lab, frozen, "uid:www-data")
+        other = lab.submit_local(["friend2@remote.test"], login="alice")
+        assert_delivered(lab, other, "friend2@remote.test")
+        assert "using the block file for this message" in lab.mainlog.read_text()
+        no_panic(lab)
+
+    def test_the_daemons_own_notices_and_bounces_are_left_alone(self, exim_lab: EximLab) -> None:
+        """uid:spamguardd (the daemon's notices) is never counted, even to refused recipients."""
+        lab = exim_lab
+        notice = lab.submit_local([f"bad{i}@remote.test" for i in range(4)], login="spamguardd")
+        lab.wait_queue_settled(notice)
+        assert not lab.spamguard.is_blocked("uid:spamguardd")
+        assert "uid:spamguardd" not in lab.spamguard.log.read_text()
+
+
+class TestSessionFuse:
+    def test_the_fuse_drops_the_connection_after_n_failures(self) -> None:
+        """SPAMGUARD_SESSION_FUSE = 2: two refused recipients in one connection, across two
+        messages, and the next RCPT drops the connection before the daemon is asked; the
+        daemon counted the two it saw."""
+        with running_lab(
+            limit="10/1h",
+            macros={"SPAMGUARD_SESSION_FUSE": "2", "SPAMGUARD_FUSE_DELAY": "0s"},
+        ) as lab:
+            with smtplib.SMTP("127.0.0.1", lab.port, timeout=30) as smtp:
+                smtp.ehlo("client.test")
+                smtp.login("mallory", PASSWORD)
+                smtp.mail("mallory@example.test")
+                assert smtp.rcpt("bad1@remote.test")[0] == 550
+                smtp.rset()  # a new message: Exim's own $rcpt_fail_count starts again
+                smtp.mail("mallory@example.test")
+                assert smtp.rcpt("bad2@remote.test")[0] == 550
+                code, text = smtp.rcpt("ok@remote.test")
+                assert (code, text) == (550, b"too many failed recipients in this connection")
+                with pytest.raises(smtplib.SMTPServerDisconnected):
+                    smtp.noop()
+            shown = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "spamguardd.ctl",
+                    "--socket",
+                    str(lab.spamguard.socket.parent / "admin.sock"),
+                    "--json",
+                    "show",
+                    "auth:mallory",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=60,
+            ).stdout
+            assert '"counted": 2' in shown
+            log = lab.mainlog.read_text()
+            assert "dropped the connection of auth:mallory after 2 failed recipients" in log
+            assert "ok@remote.test" not in lab.mx.rcpt_log  # no callout for the dropped RCPT
+            no_panic(lab)
+
+    def test_off_by_default(self, exim_lab: EximLab) -> None:
+        """Without the macro no connection is dropped, however many recipients fail."""
+        sent = exim_lab.send(
+            [f"bad{i}@remote.test" for i in range(2)] + ["ok@remote.test"], user="alice"
+        )
+        assert list(sent.refused) == ["bad0@remote.test", "bad1@remote.test"]
+        assert sent.message_id is not None
+
+
 class TestDebian:
     @pytest.mark.parametrize("flavour", ["unsplit", "split"])
     def test_wrapper_acl_against_debians_generated_config(
@@ -287,17 +412,7 @@ class TestDebian:
         /etc/exim4, whatever --confdir says, so that flavour cannot be tested from a copy).
         """
         lab = exim_lab
-        # the shipped file with its two paths pointed at the lab (and nothing else changed)
-        text = (CONTRIB / "acl_spamguardd_rcpt").read_text()
-        assert "{/run/spamguardd/query.sock}" in text
-        assert "{/var/lib/spamguardd/blocked}" in text
-        acl = lab.dir / "acl_spamguardd_rcpt"
-        acl.write_text(
-            text.replace("/run/spamguardd/query.sock", str(lab.spamguard.socket)).replace(
-                "/var/lib/spamguardd/blocked", str(lab.spamguard.blocked)
-            )
-        )
-        acl.chmod(0o644)
+        acl = lab_acl(lab)
         debian = lab.dir / "debian.conf"
         update = shutil.which("update-exim4.conf") or "/usr/sbin/update-exim4.conf"
         defines: list[str] = []
@@ -347,6 +462,61 @@ class TestDebian:
         )
         assert "550 relay not permitted" in foreign
 
+    def test_local_submissions_are_keyed_by_unix_user(self, exim_lab: EximLab) -> None:
+        """exim -bs without a client address: Debian's empty relay_from_hosts item makes it
+        outgoing, and the key is uid:NAME of the submitting user, never the empty ip:. The
+        daemon's own user is never counted; postmaster stays reachable for a blocked user."""
+        lab = exim_lab
+        debian, defines = debian_config(lab)
+        rcpts = [f"RCPT TO:<nosuch{i}@localhost>" for i in range(3)]
+
+        def local_smtp(*extra: str, lines: list[str]) -> str:
+            return lab.run_exim(
+                *defines, "-bs", *extra, stdin="\r\n".join(lines) + "\r\n", config=debian
+            )
+
+        smtp = ["EHLO localhost", "MAIL FROM:<root@localhost>"]
+        output = local_smtp(lines=[*smtp, *rcpts, "QUIT"])
+        assert output.count("550 Unrouteable address") == 3, output
+        assert lab.spamguard.is_blocked("uid:root")
+        assert not lab.spamguard.is_blocked("ip:")
+        # the daemon's notices come as uid:spamguardd: never counted, even with bad recipients
+        own = local_smtp("-oMt", "spamguardd", lines=[*smtp, *rcpts, "QUIT"])
+        assert "freezing" not in own
+        assert not lab.spamguard.is_blocked("uid:spamguardd")
+        # a blocked user still reaches postmaster: not asked about, not frozen
+        to_postmaster = local_smtp(lines=[*smtp, "RCPT TO:<postmaster@localhost>", "QUIT"])
+        assert re.search(r"^250 Accepted", to_postmaster, re.MULTILINE), to_postmaster
+        assert "freezing" not in to_postmaster
+
+
+def lab_acl(lab: EximLab) -> Path:
+    """The shipped Debian ACL file with its socket and block file pointed at the lab's (and
+    nothing else changed)."""
+    text = (CONTRIB / "acl_spamguardd_rcpt").read_text()
+    assert "{/run/spamguardd/query.sock}" in text
+    assert "{/var/lib/spamguardd/blocked}" in text
+    acl = lab.dir / "acl_spamguardd_rcpt"
+    acl.write_text(
+        text.replace("/run/spamguardd/query.sock", str(lab.spamguard.socket)).replace(
+            "/var/lib/spamguardd/blocked", str(lab.spamguard.blocked)
+        )
+    )
+    acl.chmod(0o644)
+    return acl
+
+
+def debian_config(lab: EximLab) -> tuple[Path, list[str]]:
+    """Debian's generated configuration (unsplit) and the -D that points it at the shipped ACL
+    file (:func:`lab_acl`)."""
+    acl = lab_acl(lab)
+    debian = lab.dir / "debian.conf"
+    update = shutil.which("update-exim4.conf") or "/usr/sbin/update-exim4.conf"
+    subprocess.run([update, "--output", str(debian)], check=True, timeout=60)
+    # -bs logs like a real submission: into the lab's log directory, not the machine's
+    debian.write_text(f"log_file_path = {lab.dir}/log/%slog\n" + debian.read_text())
+    return debian, [f"-DMAIN_ACL_CHECK_RCPT={acl}"]
+
 
 class TestShippedFiles:
     def test_debian_acl_is_the_include_with_the_default_macros(self) -> None:
@@ -364,6 +534,21 @@ class TestShippedFiles:
             include = include.replace(name, macros[name])
         debian = statements((CONTRIB / "acl_spamguardd_rcpt").read_text())
         assert debian == include + "require acl = acl_check_rcpt\naccept\n"
+
+    def test_debian_not_smtp_acl_is_the_include_with_the_default_macros(self) -> None:
+        """acl_spamguardd_not_smtp is spamguardd-not-smtp.conf with the defaults filled in."""
+        macros = dict(
+            re.findall(
+                r"^(SPAMGUARD_\w+) = (.*)$",
+                (CONTRIB / "spamguardd-macros.conf").read_text(),
+                re.MULTILINE,
+            )
+        )
+        include = statements((CONTRIB / "spamguardd-not-smtp.conf").read_text())
+        for name in sorted(macros, key=len, reverse=True):
+            include = include.replace(name, macros[name])
+        debian = statements((CONTRIB / "acl_spamguardd_not_smtp").read_text())
+        assert debian == include + "accept\n"
 
     def test_exim_is_installed(self) -> None:
         """The integration tests need a real Exim; its absence is a failure, not a skip."""

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from spamguardd.core.userkey import fold_auth_id
 from spamguardd.tools.eximlog import (
     CONTINUATION,
     UNPARSED,
@@ -20,7 +21,6 @@ from spamguardd.tools.eximlog import (
     Rejection,
     ScanCounts,
     UserKeys,
-    fold_auth_id,
     parse_line,
     parse_timestamp,
     scan,

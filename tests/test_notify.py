@@ -8,7 +8,7 @@ Rules for these tests:
   a child process in flight would let the mock clock jump past its timeouts;
 * sockets live in a short directory under /tmp (``sock_dir``), and every test that could hang
   runs under ``trio.fail_after``;
-* no sleeps: a test waits for the dispatcher by closing it (:meth:`NoticeDispatcher.aclose`
+* no sleeps: a test waits for the notices by closing it (:meth:`NoticeQueue.aclose`
   returns once the queue is delivered) or on an event.
 """
 
@@ -47,26 +47,25 @@ from spamguardd.core.config import (
     StateConfig,
 )
 from spamguardd.core.errors import NotifyError
-from spamguardd.core.policy import Block, Blocked, FailureSample, Policy, WouldBlock
+from spamguardd.core.notice import Notice, build_message, printable, shell_word
+from spamguardd.core.policy import (
+    Block,
+    Blocked,
+    Effect,
+    FailureSample,
+    Policy,
+    Unblocked,
+    WouldBlock,
+)
 from spamguardd.core.protocol import Reply, Verdict, parse_reply, quote
 from spamguardd.core.rate import Rate
 from spamguardd.daemon.app import Daemon
-from spamguardd.daemon.notices import (
-    HookCommand,
-    Notice,
-    NoticeDispatcher,
-    SendmailTransport,
-    SmtpTransport,
-    build_message,
-    printable,
-    run_notifier,
-    shell_word,
-)
-from spamguardd.daemon.persist import BlockPersister
-from spamguardd.daemon.query_server import QueryServer, bind_unix_listener
+from spamguardd.daemon.listeners import bind_unix_listener
+from spamguardd.daemon.notices import NoticeQueue
+from spamguardd.daemon.query_server import QueryServer
+from spamguardd.daemon.transports import HookCommand, SendmailTransport, SmtpTransport
 from spamguardd.state.blockfile import BlockStore
-from spamguardd.state.journal import Journal
-from tests.helpers import T0, ask_blocking, readsocket
+from tests.helpers import T0, ask_blocking, readsocket, wire
 
 FIVE = PolicyConfig(failed_recipients=(Rate(5, 3600),))
 ONE = PolicyConfig(failed_recipients=(Rate(1, 3600),))
@@ -102,9 +101,16 @@ SAMPLES = (
     sample("b@nowhere.test", "198.51.100.9", T0 + 2),
     sample("c@nowhere.test", "192.0.2.7", T0 + 60),
 )
-BLOCKED = Notice.from_effect(
-    Blocked(BLOCK, Rate(5, 3600), SAMPLES), verdict=Verdict.FREEZE, when=T0 + 99
-)
+
+
+def notice_of(effect: Effect, verdict: Verdict = Verdict.FREEZE, when: float = T0 + 99) -> Notice:
+    notice = Notice.from_effect(effect, verdict=verdict, when=when)
+    assert notice is not None
+    return notice
+
+
+BLOCKED = notice_of(Blocked(BLOCK, Rate(5, 3600), SAMPLES))
+UNBLOCKED = notice_of(Unblocked(BLOCK, "admin:0", T0 + 600))
 
 
 # -- fakes ------------------------------------------------------------------------------------
@@ -254,7 +260,7 @@ class _LineReader:
 @attrs.define
 class Running:
     server: QueryServer
-    dispatcher: NoticeDispatcher
+    notices: NoticeQueue
     path: Path
 
     async def ask(self, request: bytes) -> Reply:
@@ -262,7 +268,7 @@ class Running:
 
     async def finish(self) -> None:
         self.server.stop()
-        await self.dispatcher.aclose()
+        await self.notices.aclose()
 
 
 async def start(
@@ -271,24 +277,15 @@ async def start(
     notify: NotifyConfig,
     policy_config: PolicyConfig = FIVE,
 ) -> Running:
-    """A query server on a real socket with its dispatcher worker, wired as the daemon wires it."""
+    """A query server on a real socket with its notice worker, wired as the daemon wires it."""
     store = BlockStore(sock_dir / "state")
     store.prepare()
     policy = Policy(policy_config, store.load())
     config = ServerConfig(query_socket=sock_dir / "q.sock")
-    wall = lambda: T0 + trio.current_time()  # noqa: E731
-    server = QueryServer(config, policy, BlockPersister(policy, store), wall_clock=wall)
-    dispatcher = NoticeDispatcher(
-        notify,
-        verdict=policy_config.verdict,
-        journal=Journal(sock_dir / "state" / "journal"),
-        wall_clock=wall,
-    )
-    server.effect_listeners.append(dispatcher.on_effect)
+    wired = wire(config, policy, store, notify=notify)
     sock = bind_unix_listener(config.query_socket, mode=0o660, group=None, backlog=1024)
-    await nursery.start(server.serve, [sock])
-    await nursery.start(run_notifier, dispatcher.receive_channel, dispatcher)
-    return Running(server, dispatcher, config.query_socket)
+    await nursery.start(wired.serve, [sock])
+    return Running(wired.server, wired.notices, config.query_socket)
 
 
 def fail(user: str, rcpt: str) -> bytes:
@@ -341,7 +338,7 @@ class TestMessage:
     def test_monitor_mode_is_marked_would_block(self) -> None:
         """A would-block notice says plainly that nothing was blocked, and offers no undo."""
         effect = WouldBlock("auth:m@example.com", Rate(5, 3600), SAMPLES)
-        message = self.build(Notice.from_effect(effect, verdict=Verdict.FREEZE, when=T0 + 61))
+        message = self.build(notice_of(effect, when=T0 + 61))
         assert message["Subject"] == (
             "[abuse-bot] WOULD BLOCK auth:m@example.com (monitor mode): "
             "5 failed recipients within 1h"
@@ -355,11 +352,11 @@ class TestMessage:
     def test_admin_block_and_unblock(self) -> None:
         """Admin blocks name who acted; unblock notices say mail flows again."""
         block = Block("auth:m@example.com", T0, "phished account", by="admin:0")
-        admin = self.build(Notice.admin_block(block, verdict=Verdict.REJECT))
+        admin = self.build(notice_of(Blocked(block), Verdict.REJECT))
         assert admin["Subject"] == "[abuse-bot] admin blocked auth:m@example.com: phished account"
         assert "Event:      admin_block (by admin:0)" in body_of(admin)
         assert "spamguardctl unblock auth:m@example.com --release" in body_of(admin)
-        unblock = self.build(Notice.unblock("auth:m@example.com", when=T0, by="admin:0"))
+        unblock = self.build(notice_of(Unblocked(block, "admin:0", T0)))
         assert unblock["Subject"] == "[abuse-bot] unblocked auth:m@example.com"
         assert "Verdict:    accept (counting starts afresh)" in body_of(unblock)
         assert "--release" not in body_of(unblock)
@@ -525,11 +522,12 @@ class TestHook:
 # -- delivery discipline ----------------------------------------------------------------------
 
 
-def dispatcher_with(transport: RecordingTransport, **options: Any) -> NoticeDispatcher:
+def queue_with(
+    transport: RecordingTransport, journal: list[Any] | None = None, **options: Any
+) -> NoticeQueue:
     config = attrs.evolve(NotifyConfig(to=TO), **options)
-    return NoticeDispatcher(
-        config, verdict=Verdict.FREEZE, transport=transport, wall_clock=lambda: T0
-    )
+    record = None if journal is None else journal.append
+    return NoticeQueue(config, record=record, transport=transport, wall_clock=lambda: T0)
 
 
 class TestDelivery:
@@ -538,15 +536,15 @@ class TestDelivery:
     ) -> None:
         """Two failures are retried after 1 s and 2 s; the third attempt delivers, once."""
         transport = RecordingTransport(fail_times=2)
-        dispatcher = dispatcher_with(transport)
-        await nursery.start(run_notifier, dispatcher.receive_channel, dispatcher)
+        notices = queue_with(transport)
+        await nursery.start(notices.run)
         start = trio.current_time()
         with structlog.testing.capture_logs() as logs:
-            assert dispatcher.submit(BLOCKED)
-            await dispatcher.aclose()
+            assert notices.submit(BLOCKED)
+            await notices.aclose()
         assert len(transport.sent) == 1
         assert [t - start for t in transport.attempted_at] == [0.0, 1.0, 3.0]
-        stats = dispatcher.statistics()
+        stats = notices.statistics()
         assert (stats.queued, stats.sent, stats.failed, stats.retries) == (1, 1, 0, 2)
         assert [e["error"] for e in logs if e["event"] == "notice_retry"] == [
             "relay said 451 try later"
@@ -558,13 +556,13 @@ class TestDelivery:
     ) -> None:
         """A transport that always fails is retried with backoff for retry_for, then logged."""
         transport = RecordingTransport(fail_times=1000)
-        dispatcher = dispatcher_with(transport, retry_for=300.0, shutdown_grace=10_000.0)
-        await nursery.start(run_notifier, dispatcher.receive_channel, dispatcher)
+        notices = queue_with(transport, retry_for=300.0, shutdown_grace=10_000.0)
+        await nursery.start(notices.run)
         start = trio.current_time()
         with structlog.testing.capture_logs() as logs:
-            dispatcher.submit(BLOCKED)
-            dispatcher.submit(attrs.evolve(BLOCKED, user="auth:second"))
-            await dispatcher.aclose()
+            notices.submit(BLOCKED)
+            notices.submit(attrs.evolve(BLOCKED, user="auth:second"))
+            await notices.aclose()
         offsets = [t - start for t in transport.attempted_at]
         # waits of 1, 2, 4, ... s capped at 60 s, while the next attempt fits in 300 s; then the
         # second notice gets a budget of its own
@@ -574,8 +572,8 @@ class TestDelivery:
         assert [e["user"] for e in failed] == ["auth:m@example.com", "auth:second"]
         assert failed[0]["error"] == "relay said 451 try later"
         assert failed[0]["attempts"] == len(one)
-        assert dispatcher.statistics().failed == 2
-        assert dispatcher.statistics().sent == 0
+        assert notices.statistics().failed == 2
+        assert notices.statistics().sent == 0
 
     async def test_a_bug_in_a_transport_fails_one_notice_not_the_worker(
         self, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
@@ -590,12 +588,12 @@ class TestDelivery:
                 await super().send(message)
 
         transport = Buggy()
-        dispatcher = dispatcher_with(transport)
-        await nursery.start(run_notifier, dispatcher.receive_channel, dispatcher)
+        notices = queue_with(transport)
+        await nursery.start(notices.run)
         with structlog.testing.capture_logs() as logs:
-            dispatcher.submit(attrs.evolve(BLOCKED, user="auth:bug"))
-            dispatcher.submit(BLOCKED)
-            await dispatcher.aclose()
+            notices.submit(attrs.evolve(BLOCKED, user="auth:bug"))
+            notices.submit(BLOCKED)
+            await notices.aclose()
         assert [m["Subject"] for m in transport.sent] == [
             "[spamguardd] blocked auth:m@example.com: 5 failed recipients within 1h"
         ]
@@ -604,27 +602,26 @@ class TestDelivery:
         assert [e["log_level"] for e in logs if e["event"] == "notice_error"] == ["error"]
 
     async def test_full_queue_drops_without_waiting(self) -> None:
-        """Past queue_size a notice is dropped at once, logged and counted."""
-        dispatcher = dispatcher_with(RecordingTransport(), queue_size=1)
+        """Past queue_size a notice is dropped at once, logged, counted and journaled."""
+        journal: list[Any] = []
+        notices = queue_with(RecordingTransport(), journal, queue_size=1)
         with structlog.testing.capture_logs() as logs:
-            assert dispatcher.submit(BLOCKED)
-            assert not dispatcher.submit(attrs.evolve(BLOCKED, user="auth:late"))
+            assert notices.submit(BLOCKED)
+            assert not notices.submit(attrs.evolve(BLOCKED, user="auth:late"))
         assert [(e["event"], e["user"], e["reason"]) for e in logs] == [
             ("notice_dropped", "auth:late", "queue full")
         ]
-        assert dispatcher.statistics().dropped == 1
-        assert dispatcher.statistics().metric_events() == {
-            "notices_sent": 0,
-            "notices_failed": 0,
-            "notices_dropped": 1,
-        }
+        assert notices.statistics().dropped == 1
+        assert [(r["event"], r["user"], r["dropped_because"], r["parts"]) for r in journal] == [
+            ("notice_dropped", "auth:late", "queue full", ["mail"])
+        ]
 
     async def test_off_without_recipients_or_hook(self) -> None:
-        """No ``to`` and no hook: effects are ignored, nothing is queued or counted as dropped."""
-        dispatcher = NoticeDispatcher(NotifyConfig(), verdict=Verdict.FREEZE)
-        assert not dispatcher.enabled
-        dispatcher.on_effect(Blocked(BLOCK, Rate(5, 3600)))
-        assert dispatcher.statistics() == dispatcher_with(RecordingTransport()).statistics()
+        """No ``to`` and no hook: notices are ignored, nothing is queued or counted as dropped."""
+        notices = NoticeQueue(NotifyConfig())
+        assert not notices.enabled
+        assert not notices.submit(BLOCKED)
+        assert notices.statistics() == queue_with(RecordingTransport()).statistics()
 
     async def test_unblock_mail_is_optional_the_hook_always_runs(
         self, nursery: trio.Nursery, sock_dir: Path
@@ -632,73 +629,72 @@ class TestDelivery:
         """notify_unblock = false mails no unblock; the hook still hears of it."""
         program = fake_hook(sock_dir / "hook")
         transport = RecordingTransport()
-        dispatcher = dispatcher_with(transport, notify_unblock=False, hook=(str(program),))
-        await nursery.start(run_notifier, dispatcher.receive_channel, dispatcher)
+        notices = queue_with(transport, notify_unblock=False, hook=(str(program),))
+        await nursery.start(notices.run)
         with trio.fail_after(10):
-            dispatcher.submit(BLOCKED)
-            dispatcher.submit(Notice.unblock(BLOCK.user, when=T0 + 600, by="admin:0"))
-            await dispatcher.aclose()
+            notices.submit(BLOCKED)
+            notices.submit(UNBLOCKED)
+            await notices.aclose()
         assert [m["X-Spamguard-Event"] for m in transport.sent] == ["blocked"]
         assert [c["argv"][1:] for c in hook_calls(sock_dir / "hook")] == [
             ["blocked", BLOCK.user],
             ["unblock", BLOCK.user],
         ]
-        assert dispatcher.statistics().hooks_ok == 2
+        assert notices.statistics().hooks_ok == 2
 
     async def test_shutdown_grace_then_unsent_goes_to_the_journal(
         self, nursery: trio.Nursery, sock_dir: Path, autojump_clock: trio.testing.MockClock
     ) -> None:
         """A hung transport at shutdown: after the grace period the rest is logged and journaled."""
         transport = RecordingTransport(hang=True)
-        journal = sock_dir / "journal"
+        records: list[Any] = []
         config = NotifyConfig(to=TO, shutdown_grace=5.0)
-        dispatcher = NoticeDispatcher(
+        notices = NoticeQueue(
             config,
-            verdict=Verdict.FREEZE,
-            journal=Journal(journal),
+            record=records.append,
             transport=transport,
             wall_clock=lambda: T0 + trio.current_time(),
         )
-        await nursery.start(run_notifier, dispatcher.receive_channel, dispatcher)
-        dispatcher.submit(BLOCKED)
-        dispatcher.submit(Notice.unblock(BLOCK.user, when=T0 + 600, by="admin:0"))
+        await nursery.start(notices.run)
+        notices.submit(BLOCKED)
+        notices.submit(UNBLOCKED)
         await transport.started.wait()
         start = trio.current_time()
         with structlog.testing.capture_logs() as logs:
-            await dispatcher.aclose()
+            await notices.aclose()
         assert trio.current_time() - start == pytest.approx(5.0)
-        assert not dispatcher.submit(BLOCKED)  # closed: dropped, not queued
+        assert not notices.submit(BLOCKED)  # closed: dropped, not queued
         unsent = [e["notice_event"] for e in logs if e["event"] == "notice_unsent"]
         assert unsent == ["blocked", "unblock"]
-        records = [json.loads(line) for line in journal.read_text().splitlines()]
         assert [(r["event"], r["notice_event"], r["user"], r["parts"]) for r in records] == [
             ("notice_unsent", "blocked", BLOCK.user, ["mail"]),
             ("notice_unsent", "unblock", BLOCK.user, ["mail"]),
+            ("notice_dropped", "blocked", BLOCK.user, ["mail"]),
         ]
         assert records[0]["reason"] == "5 failed recipients within 1h"
-        assert dispatcher.statistics().unsent == 2
+        assert notices.statistics().unsent == 2
 
     async def test_unsent_names_only_what_was_still_due(
         self, nursery: trio.Nursery, sock_dir: Path
     ) -> None:
         """Mail sent, hook still running at the end of the grace period: only the hook is due."""
         transport = RecordingTransport()
-        dispatcher = dispatcher_with(
+        records: list[Any] = []
+        notices = queue_with(
             transport,
+            records,
             hook=("sh", "-c", "exec sleep 60", "hook"),
             hook_timeout=120.0,
             shutdown_grace=0.3,
         )
-        dispatcher.journal = Journal(sock_dir / "journal")
-        await nursery.start(run_notifier, dispatcher.receive_channel, dispatcher)
+        await nursery.start(notices.run)
         with structlog.testing.capture_logs() as logs, trio.fail_after(10):
-            dispatcher.submit(BLOCKED)
+            notices.submit(BLOCKED)
             await transport.started.wait()
-            await dispatcher.aclose()
+            await notices.aclose()
         assert len(transport.sent) == 1
         assert [e["parts"] for e in logs if e["event"] == "notice_unsent"] == [["hook"]]
-        journal = (sock_dir / "journal").read_text()
-        [record] = [json.loads(line) for line in journal.splitlines()]
+        [record] = records
         assert record["parts"] == ["hook"]
 
 
@@ -732,7 +728,7 @@ class TestQueryPath:
         body = body_of(message)
         assert "Client IPs: 192.0.2.7" in body
         assert len([line for line in body.splitlines() if "@x.test" in line]) == 5
-        assert running.dispatcher.statistics().sent == 1
+        assert running.notices.statistics().sent == 1
 
     async def test_hostile_user_reaches_the_hook_from_the_wire(
         self, nursery: trio.Nursery, sock_dir: Path
@@ -777,12 +773,12 @@ class TestQueryPath:
                 assert reply.verdict in {Verdict.ACCEPT, Verdict.FREEZE}
             # 20 users x 10 failures: 20 more blocks, queued behind the hung one
             assert mails(sock_dir / "mail") == []
-            assert running.dispatcher.statistics().sent == 0
+            assert running.notices.statistics().sent == 0
             assert max(latencies) < 0.25, max(latencies)
             writer.close()  # let sendmail finish
             await running.finish()
         assert len(mails(sock_dir / "mail")) == 21
-        assert running.dispatcher.statistics().sent == 21
+        assert running.notices.statistics().sent == 21
 
     async def test_monitor_mode_mails_would_block_once_and_runs_no_hook(
         self, nursery: trio.Nursery, sock_dir: Path

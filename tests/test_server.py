@@ -31,10 +31,10 @@ from spamguardd.core.errors import StoreError
 from spamguardd.core.policy import Block, Policy
 from spamguardd.core.protocol import Reply, Verdict, parse_reply
 from spamguardd.core.rate import Rate
-from spamguardd.daemon.persist import BlockPersister
-from spamguardd.daemon.query_server import QueryServer, bind_unix_listener
+from spamguardd.daemon.listeners import bind_unix_listener
+from spamguardd.daemon.query_server import QueryServer
 from spamguardd.state.blockfile import BlockStore
-from tests.helpers import T0, readsocket
+from tests.helpers import T0, readsocket, wire
 
 FIVE = PolicyConfig(failed_recipients=(Rate(5, 3600),))
 
@@ -61,12 +61,10 @@ async def start(
     store.prepare()
     policy = Policy(policy_config, store.load())
     config = attrs.evolve(ServerConfig(query_socket=sock_dir / "q.sock"), **server_options)
-    server = QueryServer(
-        config, policy, BlockPersister(policy, store), wall_clock=lambda: T0 + trio.current_time()
-    )
+    wired = wire(config, policy, store)
     sock = bind_unix_listener(config.query_socket, mode=0o660, group=None, backlog=1024)
-    await nursery.start(server.serve, [sock])
-    return Running(server, policy, store, config.query_socket)
+    await nursery.start(wired.serve, [sock])
+    return Running(wired.server, policy, store, config.query_socket)
 
 
 @pytest.fixture(name="running")
@@ -178,7 +176,7 @@ class TestBlocking:
             replies = [await running.ask(fail("auth:m", f"r{i}")) for i in range(5)]
         assert replies[-1].verdict is Verdict.FREEZE
         assert any(e["event"] == "block_not_persisted" and "No space" in e["error"] for e in logs)
-        assert running.server.statistics().store_failures == 1
+        assert running.server.effects.statistics().store_failures == 1
         running.server.stop()
 
     async def test_restart_keeps_the_block(self, nursery: trio.Nursery, sock_dir: Path) -> None:

@@ -18,13 +18,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from spamguardd.core import buckets
 from spamguardd.core.config import Config, load_config
+from spamguardd.core.latency import LatencyHistogram
 from spamguardd.core.policy import PolicyStatistics
+from spamguardd.core.statistics import (
+    EffectStatistics,
+    NoticeStatistics,
+    ServerStatistics,
+    Statistics,
+)
 from spamguardd.daemon.app import Daemon
-from spamguardd.daemon.metrics import LatencyHistogram, render_metrics
+from spamguardd.daemon.metrics import render_metrics
 from spamguardd.daemon.metrics_http import serve_metrics
-from spamguardd.daemon.query_server import ServerStatistics
-from spamguardd.daemon.systemd import Notifier, listen_fds, watchdog_interval
-from tests.helpers import readsocket
+from spamguardd.daemon.systemd import SdNotify, listen_fds, watchdog_interval
+from tests.helpers import T0, readsocket
 
 
 def fail(n: int, user: str = "auth:a") -> bytes:
@@ -80,10 +86,10 @@ class TestListenFds:
             second.close()
 
 
-class TestNotifier:
+class TestSdNotify:
     def test_messages(self, notify_socket: socket.socket) -> None:
         """Each state change is one datagram of KEY=VALUE lines."""
-        notifier = Notifier.from_environ({"NOTIFY_SOCKET": notify_socket.getsockname()})
+        notifier = SdNotify.from_environ({"NOTIFY_SOCKET": notify_socket.getsockname()})
         assert notifier is not None
         notifier.ready("serving")
         notifier.reloading()
@@ -99,18 +105,18 @@ class TestNotifier:
         """An address starting with @ is an abstract socket."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.bind("\0spamguardd-test-notify")
-            notifier = Notifier("@spamguardd-test-notify")
+            notifier = SdNotify("@spamguardd-test-notify")
             assert notifier.watchdog()
             assert sock.recv(100) == b"WATCHDOG=1"
             notifier.close()
 
     def test_not_asked(self) -> None:
         """No NOTIFY_SOCKET, no notifier."""
-        assert Notifier.from_environ({}) is None
+        assert SdNotify.from_environ({}) is None
 
     def test_send_failure_is_not_fatal(self, sock_dir: Path) -> None:
         """Nobody listening: the failure is logged and reported, not raised."""
-        notifier = Notifier(str(sock_dir / "nobody"))
+        notifier = SdNotify(str(sock_dir / "nobody"))
         with structlog.testing.capture_logs() as logs:
             assert not notifier.ready("x")
         assert logs[0]["event"] == "sd_notify_failed"
@@ -146,8 +152,10 @@ class TestDaemon:
         """After 3 failures under 10/1h a reload to 4/1h blocks at the 4th; sd_notify in order."""
         path = sock_dir / "c.toml"
         write_config(path, sock_dir, "10/1h")
-        notifier = Notifier(notify_socket.getsockname())
-        daemon = Daemon(load_config(path), notifier=notifier, load_config=lambda: load_config(path))
+        sd_notify = SdNotify(notify_socket.getsockname())
+        daemon = Daemon(
+            load_config(path), sd_notify=sd_notify, load_config=lambda: load_config(path)
+        )
         query = sock_dir / "q.sock"
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
@@ -164,7 +172,7 @@ class TestDaemon:
                 daemon.stop()
         messages = [m.split("\n")[0] for m in received(notify_socket)]
         assert messages == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]
-        notifier.close()
+        sd_notify.close()
 
     async def test_broken_file_keeps_the_running_config(self, sock_dir: Path) -> None:
         """A reload from a bad file logs every problem and changes nothing."""
@@ -302,18 +310,43 @@ class TestMetrics:
         latency.observe(0.00005)
         latency.observe(0.003)
         text = render_metrics(
-            PolicyStatistics(tracked_users=4, blocked_users=2, would_block_users=0, generation=1),
-            ServerStatistics(
-                queries={("rcpt", "accept"): 7, ("rcpt", "freeze"): 1},
-                protocol_errors=3,
-                internal_errors=0,
-                busy=0,
-                open_connections=1,
-                store_failures=0,
-            ),
-            latency,
-            auto_blocks=1,
-            events={"notices_sent": 2},
+            Statistics(
+                version="0",
+                started_at=T0,
+                now=T0 + 60,
+                mode="enforce",
+                policy=PolicyStatistics(
+                    tracked_users=4, blocked_users=2, would_block_users=0, generation=1
+                ),
+                server=ServerStatistics(
+                    queries={("rcpt", "accept"): 7, ("rcpt", "freeze"): 1},
+                    protocol_errors=3,
+                    internal_errors=0,
+                    busy=0,
+                    open_connections=1,
+                ),
+                effects=EffectStatistics(
+                    auto_blocks=1,
+                    admin_blocks=0,
+                    unblocks=0,
+                    resets=0,
+                    would_blocks=0,
+                    store_failures=0,
+                    journal_failures=0,
+                ),
+                notices=NoticeStatistics(
+                    queued=2,
+                    sent=2,
+                    failed=0,
+                    dropped=0,
+                    unsent=0,
+                    retries=0,
+                    hooks_ok=0,
+                    hooks_failed=0,
+                ),
+                latency=latency.snapshot(),
+                admin_errors=0,
+            )
         )
         samples = {
             (sample.name, tuple(sorted(sample.labels.items()))): sample.value

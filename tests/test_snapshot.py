@@ -211,7 +211,7 @@ class TestKeeper:
         fail(policy, "auth:a", "r", 0.0)
         await keeper.snapshot()
         policy.block("auth:a", "spam", by="admin", wall_now=T0)
-        policy.unblock("auth:a")
+        policy.unblock("auth:a", by="admin", wall_now=T0)
         await keeper.snapshot()
         again = Policy(TEN_PER_HOUR)
         await keeper_for(tmp_path, again).load()

@@ -1,37 +1,50 @@
-"""The admin protocol: one JSON object per line each way. Pure: values in, bytes out.
+"""The admin protocol: typed commands and replies, and one sans-I/O connection for both ends.
 
-A request names its command and, where the command needs them, the user and a reason::
+One JSON object per line each way. A request names its command and, where the command needs
+them, the user and a reason::
 
     {"command": "block", "user": "auth:mallory@example.com", "reason": "phished"}
 
 Every reply is one object with ``"ok"``: ``{"ok": true, ...}`` with the command's fields, or
-``{"ok": false, "error": "what went wrong"}``. Both sides write ASCII-only JSON, so a user key
-that is not valid UTF-8 (kept with surrogate escapes, as the query protocol keeps it) survives the
-round trip byte for byte. ``docs/protocol.md`` is the reference; ``docs/admin.md`` lists the
-fields of every reply.
+``{"ok": false, "error": "what went wrong"}``. The replies are frozen attrs classes; their JSON
+is generated from the classes, and the client reads it back into the same classes, so the two
+ends cannot disagree about a field. Both sides write ASCII-only JSON, so a user key that is not
+valid UTF-8 (kept with surrogate escapes, as the query protocol keeps it) survives the round
+trip byte for byte. ``docs/protocol.md`` is the reference; ``docs/admin.md`` lists the fields.
+
+:class:`AdminConnection` frames the lines, in the manner of h11: the daemon's trio server and
+``spamguardctl``'s blocking socket drive the same object, each feeding it bytes and sending the
+bytes it returns.
 """
 
 from __future__ import annotations
 
+import enum
+import functools
 import json
+import types
+import typing
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import attrs
 
-#: Longest request or reply line accepted, newline included. Replies of ``show`` and ``list``
-#: are the largest; a block list of many thousands of users still fits.
-MAX_LINE: Final = 16 * 1024 * 1024
+from spamguardd.core.latency import percentiles
+from spamguardd.core.policy import Block
+from spamguardd.core.statistics import Statistics
+from spamguardd.core.timestamps import format_time
+
+T = TypeVar("T")
+
+#: Longest reply line the client reads, newline included. Replies of ``show`` and ``list`` are
+#: the largest; a block list of many thousands of users still fits.
+MAX_REPLY: Final = 16 * 1024 * 1024
 #: Longest request line the daemon reads: requests are small.
 MAX_REQUEST: Final = 64 * 1024
 #: Longest user key, as on the query socket.
 MAX_USER: Final = 1024
 #: Longest admin-given reason (it is written into the block file Exim reads).
 MAX_REASON: Final = 512
-
-#: Commands that take a user key.
-USER_COMMANDS: Final = frozenset({"show", "block", "unblock", "reset"})
-COMMANDS: Final = ("list", "show", "block", "unblock", "reset", "stats", "metrics", "reload")
 
 
 class AdminRequestError(ValueError):
@@ -42,100 +55,590 @@ class AdminReplyError(ValueError):
     """A reply line the client cannot read (not a daemon speaking this protocol)."""
 
 
+class Verb(enum.StrEnum):
+    """The admin commands."""
+
+    LIST = "list"
+    SHOW = "show"
+    BLOCK = "block"
+    UNBLOCK = "unblock"
+    RESET = "reset"
+    STATS = "stats"
+    METRICS = "metrics"
+    RELOAD = "reload"
+
+
+#: Commands that take a user key.
+USER_VERBS: Final = frozenset({Verb.SHOW, Verb.BLOCK, Verb.UNBLOCK, Verb.RESET})
+
+
+def _encodable(text: str) -> bool:
+    """Whether *text* maps back to bytes: lone surrogates other than escaped bytes do not."""
+    try:
+        text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @attrs.frozen
 class Command:
     """One admin request."""
 
-    command: str
+    command: Verb = attrs.field(converter=Verb)
     user: str | None = None
     reason: str | None = None
 
+    @classmethod
+    def from_json(cls, raw: Any) -> Command:
+        """The command of a parsed request object.
 
-def parse_command(line: bytes) -> Command:
-    """Parse one request line (without or with its newline).
+        Raises:
+            AdminRequestError: not an object, an unknown command, an unknown field, or a missing
+                or invalid user or reason; the message says which.
+        """
+        if not isinstance(raw, dict):
+            raise AdminRequestError("request is not a JSON object")
+        name = raw.get("command")
+        try:
+            verb = Verb(name if isinstance(name, str) else "")
+        except ValueError:
+            known = ", ".join(verb.value for verb in Verb)
+            raise AdminRequestError(f"unknown command {name!r} (known: {known})") from None
+        unknown = sorted(set(raw) - {"command", "user", "reason"})
+        if unknown:
+            raise AdminRequestError(f"unknown field {unknown[0]!r} in {verb} request")
+        return cls(verb, _user_field(verb, raw.get("user")), _reason_field(verb, raw))
 
-    Raises:
-        AdminRequestError: not JSON, not an object, an unknown command, or a missing or invalid
-            field; the message says which.
-    """
-    try:
-        raw = json.loads(line)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise AdminRequestError(f"request is not a JSON object: {exc}") from None
-    if not isinstance(raw, dict):
-        raise AdminRequestError("request is not a JSON object")
-    command = raw.get("command")
-    if command not in COMMANDS:
-        raise AdminRequestError(f"unknown command {command!r} (known: {', '.join(COMMANDS)})")
-    unknown = sorted(set(raw) - {"command", "user", "reason"})
-    if unknown:
-        raise AdminRequestError(f"unknown field {unknown[0]!r} in {command} request")
-    return Command(command, _user_field(command, raw.get("user")), _reason_field(command, raw))
+    def to_json(self) -> dict[str, str]:
+        """The request object."""
+        fields = {"command": self.command.value}
+        if self.user is not None:
+            fields["user"] = self.user
+        if self.reason is not None:
+            fields["reason"] = self.reason
+        return fields
 
 
-def _user_field(command: str, user: Any) -> str | None:
-    if command not in USER_COMMANDS:
+def _user_field(verb: Verb, user: Any) -> str | None:
+    if verb not in USER_VERBS:
         if user is not None:
-            raise AdminRequestError(f"{command} takes no user")
+            raise AdminRequestError(f"{verb} takes no user")
         return None
     if not isinstance(user, str) or not user:
-        raise AdminRequestError(f"{command} needs a user key")
+        raise AdminRequestError(f"{verb} needs a user key")
+    if not _encodable(user):
+        raise AdminRequestError(
+            "user key holds a lone surrogate that stands for no byte (\\udc80-\\udcff only)"
+        )
     if len(user.encode("utf-8", "surrogateescape")) > MAX_USER or "\x00" in user:
         raise AdminRequestError(f"user key must be 1 to {MAX_USER} bytes without NUL")
     return user
 
 
-def _reason_field(command: str, raw: Mapping[str, Any]) -> str | None:
+def _reason_field(verb: Verb, raw: Mapping[str, Any]) -> str | None:
     reason = raw.get("reason")
     if reason is None:
         return None
-    if command != "block":
-        raise AdminRequestError(f"{command} takes no reason")
+    if verb is not Verb.BLOCK:
+        raise AdminRequestError(f"{verb} takes no reason")
     if not isinstance(reason, str) or len(reason) > MAX_REASON:
         raise AdminRequestError(f"reason must be a string of at most {MAX_REASON} characters")
+    if not _encodable(reason):
+        raise AdminRequestError(
+            "reason holds a lone surrogate that stands for no byte (\\udc80-\\udcff only)"
+        )
     return reason
 
 
-def encode_command(command: Command) -> bytes:
-    """The request line for *command*, newline included."""
-    fields: dict[str, str] = {"command": command.command}
-    if command.user is not None:
-        fields["user"] = command.user
-    if command.reason is not None:
-        fields["reason"] = command.reason
-    return _line(fields)
+# -- replies ----------------------------------------------------------------------------------
+
+#: Field metadata: leave the key out of the JSON when the value is None.
+_OMIT_NONE: Final = {"omit_none": True}
 
 
-def ok(**fields: Any) -> dict[str, Any]:
-    """A success reply with *fields*."""
-    return {"ok": True, **fields}
+@attrs.frozen(kw_only=True)
+class BlockInfo:
+    """A block, as ``list``, ``show``, ``block`` and ``unblock`` give it."""
+
+    user: str
+    #: When it was blocked (ISO 8601, UTC).
+    since: str
+    reason: str
+    #: ``auto`` or ``admin:UID``.
+    by: str
+    #: The verdict Exim gets now.
+    verdict: str
+
+    @classmethod
+    def from_block(cls, block: Block, verdict: str) -> BlockInfo:
+        """A block of the policy, with the verdict in force."""
+        return cls(
+            user=block.user,
+            since=format_time(block.blocked_at),
+            reason=block.reason,
+            by=block.by,
+            verdict=verdict,
+        )
 
 
-def error(message: str) -> dict[str, Any]:
-    """A failure reply."""
-    return {"ok": False, "error": message}
+@attrs.frozen(kw_only=True)
+class ListReply:
+    """``list``: the block list, sorted by user."""
+
+    blocked: tuple[BlockInfo, ...]
 
 
-def encode_reply(reply: Mapping[str, Any]) -> bytes:
-    """The reply line, newline included. Keys are sorted so the output is stable."""
-    return _line(reply)
+@attrs.frozen(kw_only=True)
+class WindowInfo:
+    """One window of one user."""
+
+    limit: str
+    counted: int
+    tokens_left: float
+    #: When the bucket is full again; None when it is full now.
+    clears_at: str | None
 
 
-def decode_reply(line: bytes) -> dict[str, Any]:
-    """Parse one reply line.
+@attrs.frozen(kw_only=True)
+class FailureInfo:
+    """One recent failed recipient."""
+
+    rcpt: str
+    #: None for a local submission.
+    ip: str | None
+    at: str
+
+
+@attrs.frozen(kw_only=True)
+class JournalNotes:
+    """What the journal reader had to skip."""
+
+    truncated_line: int | None
+    damaged_lines: tuple[int, ...]
+
+
+@attrs.frozen(kw_only=True)
+class ShowReply:
+    """``show USER``: block, windows, recent failures, history."""
+
+    user: str
+    blocked: bool
+    block: BlockInfo | None
+    exempt: bool
+    mode: str
+    windows: tuple[WindowInfo, ...]
+    recent_failures: tuple[FailureInfo, ...]
+    #: The user's journal entries, as written (see docs/admin.md).
+    history: tuple[Mapping[str, Any], ...]
+    journal: JournalNotes
+
+
+@attrs.frozen(kw_only=True)
+class BlockReply:
+    """``block USER``: the block in force, and whether this command made it."""
+
+    user: str
+    changed: bool
+    block: BlockInfo
+
+
+@attrs.frozen(kw_only=True)
+class MessageOutcome:
+    """What Exim said about one frozen message (added by ``spamguardctl``)."""
+
+    id: str
+    ok: bool
+    exim_said: str
+
+
+@attrs.frozen(kw_only=True)
+class EximReport:
+    """What ``unblock --release``/``--remove`` did to the user's frozen mail."""
+
+    action: str
+    messages: tuple[MessageOutcome, ...] = ()
+    #: Why the queue could not be listed, if it could not.
+    error: str | None = attrs.field(default=None, metadata=_OMIT_NONE)
+
+
+@attrs.frozen(kw_only=True)
+class UnblockReply:
+    """``unblock USER``: the block that was lifted."""
+
+    user: str
+    #: None only from ``spamguardctl unblock --release``/``--remove`` for a user no longer
+    #: blocked (lifted on another relay of a fleet, or by an earlier run): the queue is still
+    #: handled, the daemon's answer was "not blocked".
+    unblocked: BlockInfo | None = attrs.field(default=None, metadata=_OMIT_NONE)
+    #: Added by ``spamguardctl`` for ``--release``/``--remove``; never sent by the daemon.
+    exim: EximReport | None = attrs.field(default=None, metadata=_OMIT_NONE)
+
+
+@attrs.frozen(kw_only=True)
+class ResetReply:
+    """``reset USER``: the counters were forgotten."""
+
+    user: str
+    reset: bool = True
+
+
+@attrs.frozen(kw_only=True)
+class BlockCounts:
+    """Blocks made since the start."""
+
+    auto: int
+    admin: int
+
+
+@attrs.frozen(kw_only=True)
+class ErrorCounts:
+    """Errors since the start, by kind (docs/admin.md)."""
+
+    protocol: int
+    internal: int
+    busy: int
+    store: int
+    admin: int
+
+
+@attrs.frozen(kw_only=True)
+class ClusterInfo:
+    """Fleet mode, as ``stats`` shows it (docs/fleet.md)."""
+
+    relay: str
+    store: str
+    #: False while degraded: the store is away or slow, failures are counted locally.
+    up: bool
+    #: Since when the store is away, while it is.
+    down_since: str | None
+    outages: int
+    store_counts: int
+    local_counts: int
+    timeouts: int
+    errors: int
+    remote_changes: int
+    pushed: int
+
+
+@attrs.frozen(kw_only=True)
+class StatsReply:
+    """``stats``: counters since the start."""
+
+    version: str
+    started_at: str
+    uptime_seconds: int
+    mode: str
+    #: Answers by verb, then verdict.
+    queries: Mapping[str, Mapping[str, int]]
+    queries_total: int
+    blocks: BlockCounts
+    unblocks: int
+    tracked_users: int
+    blocked_users: int
+    would_block_users: int
+    open_connections: int
+    errors: ErrorCounts
+    #: Percentiles in ms (``p50``...``p99_9``); None past the last bucket; empty before a query.
+    latency_ms: Mapping[str, float | None]
+    #: Fleet mode only (absent for a single host).
+    cluster: ClusterInfo | None = attrs.field(default=None, metadata={"omit_none": True})
+
+    @classmethod
+    def from_statistics(cls, stats: Statistics) -> StatsReply:
+        """The reply for the daemon's statistics."""
+        queries: dict[str, dict[str, int]] = {}
+        for (verb, verdict), count in sorted(stats.server.queries.items()):
+            queries.setdefault(verb, {})[verdict] = count
+        fleet = stats.cluster
+        cluster = (
+            None
+            if fleet is None
+            else ClusterInfo(
+                relay=fleet.relay,
+                store=fleet.store,
+                up=fleet.up,
+                down_since=None if fleet.down_since is None else format_time(fleet.down_since),
+                outages=fleet.outages,
+                store_counts=fleet.store_counts,
+                local_counts=fleet.local_counts,
+                timeouts=fleet.timeouts,
+                errors=fleet.errors,
+                remote_changes=fleet.remote_changes,
+                pushed=fleet.pushed,
+            )
+        )
+        return cls(
+            version=stats.version,
+            started_at=format_time(stats.started_at),
+            uptime_seconds=max(0, int(stats.now - stats.started_at)),
+            mode=stats.mode,
+            queries=queries,
+            queries_total=sum(stats.server.queries.values()),
+            blocks=BlockCounts(auto=stats.effects.auto_blocks, admin=stats.effects.admin_blocks),
+            unblocks=stats.effects.unblocks,
+            tracked_users=stats.policy.tracked_users,
+            blocked_users=stats.policy.blocked_users,
+            would_block_users=stats.policy.would_block_users,
+            open_connections=stats.server.open_connections,
+            errors=ErrorCounts(
+                protocol=stats.server.protocol_errors,
+                internal=stats.server.internal_errors,
+                busy=stats.server.busy,
+                store=stats.effects.store_failures,
+                admin=stats.admin_errors + stats.effects.journal_failures,
+            ),
+            latency_ms=percentiles(stats.latency.bounds, stats.latency.counts),
+            cluster=cluster,
+        )
+
+
+@attrs.frozen(kw_only=True)
+class MetricsReply:
+    """``metrics``: the Prometheus text exposition."""
+
+    text: str
+
+
+@attrs.frozen(kw_only=True)
+class ReloadReply:
+    """``reload``: the configuration was re-read and applied."""
+
+    config: str
+    #: Settings that changed but keep their running values until the next start.
+    needs_restart: tuple[str, ...]
+    #: Users whose counters were carried over to changed limits.
+    carried_users: int
+
+
+@attrs.frozen(kw_only=True)
+class ErrorReply:
+    """Any command that failed: ``{"ok": false, "error": ...}``."""
+
+    error: str
+
+
+Reply = (
+    ListReply
+    | ShowReply
+    | BlockReply
+    | UnblockReply
+    | ResetReply
+    | StatsReply
+    | MetricsReply
+    | ReloadReply
+    | ErrorReply
+)
+
+#: The success reply of each command.
+REPLY_TYPES: Final[Mapping[Verb, type[Any]]] = {
+    Verb.LIST: ListReply,
+    Verb.SHOW: ShowReply,
+    Verb.BLOCK: BlockReply,
+    Verb.UNBLOCK: UnblockReply,
+    Verb.RESET: ResetReply,
+    Verb.STATS: StatsReply,
+    Verb.METRICS: MetricsReply,
+    Verb.RELOAD: ReloadReply,
+}
+
+
+def reply_to_json(reply: Reply) -> dict[str, Any]:
+    """The reply object, ``"ok"`` included."""
+    return {"ok": not isinstance(reply, ErrorReply), **_unstructure(reply)}
+
+
+def reply_from_json(raw: Any, verb: Verb) -> Reply:
+    """The reply to a *verb* command from its parsed JSON.
 
     Raises:
-        AdminReplyError: not a JSON object with a boolean ``ok``.
+        AdminReplyError: not an object with a boolean ``ok``, or a field is missing or of the
+            wrong type (the message names it).
     """
-    try:
-        raw = json.loads(line)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise AdminReplyError(f"reply is not JSON: {exc}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("ok"), bool):
         raise AdminReplyError('reply is not a JSON object with "ok"')
-    if not raw["ok"] and not isinstance(raw.get("error"), str):
-        raise AdminReplyError('failed reply without an "error" message')
-    return raw
+    fields = {key: value for key, value in raw.items() if key != "ok"}
+    kind = REPLY_TYPES[verb] if raw["ok"] else ErrorReply
+    try:
+        reply: Reply = _structure(fields, kind, "")
+    except _ShapeError as exc:
+        raise AdminReplyError(f"{verb} reply: {exc}") from None
+    return reply
+
+
+def _unstructure(value: Any) -> Any:
+    if attrs.has(type(value)):
+        return {
+            field.name: _unstructure(getattr(value, field.name))
+            for field in attrs.fields(type(value))
+            if not (field.metadata.get("omit_none") and getattr(value, field.name) is None)
+        }
+    if isinstance(value, tuple | list):
+        return [_unstructure(item) for item in value]
+    if isinstance(value, Mapping):
+        return {key: _unstructure(item) for key, item in value.items()}
+    return value
+
+
+class _ShapeError(Exception):
+    """A JSON value does not have the type a reply field declares."""
+
+
+@functools.cache
+def _hints(cls: type[Any]) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _structure(value: Any, kind: Any, where: str) -> Any:  # noqa: C901, PLR0911, PLR0912 - one case per kind
+    """*value* (parsed JSON) as *kind*, checked all the way down."""
+    origin = typing.get_origin(kind)
+    if kind is Any:
+        return value
+    if attrs.has(kind):
+        if not isinstance(value, dict):
+            raise _ShapeError(f"{where or 'reply'}: expected an object")
+        hints = _hints(kind)
+        out = {}
+        for field in attrs.fields(kind):
+            path = f"{where}.{field.name}" if where else field.name
+            if field.name in value:
+                out[field.name] = _structure(value[field.name], hints[field.name], path)
+            elif field.default is attrs.NOTHING:
+                raise _ShapeError(f"{path}: missing")
+        return kind(**out)
+    if origin in {typing.Union, types.UnionType}:
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _structure(value, option, where)
+            except _ShapeError as exc:
+                errors.append(str(exc))
+        raise _ShapeError("; ".join(errors))
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise _ShapeError(f"{where}: expected an array")
+        item = typing.get_args(kind)[0]
+        return tuple(_structure(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in {Mapping, dict}:
+        if not isinstance(value, dict):
+            raise _ShapeError(f"{where}: expected an object")
+        item = typing.get_args(kind)[1]
+        return {k: _structure(v, item, f"{where}.{k}") for k, v in value.items()}
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind in {str, int, bool} and type(value) is kind:
+        return value
+    raise _ShapeError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r:.40}")
+
+
+# -- the connection ---------------------------------------------------------------------------
+
+
+class Role(enum.Enum):
+    """Which end of the connection this object serves."""
+
+    CLIENT = enum.auto()
+    SERVER = enum.auto()
+
+
+class Event(enum.Enum):
+    """What :meth:`AdminConnection.next_event` returns when there is no message."""
+
+    NEED_DATA = enum.auto()
+    #: The peer finished sending (EOF), or the connection cannot go on.
+    CLOSED = enum.auto()
+
+
+NEED_DATA: Final = Event.NEED_DATA
+CLOSED: Final = Event.CLOSED
+
+
+class AdminConnection:
+    """One admin connection without I/O: lines in, typed messages out, and back.
+
+    The server reads :class:`Command` values and sends replies; the client sends commands and
+    reads the replies to them, in order. Feed what arrives to :meth:`receive_data` (``b""`` at
+    EOF) and call :meth:`next_event` until it says :data:`NEED_DATA` or :data:`CLOSED`.
+
+    Invariant: a line longer than the reading side's limit (:data:`MAX_REQUEST` for the daemon,
+    :data:`MAX_REPLY` for the client) is refused without being buffered past the limit, and
+    the connection is closed after it: nothing after it can be framed.
+    """
+
+    def __init__(self, our_role: Role) -> None:
+        self.our_role = our_role
+        self._limit = MAX_REQUEST if our_role is Role.SERVER else MAX_REPLY
+        self._buffer = bytearray()
+        self._eof = False
+        self._broken = False
+        #: Client: the commands sent and not answered yet, oldest first.
+        self._awaiting: list[Verb] = []
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes read from the peer; ``b""`` marks EOF."""
+        if data:
+            self._buffer += data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Command | Reply | Event:
+        """The next message, :data:`NEED_DATA`, or :data:`CLOSED`.
+
+        Raises:
+            AdminRequestError: (daemon) a request line that cannot be served; the line is
+                consumed and the next one may follow (unless it was too long).
+            AdminReplyError: (client) a line that is not a reply in this protocol.
+        """
+        if self._broken:
+            return CLOSED
+        line = self._next_line()
+        if line is None:
+            return CLOSED if self._eof else NEED_DATA
+        if self.our_role is Role.SERVER:
+            return Command.from_json(_load(line, AdminRequestError, "request"))
+        if not self._awaiting:
+            raise AdminReplyError("a reply came before any request")
+        return reply_from_json(_load(line, AdminReplyError, "reply"), self._awaiting.pop(0))
+
+    def send(self, message: Command | Reply) -> bytes:
+        """The line to write for *message*: a command (client) or a reply (daemon)."""
+        if isinstance(message, Command):
+            if self.our_role is not Role.CLIENT:
+                raise TypeError("the daemon sends replies, not commands")
+            self._awaiting.append(message.command)
+            return _line(message.to_json())
+        if self.our_role is not Role.SERVER:
+            raise TypeError("the client sends commands, not replies")
+        return _line(reply_to_json(message))
+
+    def _next_line(self) -> bytes | None:
+        end = self._buffer.find(b"\n", 0, self._limit)
+        if end >= 0:
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            return line
+        if len(self._buffer) >= self._limit:
+            self._broken = True
+            self._buffer.clear()
+            error = AdminRequestError if self.our_role is Role.SERVER else AdminReplyError
+            raise error(f"line longer than {self._limit} bytes")
+        if self._eof and self._buffer.strip():
+            line = bytes(self._buffer)
+            self._buffer.clear()
+            return line
+        return None
+
+
+def _load(line: bytes, error: type[ValueError], what: str) -> Any:
+    try:
+        return json.loads(line)
+    except RecursionError:
+        raise error(f"{what} is nested too deeply") from None
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise error(f"{what} is not a JSON object: {exc}") from None
 
 
 def _line(value: Mapping[str, Any]) -> bytes:

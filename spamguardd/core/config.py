@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import math
+import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -27,6 +28,7 @@ import attrs
 from spamguardd.core.errors import ConfigError
 from spamguardd.core.protocol import Verdict
 from spamguardd.core.rate import Rate, parse_duration
+from spamguardd.core.storeurl import StoreAddress, parse_store_url
 
 T = TypeVar("T")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -55,6 +57,10 @@ BLOCK_VERDICTS: Final = (Verdict.FREEZE, Verdict.REJECT, Verdict.DEFER)
 DEFAULT_LIMITS: Final = (Rate(count=100, period=3600),)
 DEFAULT_SENDMAIL: Final = ("/usr/sbin/sendmail", "-t", "-oi")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
+#: A relay's name in the fleet: what logs, journals and the shared store show as "where".
+_RELAY_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: What the store's keys may start with: printable ASCII without blanks.
+_KEY_PREFIX: Final = re.compile(r"[!-~]{0,64}")
 
 
 class _Problems(Exception):  # noqa: N818 - a carrier of several problems, not an error of its own
@@ -385,12 +391,17 @@ def _loopback(text: str, expected: str) -> tuple[str, int]:
     return str(address), port
 
 
-def _smtp_relay(value: Any) -> tuple[str, int]:
+def _smtp_relay(value: Any) -> tuple[str, int] | Path:
     text = _string(value)
+    if text.startswith("/"):
+        return Path(text)  # a Unix socket speaking SMTP (the package's spamguardd-submit.socket)
     try:
         return split_host_port(text)
     except ValueError:
-        raise ValueError(f'expected "host:port" such as "127.0.0.1:25" (got {text!r})') from None
+        raise ValueError(
+            f'expected "host:port" such as "127.0.0.1:25", or the absolute path of a Unix socket '
+            f"(got {text!r})"
+        ) from None
 
 
 def _metrics_listen(value: Any) -> tuple[str, int]:
@@ -414,6 +425,43 @@ def parse_inet_listen(value: Any) -> tuple[str, int] | None:
     if not text.startswith("inet:"):
         raise ValueError(f"expected {expected} (got {text!r})")
     return _loopback(text.removeprefix("inet:"), expected)
+
+
+def _store_url(value: Any) -> StoreAddress:
+    return parse_store_url(_string(value))
+
+
+def _relay_name(value: Any) -> str:
+    text = _string(value)
+    if not _RELAY_NAME.fullmatch(text):
+        raise ValueError(
+            f"expected a name of letters, digits, '.', '_' and '-', at most 64 (got {text!r})"
+        )
+    return text
+
+
+def _key_prefix(value: Any) -> str:
+    text = _string(value)
+    if not _KEY_PREFIX.fullmatch(text):
+        raise ValueError(
+            f"expected at most 64 printable ASCII characters, no blanks (got {text!r})"
+        )
+    return text
+
+
+def _budget(value: Any) -> float:
+    """Seconds, as a number, an Exim time, or milliseconds such as ``"50ms"``."""
+    if isinstance(value, str) and value.endswith("ms"):
+        digits = value.removesuffix("ms")
+        if not digits.isdigit():
+            raise ValueError(f'expected milliseconds such as "50ms" (got {value!r})')
+        return int(digits) / 1000
+    return _seconds(value)
+
+
+def _budget_range(_inst: object, _attr: attrs.Attribute[Any], value: float) -> None:
+    if not math.isfinite(value) or not 0.001 <= value <= 5.0:
+        raise ValueError(f"must be between 1ms and 5s (got {value:g}s)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,8 +617,9 @@ class NotifyConfig:
     sendmail: tuple[str, ...] = setting(
         key="notify.sendmail", parse=_argv, default=DEFAULT_SENDMAIL
     )
-    #: ``(host, port)`` of an SMTP relay; when set it replaces ``sendmail``.
-    smtp: tuple[str, int] | None = setting(
+    #: ``(host, port)`` of an SMTP relay, or the path of a Unix socket that speaks SMTP (the
+    #: package's ``spamguardd-submit.socket``); when set it replaces ``sendmail``.
+    smtp: tuple[str, int] | Path | None = setting(
         key="notify.smtp", parse=_smtp_relay, excludes="notify.sendmail"
     )
     #: Seconds one attempt to hand a notice to sendmail or the relay may take.
@@ -602,6 +651,34 @@ class NotifyConfig:
 
 
 @attrs.frozen(kw_only=True)
+class ClusterConfig:
+    """Fleet mode: relays that share counting and blocks through one Redis or Valkey store.
+
+    Without ``url`` (the default) the daemon is a single host and nothing here is used.
+    """
+
+    #: The shared store; None runs the single-host daemon.
+    url: StoreAddress | None = setting(key="cluster.url", parse=_store_url)
+    #: File holding the store's password (its first line); the password is never in the TOML.
+    password_file: Path | None = setting(key="cluster.password_file", parse=_path)
+    #: What every key spamguardd writes starts with, so that several fleets can share a store.
+    key_prefix: str = setting(key="cluster.key_prefix", parse=_key_prefix, default="spamguardd:")
+    #: The most a query waits for the store; past it the daemon counts locally.
+    timeout: float = setting(
+        key="cluster.timeout", parse=_budget, default=0.05, validator=_budget_range
+    )
+    #: This relay's name in logs, journals and the store; None means the host name.
+    name: str | None = setting(key="cluster.name", parse=_relay_name)
+    #: CA certificates to check a ``rediss://`` server against; None means the system's.
+    tls_ca_file: Path | None = setting(key="cluster.tls_ca_file", parse=_path)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the daemon is one relay of a fleet."""
+        return self.url is not None
+
+
+@attrs.frozen(kw_only=True)
 class Config:
     """The whole configuration."""
 
@@ -613,6 +690,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     notify: NotifyConfig = NotifyConfig()
     admin: AdminConfig = AdminConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, source: str) -> Config:

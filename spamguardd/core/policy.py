@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import enum
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Final
 
@@ -77,12 +78,13 @@ class FailureSample:
 class Blocked:
     """Effect: *block* was just made. Persist it before answering, log it, tell the abuse desk.
 
-    *samples* are the user's most recent counted failures (at most :data:`EVIDENCE_SAMPLES`,
-    oldest first), the evidence a notice shows.
+    *rate* is the window whose bucket emptied (None for a block an admin made); *samples* are
+    the user's most recent counted failures (at most :data:`EVIDENCE_SAMPLES`, oldest first),
+    the evidence a notice shows.
     """
 
     block: Block
-    rate: Rate
+    rate: Rate | None = None
     samples: tuple[FailureSample, ...] = ()
 
 
@@ -95,7 +97,69 @@ class WouldBlock:
     samples: tuple[FailureSample, ...] = ()
 
 
-Effect = Blocked | WouldBlock
+@attrs.frozen
+class Unblocked:
+    """Effect: *block* was lifted by *by* at wall-clock time *at*; the user counts afresh."""
+
+    block: Block
+    by: str
+    at: float
+
+
+@attrs.frozen
+class Reset:
+    """Effect: *user*'s counters were forgotten by *by* at wall-clock time *at*."""
+
+    user: str
+    by: str
+    at: float
+
+
+Effect = Blocked | WouldBlock | Unblocked | Reset
+
+
+@attrs.frozen
+class Change:
+    """What an admin's change did: the effects to carry out, as a :class:`Decision` has them.
+
+    No effects means nothing changed (the user was already blocked, not blocked, or had no
+    counters).
+    """
+
+    effects: tuple[Effect, ...] = ()
+    #: The block-list generation to persist before the change is reported done.
+    needs_generation: int | None = None
+
+
+class StoreCountStatus(enum.StrEnum):
+    """What the shared store did with one failed recipient (fleet mode)."""
+
+    #: Counted (or a retry, not counted); no bucket emptied, or monitor mode and marked already.
+    COUNTED = "counted"
+    #: This call emptied a bucket and made the block, fleet-wide: this relay announces it.
+    BLOCK = "block"
+    #: The user was blocked in the store already (made elsewhere); nothing was counted.
+    BLOCKED = "blocked"
+    #: Monitor mode: this call emptied a bucket, the first in the fleet to see it.
+    WOULD = "would"
+
+
+@attrs.frozen
+class StoreCount:
+    """The shared store's answer for one failed recipient it counted (fleet mode)."""
+
+    status: StoreCountStatus
+    counted: bool
+    #: The window whose bucket emptied, if one did.
+    tripped: Rate | None = None
+    tokens_left: tuple[float, ...] | None = None
+    #: The block, for ``BLOCK`` and ``BLOCKED``.
+    block: Block | None = None
+    #: Which daemon made the block (its fleet origin), for ``BLOCKED``: a daemon whose own
+    #: block comes back to it before the answer that made it is told so by this.
+    made_by: str = ""
+    #: The relay that made the block, for ``BLOCKED`` (logs and journal).
+    made_on: str = ""
 
 
 @attrs.frozen
@@ -164,8 +228,7 @@ class Policy:
         self._reloads: list[float] = []
         self._samples: collections.deque[FailureSample] = collections.deque(maxlen=SAMPLE_CAPACITY)
         self._would_block: set[str] = set()
-        #: Blocks this policy made itself, and users dropped at ``max_tracked_users`` (metrics).
-        self.auto_blocks = 0
+        #: Users dropped at ``max_tracked_users``.
         self.evicted_users = 0
 
     # -- queries --------------------------------------------------------------------------
@@ -247,7 +310,6 @@ class Policy:
             )
         block = Block(user=user, blocked_at=float(int(wall_now)), reason=reason, by="auto")
         self._add_block(block)
-        self.auto_blocks += 1
         return Decision(
             Reply(self.config.verdict, reason),
             (Blocked(block, tripped, evidence),),
@@ -261,42 +323,123 @@ class Policy:
         self._users.pop(block.user, None)
         self.generation += 1
 
+    # -- fleet mode: the shared store counts, the policy decides -----------------------------
+
+    def to_count(self, request: Request) -> RcptRequest | None:
+        """The failed recipient *request* would count, or None when no counting is needed.
+
+        None for a blocked user, a recipient that verified (or deferred, unless counted), an
+        exemption, and requests that are not recipients: :meth:`decide` answers those from this
+        relay's own view, without the store.
+        """
+        if isinstance(request, ReportRequest):
+            request = request.as_rcpt()
+        elif not isinstance(request, RcptRequest):
+            return None
+        if request.user in self.blocks:
+            return None
+        if request.verify is Verify.OK or (
+            request.verify is Verify.DEFER and not self.config.count_defer
+        ):
+            return None
+        if self._is_exempt(request):
+            return None
+        return request
+
+    def settle(self, request: RcptRequest, count: StoreCount, *, wall_now: float) -> Decision:
+        """Decide *request* (from :meth:`to_count`) from what the store counted.
+
+        ``BLOCKED`` is not settled here: the caller adopts the fleet's block
+        (:meth:`adopt_block`) and asks :meth:`decide` again.
+        """
+        user = request.user
+        if count.counted:
+            self._samples.append(FailureSample(user, request.rcpt, request.ip, wall_now))
+        tokens = count.tokens_left
+        if count.status is StoreCountStatus.BLOCK and count.block is not None:
+            if user in self.blocks:  # blocked here meanwhile: that block answers
+                return self.decide(request, now=0.0, wall_now=wall_now)
+            block = count.block
+            evidence = tuple(reversed(self.failure_samples(user, EVIDENCE_SAMPLES)))
+            self._add_block(block)
+            return Decision(
+                Reply(self.config.verdict, block.reason),
+                (Blocked(block, count.tripped, evidence),),
+                counted=count.counted,
+                tokens_left=tokens,
+                needs_generation=self.generation,
+            )
+        if count.status is StoreCountStatus.WOULD and count.tripped is not None:
+            self._would_block.add(user)
+            evidence = tuple(reversed(self.failure_samples(user, EVIDENCE_SAMPLES)))
+            return Decision(
+                ACCEPT,
+                (WouldBlock(user, count.tripped, evidence),),
+                counted=count.counted,
+                tokens_left=tokens,
+            )
+        return Decision(ACCEPT, counted=count.counted, tokens_left=tokens)
+
+    def own_block(self, block: Block, rate: Rate | None) -> Change:
+        """Take *block*, made in the store by one of this relay's counts whose answer never
+        came back (it gave up waiting), with the evidence and notice of a block made here."""
+        if block.user in self.blocks:
+            return Change()
+        evidence = tuple(reversed(self.failure_samples(block.user, EVIDENCE_SAMPLES)))
+        self._add_block(block)
+        return Change((Blocked(block, rate, evidence),), needs_generation=self.generation)
+
+    def adopt_block(self, block: Block) -> Change:
+        """Take over *block*, made on another relay; a user blocked here already keeps its block.
+
+        The change carries the block for the log, the journal and the block file, not for a
+        notice: the relay that made it sends that.
+        """
+        if block.user in self.blocks:
+            return Change()
+        self._add_block(block)
+        return Change((Blocked(block),), needs_generation=self.generation)
+
     # -- admin changes --------------------------------------------------------------------
 
-    def block(self, user: str, reason: str, *, by: str, wall_now: float) -> tuple[Block, bool]:
-        """Block *user* on an admin's word; returns the block in force and whether it is new.
+    def block(self, user: str, reason: str, *, by: str, wall_now: float) -> Change:
+        """Block *user* on an admin's word.
 
-        A user already blocked keeps the block it has (its time and reason are the evidence).
-        A new block bumps :attr:`generation`: the caller answers once that is durable.
+        A user already blocked keeps the block it has (its time and reason are the evidence) and
+        nothing changes. A new block bumps :attr:`generation`: the change is done once that is
+        durable.
         """
-        existing = self.blocks.get(user)
-        if existing is not None:
-            return existing, False
+        if user in self.blocks:
+            return Change()
         block = Block(user=user, blocked_at=float(int(wall_now)), reason=reason, by=by)
+        evidence = tuple(reversed(self.failure_samples(user, EVIDENCE_SAMPLES)))
         self._add_block(block)
-        return block, True
+        return Change((Blocked(block, None, evidence),), needs_generation=self.generation)
 
-    def unblock(self, user: str) -> Block | None:
-        """Lift *user*'s block; returns it, or None when the user was not blocked.
+    def unblock(self, user: str, *, by: str, wall_now: float) -> Change:
+        """Lift *user*'s block; nothing changes when the user was not blocked.
 
         The user starts counting again from full buckets. Bumps :attr:`generation`.
         """
         block = self.blocks.pop(user, None)
-        if block is not None:
-            self._would_block.discard(user)
-            self.generation += 1
-        return block
+        if block is None:
+            return Change()
+        self._would_block.discard(user)
+        self.generation += 1
+        return Change((Unblocked(block, by, wall_now),), needs_generation=self.generation)
 
-    def reset(self, user: str) -> bool:
+    def reset(self, user: str, *, by: str, wall_now: float) -> Change:
         """Forget *user*'s counters (and monitor mode's "would block" mark).
 
-        A block is not lifted: that is :meth:`unblock`. Returns whether there was anything to
-        forget.
+        A block is not lifted: that is :meth:`unblock`. Nothing changes when there was nothing
+        to forget.
         """
         had_counters = self._users.pop(user, None) is not None
         was_marked = user in self._would_block
         self._would_block.discard(user)
-        return had_counters or was_marked
+        if not (had_counters or was_marked):
+            return Change()
+        return Change((Reset(user, by, wall_now),))
 
     def inspect(self, user: str, *, now: float, wall_now: float) -> UserView:
         """Where *user* stands at monotonic *now*: block, windows, recent failures.

@@ -6,9 +6,11 @@ must be root's, or name a user or group in ``admin.allowed_users``/``admin.allow
 Anyone else gets one ``{"ok": false, ...}`` line saying so, the refusal is logged with the uid,
 and the connection is closed.
 
-Admin traffic is rare and small, so this is plain trio code with a task per connection; it never
-holds up the query path. A change to the block list is durable (block file written and fsynced,
-journal entry fsynced) before the answer, exactly like an automatic block.
+Admin traffic is rare and small, so this is plain trio code: ``trio.serve_listeners`` (which
+retries accept when descriptors run out) with a task per connection, each driving an
+:class:`~spamguardd.core.adminproto.AdminConnection`; it never holds up the query path. A change
+is carried out by the daemon's effects executor exactly like an automatic block, and answered
+once it is durable (block file written and fsynced, journal entry fsynced).
 """
 
 from __future__ import annotations
@@ -20,24 +22,46 @@ import pwd
 import socket
 import struct
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, Final, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, Protocol
 
 import structlog
 import trio
 
-from spamguardd import __version__
-from spamguardd.core import adminproto
-from spamguardd.core.adminproto import AdminRequestError, Command
+from spamguardd.core.adminproto import (
+    CLOSED,
+    NEED_DATA,
+    AdminConnection,
+    AdminRequestError,
+    BlockInfo,
+    BlockReply,
+    Command,
+    ErrorReply,
+    FailureInfo,
+    JournalNotes,
+    ListReply,
+    MetricsReply,
+    ReloadReply,
+    Reply,
+    ResetReply,
+    Role,
+    ShowReply,
+    StatsReply,
+    UnblockReply,
+    Verb,
+    WindowInfo,
+)
 from spamguardd.core.config import AdminConfig, Config
 from spamguardd.core.errors import StoreError
-from spamguardd.core.latency import percentiles
-from spamguardd.core.policy import Block, Blocked, Effect, Policy
-from spamguardd.daemon.notices import Notice, NoticeDispatcher
-from spamguardd.daemon.persist import BlockPersister
-from spamguardd.daemon.query_server import QueryServer
-from spamguardd.state.blockfile import format_time
-from spamguardd.state.journal import Journal, read_journal
+from spamguardd.core.policy import Block, Change, Policy, Reset, Unblocked
+from spamguardd.core.statistics import Statistics
+from spamguardd.core.timestamps import format_time
+from spamguardd.daemon.effects import EffectExecutor
+from spamguardd.daemon.metrics import render_metrics
+from spamguardd.state.journal import read_journal
+
+if TYPE_CHECKING:
+    from spamguardd.daemon.cluster import Cluster
 
 log = structlog.get_logger("spamguardd.daemon.admin_server")
 
@@ -45,13 +69,12 @@ log = structlog.get_logger("spamguardd.daemon.admin_server")
 READ_TIMEOUT: Final = 30.0
 #: After a refusal, how long the client's request is read and dropped before closing.
 DRAIN_TIMEOUT: Final = 1.0
-ACCEPT_RETRY_SLEEP: Final = 0.1
 DEFAULT_BLOCK_REASON: Final = "blocked by an admin"
 _UCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class ReloadOutcome(Protocol):
-    """What the daemon's reload reports (``daemon.ReloadResult``)."""
+    """What the daemon's reload reports (``daemon.app.ReloadResult``)."""
 
     @property
     def ok(self) -> bool: ...  # pragma: no cover - protocol
@@ -79,25 +102,13 @@ class AdminTarget(Protocol):
     def policy(self) -> Policy: ...  # pragma: no cover - protocol
 
     @property
-    def persister(self) -> BlockPersister: ...  # pragma: no cover - protocol
+    def effects(self) -> EffectExecutor: ...  # pragma: no cover - protocol
 
     @property
-    def server(self) -> QueryServer: ...  # pragma: no cover - protocol
+    def cluster(self) -> Cluster | None: ...  # pragma: no cover - protocol
 
-    @property
-    def journal(self) -> Journal: ...  # pragma: no cover - protocol
-
-    @property
-    def started_at(self) -> float: ...  # pragma: no cover - protocol
-
-    @property
-    def notices(self) -> NoticeDispatcher: ...  # pragma: no cover - protocol
-
-    @property
-    def events(self) -> dict[str, int]: ...  # pragma: no cover - protocol
-
-    def render_metrics(self) -> str:
-        """The metrics in the Prometheus text format."""
+    def statistics(self) -> Statistics:
+        """The daemon's counters now."""
 
     def reload(self) -> ReloadOutcome:
         """Re-read the configuration; a bad one is refused and the running one kept."""
@@ -141,53 +152,19 @@ def is_allowed(config: AdminConfig, uid: int, gid: int) -> bool:
     return False
 
 
-def block_fields(block: Block, verdict: str) -> dict[str, Any]:
-    """A block as the admin protocol shows it."""
-    return {
-        "user": block.user,
-        "since": format_time(block.blocked_at),
-        "reason": block.reason,
-        "by": block.by,
-        "verdict": verdict,
-    }
-
-
 class AdminServer:
     """Serves the admin protocol for one daemon."""
 
     def __init__(self, target: AdminTarget, *, wall_clock: Callable[[], float] = time.time) -> None:
         self.target = target
         self.wall_clock = wall_clock
-        self.auto_blocks = 0
-        self.admin_blocks = 0
-        self.unblocks = 0
+        #: Requests refused as malformed, or that hit a bug.
         self.errors = 0
         self._stopping = trio.Event()
 
     def stop(self) -> None:
         """Stop accepting; connections in progress are cancelled when :meth:`serve` returns."""
         self._stopping.set()
-
-    def on_effect(self, effect: Effect) -> None:
-        """Journal an automatic block (called by the query server; never raises)."""
-        if not isinstance(effect, Blocked):
-            return
-        self.auto_blocks += 1
-        block = effect.block
-        try:
-            self.target.journal.append(
-                {
-                    "at": format_time(block.blocked_at),
-                    "event": "block",
-                    "user": block.user,
-                    "actor": block.by,
-                    "reason": block.reason,
-                    "limit": str(effect.rate),
-                }
-            )
-        except StoreError as exc:
-            self.errors += 1
-            log.error("journal_write_failed", error=str(exc))
 
     async def serve(
         self,
@@ -196,37 +173,28 @@ class AdminServer:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept admin connections on *listener* until :meth:`stop`; closes the listener."""
-        sock = trio.socket.from_stdlib_socket(listener)
-        with sock:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._accept_loop, sock, nursery)
-                task_status.started()
-                await self._stopping.wait()
-                nursery.cancel_scope.cancel()
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(listener))]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            task_status.started()
+            await self._stopping.wait()
+            nursery.cancel_scope.cancel()
+        for each in listeners:
+            await each.aclose()
 
-    async def _accept_loop(self, sock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
-        while True:
-            try:
-                conn, _ = await sock.accept()
-            except OSError as exc:  # out of descriptors or memory for now: the queries go on
-                log.error("admin_accept_failed", error=exc.strerror or str(exc))
-                await trio.sleep(ACCEPT_RETRY_SLEEP)
-                continue
-            nursery.start_soon(self._handle, conn)
-
-    async def _handle(self, conn: trio.socket.SocketType) -> None:
-        stream = trio.SocketStream(conn)
+    async def _handle(self, stream: trio.SocketStream) -> None:
         async with stream:
             try:
-                await self._converse(stream, conn)
+                await self._converse(stream)
             except (OSError, trio.BrokenResourceError):
                 pass  # the client went away; nothing to tell it
             except Exception:  # a bug here must not take the daemon down with it
                 self.errors += 1
                 log.exception("admin_internal_error")
 
-    async def _converse(self, stream: trio.SocketStream, conn: trio.socket.SocketType) -> None:
-        pid, uid, gid = peer_credentials(conn)
+    async def _converse(self, stream: trio.SocketStream) -> None:
+        pid, uid, gid = peer_credentials(stream.socket)
+        connection = AdminConnection(Role.SERVER)
         # user and group lookups may go to LDAP and the like: never on the query path's thread
         allowed = uid == 0 or await trio.to_thread.run_sync(
             is_allowed, self.target.config.admin, uid, gid
@@ -237,196 +205,177 @@ class AdminServer:
                 f"uid {uid} may not use the spamguardd admin socket "
                 "(see admin.allowed_users and admin.allowed_groups)"
             )
-            await stream.send_all(adminproto.encode_reply(adminproto.error(message)))
+            await stream.send_all(connection.send(ErrorReply(error=message)))
             await _drain(stream)
             return
-        buffer = bytearray()
         while True:
-            with trio.move_on_after(READ_TIMEOUT) as idle:
-                line = await _read_line(stream, buffer)
-            if idle.cancelled_caught or line is None:
-                return  # the client went quiet, or is done
-            reply = await self._answer(line, uid)
-            await stream.send_all(adminproto.encode_reply(reply))
+            try:
+                event = connection.next_event()
+            except AdminRequestError as exc:
+                self.errors += 1
+                await stream.send_all(connection.send(ErrorReply(error=str(exc))))
+                continue
+            if event is CLOSED:
+                return
+            if event is NEED_DATA:
+                with trio.move_on_after(READ_TIMEOUT) as idle:
+                    connection.receive_data(await stream.receive_some(65536))
+                if idle.cancelled_caught:
+                    return  # the client went quiet
+                continue
+            assert isinstance(event, Command)  # noqa: S101 - the server's connection reads commands
+            await stream.send_all(connection.send(await self._answer(event, f"admin:{uid}")))
 
-    async def _answer(self, line: bytes, uid: int) -> dict[str, Any]:
+    async def _answer(self, command: Command, actor: str) -> Reply:
         try:
-            command = adminproto.parse_command(line)
-        except AdminRequestError as exc:
-            self.errors += 1
-            return adminproto.error(str(exc))
-        try:
-            return await self._dispatch(command, f"admin:{uid}")
+            return await self._dispatch(command, actor)
         except Exception:  # one bad command must not take the admin socket down
             self.errors += 1
-            log.exception("admin_internal_error", command=command.command)
-            return adminproto.error("internal error in spamguardd; see its log")
+            log.exception("admin_internal_error", command=command.command.value)
+            return ErrorReply(error="internal error in spamguardd; see its log")
 
-    async def _dispatch(self, command: Command, actor: str) -> dict[str, Any]:
-        policy = self.target.policy
-        if command.command == "list":
+    async def _dispatch(self, command: Command, actor: str) -> Reply:
+        verb = command.command
+        if verb is Verb.LIST:
+            policy = self.target.policy
             verdict = policy.config.verdict.value
             blocks = sorted(policy.blocks.values(), key=lambda b: b.user)
-            return adminproto.ok(blocked=[block_fields(b, verdict) for b in blocks])
-        if command.command == "stats":
-            return adminproto.ok(**self._stats())
-        if command.command == "metrics":
-            return adminproto.ok(text=self.target.render_metrics())
-        if command.command == "reload":
+            return ListReply(blocked=tuple(BlockInfo.from_block(b, verdict) for b in blocks))
+        if verb is Verb.STATS:
+            return StatsReply.from_statistics(self.target.statistics())
+        if verb is Verb.METRICS:
+            return MetricsReply(text=render_metrics(self.target.statistics()))
+        if verb is Verb.RELOAD:
             return await self._reload(actor)
         user = command.user
-        assert user is not None  # noqa: S101 - parse_command guarantees it for these commands
-        if command.command == "block":
+        assert user is not None  # noqa: S101 - Command.from_json guarantees it for these verbs
+        if verb is Verb.BLOCK:
             return await self._block(user, command.reason or DEFAULT_BLOCK_REASON, actor)
-        handlers = {"show": self._show, "unblock": self._unblock, "reset": self._reset}
-        return await handlers[command.command](user, actor)
+        user_commands = {
+            Verb.SHOW: self._show,
+            Verb.UNBLOCK: self._unblock,
+            Verb.RESET: self._reset,
+        }
+        return await user_commands[verb](user, actor)
 
-    async def _show(self, user: str, _actor: str) -> dict[str, Any]:
+    async def _show(self, user: str, _actor: str) -> Reply:
         policy = self.target.policy
         view = policy.inspect(user, now=trio.current_time(), wall_now=self.wall_clock())
-        journal = await trio.to_thread.run_sync(
-            lambda: read_journal(self.target.journal.path, user=user)
-        )
-        return adminproto.ok(
+        path = self.target.effects.journal.journal.path
+        journal = await trio.to_thread.run_sync(lambda: read_journal(path, user=user))
+        verdict = policy.config.verdict.value
+        return ShowReply(
             user=user,
             blocked=view.block is not None,
-            block=None
-            if view.block is None
-            else block_fields(view.block, policy.config.verdict.value),
+            block=None if view.block is None else BlockInfo.from_block(view.block, verdict),
             exempt=view.exempt,
             mode=policy.config.mode.value,
-            windows=[
-                {
-                    "limit": str(window.rate),
-                    "counted": window.counted,
-                    "tokens_left": round(window.tokens_left, 3),
-                    "clears_at": None
+            windows=tuple(
+                WindowInfo(
+                    limit=str(window.rate),
+                    counted=window.counted,
+                    tokens_left=round(window.tokens_left, 3),
+                    clears_at=None
                     if window.clears_at is None
                     else format_time(window.clears_at + 0.999),
-                }
+                )
                 for window in view.windows
-            ],
-            recent_failures=[
-                {
-                    "rcpt": sample.rcpt,
-                    "ip": None if sample.ip is None else str(sample.ip),
-                    "at": format_time(sample.at),
-                }
+            ),
+            recent_failures=tuple(
+                FailureInfo(
+                    rcpt=sample.rcpt,
+                    ip=None if sample.ip is None else str(sample.ip),
+                    at=format_time(sample.at),
+                )
                 for sample in view.samples
-            ],
-            history=journal.entries,
-            journal={
-                "truncated_line": journal.truncated_line,
-                "damaged_lines": list(journal.damaged_lines),
-            },
+            ),
+            history=tuple(journal.entries),
+            journal=JournalNotes(
+                truncated_line=journal.truncated_line, damaged_lines=journal.damaged_lines
+            ),
         )
 
-    async def _block(self, user: str, reason: str, actor: str) -> dict[str, Any]:
-        policy = self.target.policy
-        block, new = policy.block(user, reason, by=actor, wall_now=self.wall_clock())
-        fields = block_fields(block, policy.config.verdict.value)
-        if not new:
-            return adminproto.ok(user=user, changed=False, block=fields)
+    async def _apply(self, change: Change, what: str) -> ErrorReply | None:
+        """Carry out *change*; an error reply when its block list could not be written."""
         try:
-            await self.target.persister.wait_durable(policy.generation)
+            await self.target.effects.apply(change)
         except StoreError as exc:
-            self.errors += 1
-            log.error("block_not_persisted", error=str(exc))
-            return adminproto.error(f"{user} is blocked in memory but not on disk: {exc}")
-        self.admin_blocks += 1
-        log.warning("user_blocked", user=user, reason=reason, by=actor, since=fields["since"])
-        self.target.notices.submit(
-            Notice.admin_block(
-                block, verdict=policy.config.verdict, samples=policy.failure_samples(user)[::-1]
-            )
+            return ErrorReply(error=f"{what} in memory but not on disk: {exc}")
+        return None
+
+    async def _block(self, user: str, reason: str, actor: str) -> Reply:
+        policy = self.target.policy
+        verdict = policy.config.verdict.value
+        now = self.wall_clock()
+        cluster = self.target.cluster
+        if cluster is not None and user not in policy.blocks:
+            # the fleet's block list first: a user blocked on another relay meanwhile keeps
+            # that block (one block, one notice) and this relay adopts it
+            fleets = await cluster.claim_block(Block(user, float(int(now)), reason, actor))
+            if fleets is not None:
+                await cluster.adopt(fleets)
+                current = policy.blocks.get(user, fleets.block)
+                return BlockReply(
+                    user=user, changed=False, block=BlockInfo.from_block(current, verdict)
+                )
+        change = policy.block(user, reason, by=actor, wall_now=now)
+        block = BlockInfo.from_block(policy.blocks[user], verdict)
+        if not change.effects:
+            return BlockReply(user=user, changed=False, block=block)
+        return await self._apply(change, f"{user} is blocked") or BlockReply(
+            user=user, changed=True, block=block
         )
-        await self._journal("block", user, actor, reason)
-        return adminproto.ok(user=user, changed=True, block=fields)
 
-    async def _unblock(self, user: str, actor: str) -> dict[str, Any]:
+    async def _unblock(self, user: str, actor: str) -> Reply:
         policy = self.target.policy
-        block = policy.unblock(user)
-        if block is None:
-            return adminproto.error(f"{user} is not blocked")
-        try:
-            await self.target.persister.wait_durable(policy.generation)
-        except StoreError as exc:
-            self.errors += 1
-            log.error("block_not_persisted", error=str(exc))
-            return adminproto.error(f"{user} is unblocked in memory but not on disk: {exc}")
-        self.unblocks += 1
-        self.target.events["unblocks"] = self.target.events.get("unblocks", 0) + 1
-        log.warning("user_unblocked", user=user, by=actor)
-        self.target.notices.submit(Notice.unblock(user, when=self.wall_clock(), by=actor))
-        await self._journal("unblock", user, actor, None)
-        return adminproto.ok(user=user, unblocked=block_fields(block, policy.config.verdict.value))
+        lifted = policy.blocks.get(user)
+        change = policy.unblock(user, by=actor, wall_now=self.wall_clock())
+        if lifted is None or not change.effects:
+            return ErrorReply(error=f"{user} is not blocked")
+        failed = await self._apply(change, f"{user} is unblocked")
+        cluster = self.target.cluster
+        if cluster is not None:
+            lift = change.effects[0]
+            at = lift.at if isinstance(lift, Unblocked) else self.wall_clock()
+            await cluster.unblocked(user, by=actor, at=at)
+        return failed or UnblockReply(
+            user=user, unblocked=BlockInfo.from_block(lifted, policy.config.verdict.value)
+        )
 
-    async def _reset(self, user: str, actor: str) -> dict[str, Any]:
+    async def _reset(self, user: str, actor: str) -> Reply:
         policy = self.target.policy
-        if not policy.reset(user):
+        now = self.wall_clock()
+        change = policy.reset(user, by=actor, wall_now=now)
+        cluster = self.target.cluster
+        if cluster is not None and user not in policy.blocks:
+            in_store = await cluster.reset(user, by=actor, at=now)
+            if in_store is not False and not change.effects:
+                # the store's counters were forgotten (or will be, when it is back)
+                change = Change((Reset(user, actor, now),))
+        if not change.effects:
             if user in policy.blocks:
-                return adminproto.error(f"{user} is blocked and has no counters; use unblock")
-            return adminproto.error(f"{user} has no counters to forget")
-        log.info("user_reset", user=user, by=actor)
-        await self._journal("reset", user, actor, None)
-        return adminproto.ok(user=user, reset=True)
+                return ErrorReply(error=f"{user} is blocked and has no counters; use unblock")
+            return ErrorReply(error=f"{user} has no counters to forget")
+        await self.target.effects.apply(change)
+        return ResetReply(user=user)
 
-    async def _reload(self, actor: str) -> dict[str, Any]:
+    async def _reload(self, actor: str) -> Reply:
         result = self.target.reload()  # logs reloaded / reload_failed itself
         if not result.ok:
-            return adminproto.error(
-                "configuration not reloaded, the running one stays:\n" + "\n".join(result.problems)
+            return ErrorReply(
+                error="configuration not reloaded, the running one stays:\n"
+                + "\n".join(result.problems)
             )
-        await self._journal("reload", None, actor, None)
-        return adminproto.ok(
+        journal = self.target.effects.journal
+        journal.record({"at": format_time(self.wall_clock()), "event": "reload", "actor": actor})
+        await journal.wait_written()
+        if self.target.cluster is not None:
+            await self.target.cluster.reloaded()
+        return ReloadReply(
             config=result.source,
-            needs_restart=list(result.needs_restart),
+            needs_restart=result.needs_restart,
             carried_users=result.carried_users,
         )
-
-    async def _journal(self, event: str, user: str | None, actor: str, reason: str | None) -> None:
-        entry: dict[str, Any] = {"at": format_time(self.wall_clock()), "event": event}
-        if user is not None:
-            entry["user"] = user
-        entry["actor"] = actor
-        if reason is not None:
-            entry["reason"] = reason
-        try:
-            await trio.to_thread.run_sync(lambda: self.target.journal.append(entry, durable=True))
-        except StoreError as exc:
-            self.errors += 1
-            log.error("journal_write_failed", error=str(exc))
-
-    def _stats(self) -> Mapping[str, Any]:
-        target = self.target
-        server = target.server.statistics()
-        policy = target.policy.statistics()
-        queries: dict[str, dict[str, int]] = {}
-        for (verb, verdict), count in sorted(server.queries.items()):
-            queries.setdefault(verb, {})[verdict] = count
-        now = self.wall_clock()
-        return {
-            "version": __version__,
-            "started_at": format_time(target.started_at),
-            "uptime_seconds": max(0, int(now - target.started_at)),
-            "mode": target.policy.config.mode.value,
-            "queries": queries,
-            "queries_total": sum(server.queries.values()),
-            "blocks": {"auto": self.auto_blocks, "admin": self.admin_blocks},
-            "unblocks": self.unblocks,
-            "tracked_users": policy.tracked_users,
-            "blocked_users": policy.blocked_users,
-            "would_block_users": policy.would_block_users,
-            "open_connections": server.open_connections,
-            "errors": {
-                "protocol": server.protocol_errors,
-                "internal": server.internal_errors,
-                "busy": server.busy,
-                "store": server.store_failures,
-                "admin": self.errors,
-            },
-            "latency_ms": percentiles(target.server.latency.bounds, target.server.latency.counts),
-        }
 
 
 async def _drain(stream: trio.SocketStream) -> None:
@@ -436,29 +385,7 @@ async def _drain(stream: trio.SocketStream) -> None:
     has not read yet; half-closing and draining lets it read the reason.
     """
     await stream.send_eof()
-    budget = adminproto.MAX_REQUEST
+    budget = 64 * 1024
     with trio.move_on_after(DRAIN_TIMEOUT):
         while budget > 0 and (chunk := await stream.receive_some(65536)):
             budget -= len(chunk)
-
-
-async def _read_line(stream: trio.SocketStream, buffer: bytearray) -> bytes | None:
-    """The next request line from *stream* (None at EOF), bounded by the protocol's size cap."""
-    while True:
-        end = buffer.find(b"\n")
-        if end >= 0:
-            line = bytes(buffer[:end])
-            del buffer[: end + 1]
-            return line
-        if len(buffer) >= adminproto.MAX_REQUEST:
-            line = bytes(buffer)
-            buffer.clear()
-            return line  # parse_command turns an over-long line into a clear error
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            if buffer.strip():
-                line = bytes(buffer)
-                buffer.clear()
-                return line
-            return None
-        buffer += chunk

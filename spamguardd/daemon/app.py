@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import grp
+import os
+import platform
 import signal
 import socket
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 import structlog
@@ -17,18 +20,26 @@ from spamguardd import __version__
 from spamguardd.core.config import Config
 from spamguardd.core.errors import ConfigError
 from spamguardd.core.policy import Policy
+from spamguardd.core.statistics import Statistics
 from spamguardd.daemon.admin_server import AdminServer
 from spamguardd.daemon.counters import CounterKeeper
+from spamguardd.daemon.effects import EffectExecutor
+from spamguardd.daemon.journal_writer import JournalWriter
+from spamguardd.daemon.listeners import adopt_or_bind, bind_inet_listener
 from spamguardd.daemon.metrics import render_metrics
 from spamguardd.daemon.metrics_http import serve_metrics
-from spamguardd.daemon.notices import NoticeDispatcher, run_notifier
+from spamguardd.daemon.notices import NoticeQueue
 from spamguardd.daemon.persist import BlockPersister
-from spamguardd.daemon.query_server import QueryServer, bind_inet_listener, bind_unix_listener
-from spamguardd.daemon.systemd import Notifier
+from spamguardd.daemon.query_server import QueryServer
+from spamguardd.daemon.systemd import SdNotify
+from spamguardd.state import eximaccess
 from spamguardd.state.blockfile import BlockStore
 from spamguardd.state.journal import FILENAME as JOURNAL_FILENAME
 from spamguardd.state.journal import Journal
 from spamguardd.state.snapshot import SnapshotStore
+
+if TYPE_CHECKING:
+    from spamguardd.daemon.cluster import Cluster
 
 log = structlog.get_logger("spamguardd")
 
@@ -50,7 +61,24 @@ def load_policy(config: Config) -> tuple[Policy, BlockStore]:
             ) from None
     store = BlockStore(config.state.dir, group=gid)
     store.prepare()
-    return Policy(config.policy, store.load()), store
+    policy = Policy(config.policy, store.load())
+    if gid is not None:
+        ensure_exim_access(store.path, gid, group=str(config.state.group))
+    return policy, store
+
+
+def ensure_exim_access(block_file: Path, gid: int, *, group: str) -> None:
+    """Make sure Exim's group can read the block file: repair what we own, log the rest."""
+    problems = eximaccess.check(block_file, gid, uid=os.geteuid())
+    try:
+        for change in eximaccess.repair(problems, gid):
+            log.warning("state_access_repaired", change=change)
+    except OSError as exc:
+        log.error("state_access_repair_failed", error=str(exc))
+    for problem in eximaccess.check(block_file, gid, uid=os.geteuid()):
+        log.error(
+            "exim_cannot_read_block_file", path=str(problem.path), problem=problem.describe(group)
+        )
 
 
 def _inet_spec(address: tuple[str, int] | None) -> str | None:
@@ -83,9 +111,8 @@ class Daemon:
         config: the configuration to start with.
         wall_clock: the wall clock (tests pass a fake one).
         inherited: sockets systemd passed in, by ``FileDescriptorName=``: ``query`` is served
-            instead of binding ``server.query_socket``; ``admin`` is kept here for the admin
-            server.
-        notifier: where to send sd_notify state changes, when systemd asked for them.
+            instead of binding ``server.query_socket``; ``admin`` instead of ``admin.socket``.
+        sd_notify: where to report state changes, when systemd asked for them.
         load_config: re-reads the configuration on reload (default: the one given).
         watchdog_interval: seconds between ``WATCHDOG=1`` pings, when systemd watches us.
     """
@@ -96,7 +123,7 @@ class Daemon:
         *,
         wall_clock: Callable[[], float] = time.time,
         inherited: Mapping[str, socket.socket] | None = None,
-        notifier: Notifier | None = None,
+        sd_notify: SdNotify | None = None,
         load_config: Callable[[], Config] | None = None,
         watchdog_interval: float | None = None,
     ) -> None:
@@ -105,13 +132,10 @@ class Daemon:
         self.started_at = wall_clock()
         self.inherited: dict[str, socket.socket] = dict(inherited or {})
         self._inherited_names = sorted(self.inherited)  # for the log; run() takes them out
-        self.notifier = notifier
+        self.sd_notify = sd_notify
         self.watchdog_interval = watchdog_interval
         self._load_config = load_config or (lambda: self.config)
         self.snapshots = SnapshotStore(config.state.dir)
-        self.journal = Journal(config.state.dir / JOURNAL_FILENAME)
-        #: Event counters fed by other parts (notices, unblocks), exposed as metrics.
-        self.events: dict[str, int] = {}
         self.policy, self.store = load_policy(config)
         self.counters = CounterKeeper(
             self.policy,
@@ -119,27 +143,55 @@ class Daemon:
             wall_clock=wall_clock,
             interval=lambda: self.config.state.snapshot_interval,
         )
-        self.persister = BlockPersister(self.policy, self.store)
-        self.notices = NoticeDispatcher(
-            config.notify,
-            verdict=config.policy.verdict,
-            journal=self.journal,
+        self.journal = JournalWriter(Journal(config.state.dir / JOURNAL_FILENAME))
+        self.notices = NoticeQueue(config.notify, record=self.journal.record, wall_clock=wall_clock)
+        self.effects = EffectExecutor(
+            self.policy,
+            BlockPersister(self.policy, self.store),
+            self.journal,
+            self.notices,
             wall_clock=wall_clock,
         )
+        #: Fleet mode's link to the shared store; None for a single host.
+        self.cluster = self._make_cluster(config, wall_clock)
         self.server = QueryServer(
             config.server,
             self.policy,
-            self.persister,
+            self.effects,
             wall_clock=wall_clock,
             log_decisions=config.log.level == "debug",
+            cluster=self.cluster,
         )
         self.admin = AdminServer(self, wall_clock=wall_clock)
-        self.server.effect_listeners += [self.notices.on_effect, self.admin.on_effect]
+
+    def _make_cluster(self, config: Config, wall_clock: Callable[[], float]) -> Cluster | None:
+        """The fleet link when ``[cluster]`` names a store.
+
+        Raises:
+            ConfigError: the password file cannot be read.
+        """
+        settings = config.cluster
+        if not settings.enabled:
+            return None
+        # imported here: the store's client takes about half a second to import, which a
+        # single host (no [cluster]) should not pay at every start
+        from spamguardd.daemon.cluster import Cluster, read_password  # noqa: PLC0415
+
+        password = None if settings.password_file is None else read_password(settings.password_file)
+        return Cluster(
+            settings,
+            self.policy,
+            self.effects,
+            reload=lambda: self.reload().ok,
+            password=password,
+            relay=settings.name or platform.node() or "localhost",
+            wall_clock=wall_clock,
+        )
 
     def stop(self) -> None:
         """Stop accepting and exit once in-flight answers are sent."""
-        if self.notifier is not None:
-            self.notifier.stopping()
+        if self.sd_notify is not None:
+            self.sd_notify.stopping()
         self.server.stop()
         self.admin.stop()
 
@@ -152,8 +204,8 @@ class Daemon:
         settings need a restart; a change to them is reported in
         ``needs_restart`` and otherwise ignored. Must be called from within trio.
         """
-        if self.notifier is not None:
-            self.notifier.reloading()
+        if self.sd_notify is not None:
+            self.sd_notify.reloading()
         try:
             new = self._load_config()
         except ConfigError as exc:
@@ -177,11 +229,13 @@ class Daemon:
                     ("admin.socket", old.admin.socket, new.admin.socket),
                     ("admin.socket_mode", old.admin.socket_mode, new.admin.socket_mode),
                     ("admin.socket_group", old.admin.socket_group, new.admin.socket_group),
+                    ("cluster", old.cluster, new.cluster),
                 )
                 if before != after
             )
             carried = self.policy.reconfigure(new.policy, trio.current_time())
-            self.notices.verdict = new.policy.verdict
+            if self.store.group is not None:
+                ensure_exim_access(self.store.path, self.store.group, group=str(old.state.group))
             self.config = attrs.evolve(
                 old,
                 source=new.source,
@@ -204,19 +258,29 @@ class Daemon:
                 carried_users=carried,
                 needs_restart=list(needs_restart),
             )
-        if self.notifier is not None:
-            self.notifier.ready(self._status())
+        if self.sd_notify is not None:
+            self.sd_notify.ready(self._status())
         return result
+
+    def statistics(self) -> Statistics:
+        """Every counter of the daemon, at this moment: what ``stats`` and the metrics show."""
+        return Statistics(
+            version=__version__,
+            started_at=self.started_at,
+            now=self.wall_clock(),
+            mode=self.policy.config.mode.value,
+            policy=self.policy.statistics(),
+            server=self.server.statistics(),
+            effects=self.effects.statistics(),
+            notices=self.notices.statistics(),
+            latency=self.server.latency.snapshot(),
+            admin_errors=self.admin.errors,
+            cluster=None if self.cluster is None else self.cluster.statistics(),
+        )
 
     def render_metrics(self) -> str:
         """The current metrics in the Prometheus text format."""
-        return render_metrics(
-            self.policy.statistics(),
-            self.server.statistics(),
-            self.server.latency,
-            auto_blocks=self.policy.auto_blocks,
-            events={**self.events, **self.notices.statistics().metric_events()},
-        )
+        return render_metrics(self.statistics())
 
     def _status(self) -> str:
         stats = self.policy.statistics()
@@ -235,7 +299,8 @@ class Daemon:
             LookupError: the socket group does not exist.
         """
         server_config = self.config.server
-        sock = self._adopt_or_bind(
+        sock = adopt_or_bind(
+            self.inherited,
             "query",
             server_config.query_socket,
             mode=server_config.socket_mode,
@@ -253,7 +318,8 @@ class Daemon:
                 host, port = server_config.query_listen
                 listeners.append(bind_inet_listener(host, port, backlog=server_config.backlog))
             admin_config = self.config.admin
-            admin_sock = self._adopt_or_bind(
+            admin_sock = adopt_or_bind(
+                self.inherited,
                 "admin",
                 admin_config.socket,
                 mode=admin_config.socket_mode,
@@ -274,31 +340,25 @@ class Daemon:
             listen = self.config.metrics.listen
             if listen is not None:
                 await nursery.start(serve_metrics, listen[0], listen[1], self.render_metrics)
-            await nursery.start(run_notifier, self.notices.receive_channel, self.notices)
+            await nursery.start(self.notices.run)
+            await nursery.start(self.journal.run)
+            if self.cluster is not None:
+                await nursery.start(self.cluster.run)
             async with trio.open_nursery() as serving:
                 await serving.start(self.server.serve, listeners)
                 await serving.start(self.admin.serve, admin_sock)
                 self._log_started(query_socket)
-                if self.notifier is not None:
-                    self.notifier.ready(self._status())
+                if self.sd_notify is not None:
+                    self.sd_notify.ready(self._status())
                 task_status.started()
             # serve() has returned: stop() was called and in-flight answers went out
             await self.notices.aclose()  # queued notices get the shutdown grace period
+            await self.journal.flush()  # what the notices left, and everything before it
             # the final snapshot, still under the signal handler: a second SIGTERM waits too
             await self.counters.stop()
             await self.counters.save_final()
             nursery.cancel_scope.cancel()
         log.info("stopped")
-
-    def _adopt_or_bind(
-        self, name: str, path: Path, *, mode: int, group: str | None, backlog: int
-    ) -> socket.socket:
-        """The socket systemd passed in as *name*, else a new one bound at *path*."""
-        sock = self.inherited.pop(name, None)
-        if sock is not None:
-            return sock
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return bind_unix_listener(path, mode=mode, group=group, backlog=backlog)
 
     def _log_started(self, query_socket: str) -> None:
         log.info(
@@ -326,7 +386,7 @@ class Daemon:
 
     async def _watchdog(self, interval: float) -> None:
         # pinged from the event loop itself: a stuck loop stops the pings and systemd restarts us
-        assert self.notifier is not None  # noqa: S101 - only started with a notifier
+        assert self.sd_notify is not None  # noqa: S101 - only started when systemd watches
         while True:
-            self.notifier.watchdog()
+            self.sd_notify.watchdog()
             await trio.sleep(interval)

@@ -1,6 +1,8 @@
 """structlog set-up: JSON lines for journald and log shippers, readable lines on a terminal.
 
-Event names are snake_case and their keys are stable, because admins alert on them.
+Event names are snake_case and their keys are stable, because admins alert on them. Libraries
+that log through the standard library (trio's ``serve_listeners`` reports accept errors that
+way) come out through the same renderer, so the journal holds one format only.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ def configure_logging(config: LogConfig, *, stream: TextIO | None = None) -> Non
         if as_json
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
+    shared: list[Any] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *shared,
             structlog.processors.format_exc_info if as_json else structlog.dev.set_exc_info,
             renderer,
         ],
@@ -39,3 +44,13 @@ def configure_logging(config: LogConfig, *, stream: TextIO | None = None) -> Non
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.WARNING)

@@ -12,7 +12,7 @@ Rules every connection follows:
   reply that is followed by silence;
 * the read is bounded in size (the protocol's cap) and in time (``server.read_timeout``);
 * past ``server.max_connections`` a new connection still gets an answer, ``defer``, instead of
-  waiting or being refused: a refused connect poisons the Exim process (EXIM.md §1.6);
+  waiting or being refused: a refused connect poisons the Exim process (docs/exim-facts.md §1.4);
 * a failure while serving one client is logged and answered ``error``; every other client is
   served as before.
 """
@@ -21,23 +21,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import grp
 import os
 import socket
-import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-import attrs
 import structlog
 import trio
 
 from spamguardd.core.config import ServerConfig
 from spamguardd.core.errors import RemoteProtocolError, StoreError
-from spamguardd.core.policy import Blocked, Effect, Policy, WouldBlock
+from spamguardd.core.latency import LatencyHistogram
+from spamguardd.core.policy import Decision, Policy
 from spamguardd.core.protocol import (
     MAX_REQUEST_SIZE,
     NEED_DATA,
@@ -50,9 +47,11 @@ from spamguardd.core.protocol import (
     Request,
     Verdict,
 )
-from spamguardd.daemon.metrics import LatencyHistogram
-from spamguardd.daemon.persist import BlockPersister
-from spamguardd.state.blockfile import format_time
+from spamguardd.core.statistics import ServerStatistics
+from spamguardd.daemon.effects import EffectExecutor
+
+if TYPE_CHECKING:
+    from spamguardd.daemon.cluster import Cluster
 
 log = structlog.get_logger("spamguardd.daemon.query_server")
 
@@ -79,102 +78,6 @@ _VERBS: Final = {
 }
 
 
-@attrs.frozen
-class ServerStatistics:
-    """Counts for ``stats`` and metrics."""
-
-    queries: dict[tuple[str, str], int]
-    protocol_errors: int
-    internal_errors: int
-    busy: int
-    open_connections: int
-    store_failures: int
-
-
-def bind_unix_listener(path: Path, *, mode: int, group: str | None, backlog: int) -> socket.socket:
-    """Create a listening Unix socket at *path* with the given permissions.
-
-    The socket is bound under a temporary name, given its mode and group, put into listening
-    state and only then renamed onto *path*, so no client ever sees it half set up and there is
-    no moment without a socket at *path* when one was there before. An existing *path* is replaced
-    only if it is a socket nobody listens on. (All of this is local and instant: it runs at
-    start-up, before or outside the event loop.)
-
-    Raises:
-        OSError: the path is something else, another process listens on it, or binding failed.
-        LookupError: the group does not exist.
-    """
-    _check_replaceable(path)
-    gid = None if group is None else _group_id(group)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    _unlink_if_present(tmp)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(os.fsencode(tmp))
-        tmp.chmod(mode)
-        if gid is not None:
-            os.chown(tmp, -1, gid)
-        sock.listen(backlog)
-        tmp.replace(path)
-    except BaseException:
-        sock.close()
-        _unlink_if_present(tmp)
-        raise
-    return sock
-
-
-def bind_inet_listener(host: str, port: int, *, backlog: int) -> socket.socket:
-    """Create a listening TCP socket on *host*:*port* (a loopback address, checked by config).
-
-    Exim's readsocket to an ``inet:`` spec resets its descriptor after a failed connect, so
-    this listener is immune to the stale-descriptor bug of Unix-socket readsocket (EXIM.md §1.6).
-
-    Raises:
-        OSError: the address cannot be bound (in use, not local, ...).
-    """
-    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
-    family, kind, proto, _, address = info[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _unlink_if_present(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
-def _group_id(group: str) -> int:
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise LookupError(f"socket group {group!r} does not exist") from None
-
-
-def _check_replaceable(path: Path) -> None:
-    try:
-        info = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(info.st_mode):
-        raise FileExistsError(
-            errno.EEXIST, f"{path} exists and is not a socket; refusing to replace it"
-        )
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(os.fsencode(path))
-        except OSError:
-            return  # nothing listens: a stale socket from an earlier run, safe to replace
-    raise FileExistsError(errno.EADDRINUSE, f"another process is listening on {path}")
-
-
 class QueryServer:
     """Serves the query protocol on any number of listening sockets.
 
@@ -184,32 +87,31 @@ class QueryServer:
     gets a task, and only those count against ``max_connections``.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - keyword-only seams, one per collaborator
         self,
         config: ServerConfig,
         policy: Policy,
-        persister: BlockPersister,
+        effects: EffectExecutor,
         *,
         wall_clock: Callable[[], float] = time.time,
         log_decisions: bool = False,
+        cluster: Cluster | None = None,
     ) -> None:
         self.config = config
-        #: Set by the owner to hand each effect to its side effects (notices, hooks). Called on
-        #: the query path, so it must never wait or raise.
-        #: Called with every effect the policy returns (notices, the journal); each must return
-        #: at once and never raise: they run on the query path.
-        self.effect_listeners: list[Callable[[Effect], None]] = []
+        self.policy = policy
+        #: Fleet mode: failed recipients are counted in the shared store, in a task each (the
+        #: only queries that wait for it); everything else is answered here as before.
+        self.cluster = cluster
+        #: Carries out what each decision implies (log, journal, notices, durable blocks).
+        self.effects = effects
+        self.wall_clock = wall_clock
         #: Log every decision (at debug level). Off by default, because even a filtered log
         #: call builds its arguments, and that is measurable at thousands of queries a second.
         self.log_decisions = log_decisions
-        self.policy = policy
-        self.persister = persister
-        self.wall_clock = wall_clock
         self._queries: Counter[tuple[str, str]] = Counter()
         self._protocol_errors = 0
         self._internal_errors = 0
         self._busy = 0
-        self._store_failures = 0
         self._open = 0
         self._stopping = trio.Event()
         #: Time from accept to decision of every query, for the metrics.
@@ -223,7 +125,6 @@ class QueryServer:
             internal_errors=self._internal_errors,
             busy=self._busy,
             open_connections=self._open,
-            store_failures=self._store_failures,
         )
 
     def stop(self) -> None:
@@ -295,6 +196,17 @@ class QueryServer:
         except OSError as exc:
             self._client_gone(conn, exc)
             return
+        cluster = self.cluster
+        if (
+            cluster is not None
+            and request is not NEED_DATA
+            and self._open < self.config.max_connections
+            and (counted := cluster.to_count(request)) is not None
+        ):
+            conn.setblocking(False)
+            self._open += 1
+            handlers.start_soon(self._count_in_store, conn, request, counted, started)
+            return
         if request is NEED_DATA:
             conn.setblocking(False)
             if self._open >= self.config.max_connections:
@@ -305,7 +217,7 @@ class QueryServer:
                 handlers.start_soon(self._handle, conn, connection, started)
             return
         reply, generation = self._decide(request, started)
-        durable = generation is None or self.persister.durable_generation >= generation
+        durable = generation is None or self.effects.persister.durable_generation >= generation
         if durable and _send_nowait(conn, reply.to_bytes()):
             conn.close()
             return
@@ -331,10 +243,36 @@ class QueryServer:
                 except OSError as exc:
                     self._client_gone(conn, exc)
                     return
-                reply, generation = self._decide(request, started)
+                if self.cluster is not None and (counted := self.cluster.to_count(request)):
+                    reply, generation = await self._decide_in_store(request, counted, started)
+                else:
+                    reply, generation = self._decide(request, started)
                 await self._reply(conn, reply, generation)
         finally:
             self._open -= 1
+
+    async def _count_in_store(
+        self, conn: socket.socket, request: Request, counted: RcptRequest, started: float
+    ) -> None:
+        """A complete request whose failure the fleet's store counts (fleet mode)."""
+        try:
+            with conn:
+                reply, generation = await self._decide_in_store(request, counted, started)
+                await self._reply(conn, reply, generation)
+        finally:
+            self._open -= 1
+
+    async def _decide_in_store(
+        self, request: Request, counted: RcptRequest, started: float
+    ) -> tuple[Reply, int | None]:
+        assert self.cluster is not None  # noqa: S101 - only called in fleet mode
+        try:
+            decision = await self.cluster.decide(counted)
+        except Exception:  # the one place a bug in one query must not take down the others
+            self._internal_errors += 1
+            log.exception("internal_error", request=repr(request))
+            return INTERNAL_ERROR, None
+        return self._decided(request, decision, started)
 
     async def _finish(self, conn: socket.socket, reply: Reply, generation: int | None) -> None:
         """Slow path for a decided request whose reply waits for the disk (or a full buffer)."""
@@ -343,13 +281,10 @@ class QueryServer:
 
     async def _reply(self, conn: socket.socket, reply: Reply, generation: int | None) -> None:
         if generation is not None:
-            try:
-                await self.persister.wait_durable(generation)
-            except StoreError as exc:
-                # The block holds in memory and the verdict stands (holding mail is the safe
-                # side); the next block or admin change retries the write.
-                self._store_failures += 1
-                log.error("block_not_persisted", error=str(exc))
+            # The block holds in memory even when the disk refuses it, and so does the verdict
+            # (holding mail is the safe side); the next block or admin change retries the write.
+            with contextlib.suppress(StoreError):  # logged and counted by the executor
+                await self.effects.wait_durable(generation)
         with contextlib.suppress(OSError):  # the client gave up; nothing to tell it
             await _send_all(conn, reply.to_bytes())
 
@@ -381,28 +316,20 @@ class QueryServer:
         conn.close()
 
     def _decide(self, request: Request, started: float) -> tuple[Reply, int | None]:
-        """Run the policy and log its effects; returns the reply and the generation it needs."""
+        """Run the policy, carry out its effects; returns the reply and the generation it needs."""
         try:
             decision = self.policy.decide(request, now=started, wall_now=self.wall_clock())
         except Exception:  # the one place a bug in one query must not take down the others
             self._internal_errors += 1
             log.exception("internal_error", request=repr(request))
             return INTERNAL_ERROR, None
-        for effect in decision.effects:
-            if isinstance(effect, Blocked):
-                block = effect.block
-                log.warning(
-                    "user_blocked",
-                    user=block.user,
-                    reason=block.reason,
-                    limit=str(effect.rate),
-                    verdict=str(decision.reply.verdict),
-                    blocked_at=format_time(block.blocked_at),
-                )
-            elif isinstance(effect, WouldBlock):
-                log.warning("user_would_block", user=effect.user, limit=str(effect.rate))
-            for listener in self.effect_listeners:
-                listener(effect)
+        return self._decided(request, decision, started)
+
+    def _decided(
+        self, request: Request, decision: Decision, started: float
+    ) -> tuple[Reply, int | None]:
+        """Carry out a decision's effects and count it; the reply and the generation it needs."""
+        self.effects.carry_out(decision.effects)
         verb = _VERBS[type(request)]
         self._queries[verb, decision.reply.verdict.value] += 1
         self.latency.observe(trio.current_time() - started)

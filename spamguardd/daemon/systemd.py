@@ -2,9 +2,9 @@
 
 Socket activation is how spamguardd is meant to run: systemd owns the query socket, so it
 exists before the daemon starts and survives its restarts, and Exim's connect() never fails
-(a failed connect poisons the Exim process, EXIM.md §1.6). Both protocols are tiny and stable
-(``sd_listen_fds(3)``, ``sd_notify(3)``), so they are implemented here rather than pulling in a
-C binding.
+(a failed connect poisons the Exim process, docs/exim-facts.md §1.4). Both protocols are tiny
+and stable (``sd_listen_fds(3)``, ``sd_notify(3)``), so they are implemented here rather than
+pulling in a C binding.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def listen_fds(
     return sockets
 
 
-class Notifier:
+class SdNotify:
     """Sends sd_notify state changes to systemd over the ``NOTIFY_SOCKET`` datagram socket.
 
     Failures are logged and otherwise ignored: a missed notification must never stop the daemon
@@ -77,7 +77,7 @@ class Notifier:
         self._sock.setblocking(False)
 
     @classmethod
-    def from_environ(cls, environ: MutableMapping[str, str]) -> Notifier | None:
+    def from_environ(cls, environ: MutableMapping[str, str]) -> SdNotify | None:
         """A notifier when systemd asked for one, else None; removes ``NOTIFY_SOCKET``."""
         address = environ.pop("NOTIFY_SOCKET", "")
         if not address.startswith(("/", "@")):

@@ -19,7 +19,7 @@ never overwritten: loading stops with ``file:line: what is wrong``.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
+import grp
 import os
 import re
 import tempfile
@@ -30,6 +30,7 @@ from typing import Final
 from spamguardd.core.errors import RemoteProtocolError, StoreError
 from spamguardd.core.policy import Block
 from spamguardd.core.protocol import ENCODING, ERRORS, parse_pairs, quote
+from spamguardd.core.timestamps import format_time, parse_time
 
 HEADER: Final = (
     b"# spamguardd block list: one blocked user per line, in Exim lsearch format.\n"
@@ -45,22 +46,6 @@ _KEY_UNESCAPES: Final = {
     ord("t"): 0x09,
 }
 _HEX2: Final = re.compile(rb"[0-9a-fA-F]{2}")
-
-
-def format_time(seconds: float) -> str:
-    """Wall-clock seconds as an ISO-8601 UTC timestamp with whole seconds."""
-    return dt.datetime.fromtimestamp(int(seconds), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: str) -> float:
-    """Inverse of :func:`format_time`.
-
-    Raises:
-        ValueError: not an ISO-8601 UTC timestamp.
-    """
-    if not text.endswith("Z"):
-        raise ValueError(f"expected a UTC time such as 2026-11-28T01:02:03Z (got {text!r})")
-    return dt.datetime.fromisoformat(text).timestamp()
 
 
 def encode_key(user: str) -> bytes:
@@ -190,6 +175,13 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o640, group: int | Non
         raise StoreError(f"{path}: cannot write: {exc.strerror or exc}") from exc
 
 
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
 class BlockStore:
     """The block file of one state directory."""
 
@@ -219,7 +211,8 @@ class BlockStore:
                 os.chown(directory, -1, self.group)
             except OSError as exc:
                 raise StoreError(
-                    f"{directory}: cannot give it group {self.group}: {exc.strerror}"
+                    f"{directory}: cannot give it group {_group_name(self.group)} (is the "
+                    f"daemon's user a member?): {exc.strerror}"
                 ) from exc
 
     def load(self) -> list[Block]:

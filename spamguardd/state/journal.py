@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 import attrs
 
 from spamguardd.core.errors import StoreError
+from spamguardd.core.policy import Blocked, Effect, Reset, Unblocked, WouldBlock
+from spamguardd.core.timestamps import format_time
 
 FILENAME: Final = "journal"
 
@@ -36,6 +38,45 @@ class JournalContents:
     damaged_lines: tuple[int, ...] = ()
 
 
+def entry_for(effect: Effect) -> dict[str, Any] | None:
+    """The journal entry for a policy effect; None for one the journal does not keep."""
+    if isinstance(effect, Blocked):
+        block = effect.block
+        entry: dict[str, Any] = {
+            "at": format_time(block.blocked_at),
+            "event": "block",
+            "user": block.user,
+            "actor": block.by,
+            "reason": block.reason,
+        }
+        if effect.rate is not None:
+            entry["limit"] = str(effect.rate)
+        return entry
+    if isinstance(effect, Unblocked):
+        return {
+            "at": format_time(effect.at),
+            "event": "unblock",
+            "user": effect.block.user,
+            "actor": effect.by,
+        }
+    if isinstance(effect, Reset):
+        return {
+            "at": format_time(effect.at),
+            "event": "reset",
+            "user": effect.user,
+            "actor": effect.by,
+        }
+    if isinstance(effect, WouldBlock):
+        return None  # monitor mode logs and mails these; the history is of what was done
+    raise TypeError(f"not an effect: {effect!r}")  # pragma: no cover - exhaustive above
+
+
+def encode_entry(entry: Mapping[str, Any]) -> bytes:
+    """One journal line: compact, sorted, ASCII-only JSON (non-UTF-8 keys survive as escapes)."""
+    text = json.dumps(entry, ensure_ascii=True, sort_keys=True, separators=(",", ":"))
+    return text.encode("ascii") + b"\n"
+
+
 class Journal:
     """Appends entries to one journal file."""
 
@@ -49,12 +90,20 @@ class Journal:
         Raises:
             StoreError: the file cannot be opened or written.
         """
-        data = json.dumps(entry, ensure_ascii=True, sort_keys=True, separators=(",", ":"))
+        self.append_many([entry], durable=durable)
+
+    def append_many(self, entries: Sequence[Mapping[str, Any]], *, durable: bool = False) -> None:
+        """Append *entries*, one line each, in one write; with *durable*, fsync after it.
+
+        Raises:
+            StoreError: the file cannot be opened or written.
+        """
+        data = b"".join(map(encode_entry, entries))
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             try:
                 prefix = b"" if self._checked_tail else _separator_after_torn_tail(fd)
-                os.write(fd, prefix + data.encode("ascii") + b"\n")
+                os.write(fd, prefix + data)
                 self._checked_tail = True
                 if durable:
                     os.fsync(fd)

@@ -33,13 +33,10 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final, NamedTuple
 
+from spamguardd.core.userkey import IPV6_GROUP_PREFIX, exim_mask, fold_auth_id
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-#: IPv6 relay clients are grouped by /64, the smallest prefix a site is normally given: one host
-#: can use any address in it, so a per-address key would let it dodge its limit.
-IPV6_GROUP_PREFIX: Final = 64
-
-_ASCII_LOWER: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 # Exim message ids: 4.96 and earlier ``1xX8Pm-00035Q-0q``; 4.97+ ``1xX8Pm-0000000035Q-0qqq``.
 _MSGID: Final = re.compile(r"[0-9A-Za-z]{6}-[0-9A-Za-z]{6,11}-[0-9A-Za-z]{2,4} ")
 # What may follow the time: fractions of a second, a zone, a process id.
@@ -405,29 +402,9 @@ def scan(  # noqa: C901, PLR0912 - one flat loop: the hot path of a replay
 # User keys
 
 
-def fold_auth_id(auth_id: str) -> str:
-    """Case-fold an authenticated id as Exim's ``${lc:}`` does: ASCII letters only.
-
-    ``${lc:}`` lowers bytes with C's ``tolower()`` in the C locale, so ``Ä`` (logged as
-    ``\\303\\204`` anyway) is left alone; folding more would give keys the ACL never sends.
-    """
-    return auth_id.lower() if auth_id.isascii() else auth_id.translate(_ASCII_LOWER)
-
-
 @functools.lru_cache(maxsize=65536)
 def _auth_key(auth_id: str) -> str:
     return "auth:" + fold_auth_id(auth_id)
-
-
-def exim_mask(address: ipaddress.IPv6Address, bits: int) -> str:
-    """``${mask:ADDRESS/BITS}`` as Exim writes it for IPv6: eight dot-separated 4-digit groups.
-
-    ``${mask:2001:db8:1:2::5/64}`` is ``2001.0db8.0001.0002.0000.0000.0000.0000/64`` (Exim 4.96,
-    checked with ``exim -be``): dots, because a colon separates list items in Exim.
-    """
-    network = ipaddress.IPv6Network(f"{address}/{bits}", strict=False)
-    full = network.network_address.exploded
-    return f"{full.replace(':', '.')}/{bits}"
 
 
 class UserKeys:

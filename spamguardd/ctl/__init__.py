@@ -1,0 +1,1 @@
+"""``spamguardctl``: the admin client (who is blocked and why; block, unblock, release, reset)."""

@@ -1,0 +1,197 @@
+"""``spamguardctl``'s output for people: one renderer per reply type, plain text tables.
+
+Scripts use ``--json`` (the reply as the daemon wrote it); these renderers are for a terminal.
+They take the typed replies of :mod:`spamguardd.core.adminproto`, so a field that is renamed or
+retyped there fails the type check here, not at an admin's prompt.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+from typing import TextIO
+
+from spamguardd.core.adminproto import (
+    BlockReply,
+    ErrorReply,
+    ListReply,
+    MetricsReply,
+    ReloadReply,
+    Reply,
+    ResetReply,
+    ShowReply,
+    StatsReply,
+    UnblockReply,
+)
+
+
+@functools.singledispatch
+def render(reply: Reply, out: TextIO) -> None:  # noqa: ARG001 - every renderer's signature
+    """Write *reply* for people to *out*."""
+    raise TypeError(f"no renderer for {type(reply).__name__}")  # pragma: no cover
+
+
+def _table(rows: Iterable[Sequence[object]], out: TextIO) -> None:
+    cells = [["-" if value is None else str(value) for value in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    for row in cells:
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        out.write(line.rstrip() + "\n")
+
+
+@render.register
+def _(reply: ListReply, out: TextIO) -> None:
+    if not reply.blocked:
+        out.write("no blocked users\n")
+        return
+    rows: list[Sequence[object]] = [("USER", "SINCE", "BY", "VERDICT", "REASON")]
+    rows += [(b.user, b.since, b.by, b.verdict, b.reason) for b in reply.blocked]
+    _table(rows, out)
+
+
+@render.register
+def _(reply: ShowReply, out: TextIO) -> None:
+    out.write(f"user:     {reply.user}\n")
+    block = reply.block
+    if block is None:
+        out.write("status:   not blocked\n")
+    else:
+        out.write(
+            f"status:   blocked since {block.since} by {block.by} "
+            f"(verdict {block.verdict}): {block.reason}\n"
+        )
+    if reply.exempt:
+        out.write("exempt:   yes (listed in exempt.users; never counted)\n")
+    if reply.mode != "enforce":
+        out.write(f"mode:     {reply.mode} (nobody is blocked by counting)\n")
+    out.write("\n")
+    rows: list[Sequence[object]] = [("WINDOW LIMIT", "COUNTED", "TOKENS LEFT", "CLEARS AT")]
+    rows += [
+        (w.limit, w.counted, f"{w.tokens_left:.2f}", w.clears_at or "full now")
+        for w in reply.windows
+    ]
+    _table(rows, out)
+    out.write("\nrecent failed recipients (newest first):\n")
+    if reply.recent_failures:
+        _table(
+            [("  AT", "RECIPIENT", "CLIENT IP")]
+            + [(f"  {f.at}", f.rcpt, f.ip) for f in reply.recent_failures],
+            out,
+        )
+    else:
+        out.write("  none in the sample\n")
+    out.write("\nhistory:\n")
+    if reply.history:
+        _table(
+            [("  AT", "EVENT", "ACTOR", "REASON")]
+            + [
+                (f"  {e.get('at')}", e.get("event"), e.get("actor"), e.get("reason", ""))
+                for e in reply.history
+            ],
+            out,
+        )
+    else:
+        out.write("  no journal entries\n")
+    journal = reply.journal
+    if journal.truncated_line is not None:
+        out.write(
+            f"note: the journal's last line ({journal.truncated_line}) is truncated "
+            "(a write cut short); it was skipped\n"
+        )
+    if journal.damaged_lines:
+        lines = ", ".join(map(str, journal.damaged_lines))
+        out.write(f"note: damaged journal lines skipped: {lines}\n")
+
+
+@render.register
+def _(reply: BlockReply, out: TextIO) -> None:
+    block = reply.block
+    if reply.changed:
+        out.write(f"blocked {reply.user} (verdict {block.verdict}): {block.reason}\n")
+    else:
+        out.write(
+            f"{reply.user} was already blocked since {block.since} by {block.by}: {block.reason}\n"
+        )
+
+
+@render.register
+def _(reply: UnblockReply, out: TextIO) -> None:
+    if reply.unblocked is None:
+        out.write(f"{reply.user} is not blocked (lifted already); this host's queue:\n")
+    else:
+        out.write(f"unblocked {reply.user}\n")
+    exim = reply.exim
+    if exim is None:
+        return
+    done = "released" if exim.action == "release" else "removed"
+    if not exim.messages and exim.error is None:
+        out.write("no frozen messages of this user in the queue\n")
+    out.writelines(
+        f"{done} {message.id}: {message.exim_said}\n" for message in exim.messages if message.ok
+    )
+
+
+@render.register
+def _(reply: ResetReply, out: TextIO) -> None:
+    out.write(f"forgot the counters of {reply.user}\n")
+
+
+@render.register
+def _(reply: StatsReply, out: TextIO) -> None:
+    out.write(f"version:        {reply.version}\n")
+    out.write(f"started at:     {reply.started_at} (up {reply.uptime_seconds} s)\n")
+    out.write(f"mode:           {reply.mode}\n")
+    out.write(f"tracked users:  {reply.tracked_users}\n")
+    out.write(f"blocked users:  {reply.blocked_users}\n")
+    out.write(
+        f"blocks made:    {reply.blocks.auto} automatic, {reply.blocks.admin} by admins; "
+        f"{reply.unblocks} unblocks\n"
+    )
+    errors = reply.errors
+    out.write(
+        f"errors:         {errors.admin} admin, {errors.busy} busy, {errors.internal} internal, "
+        f"{errors.protocol} protocol, {errors.store} store\n"
+    )
+    fleet = reply.cluster
+    if fleet is not None:
+        state = "up" if fleet.up else f"DOWN since {fleet.down_since}, counting locally"
+        out.write(f"fleet:          relay {fleet.relay}, store {fleet.store}: {state}\n")
+        out.write(
+            f"fleet counting: {fleet.store_counts} in the store, {fleet.local_counts} locally; "
+            f"{fleet.outages} outages, {fleet.timeouts} timeouts, {fleet.errors} errors; "
+            f"{fleet.remote_changes} changes from other relays, {fleet.pushed} blocks pushed\n"
+        )
+    if reply.latency_ms:
+        parts = ", ".join(
+            f"{key.replace('_', '.')} <= {'>10000' if value is None else value} ms"
+            for key, value in reply.latency_ms.items()
+        )
+        out.write(f"latency:        {parts}\n")
+    out.write(f"\nqueries ({reply.queries_total}):\n")
+    rows: list[Sequence[object]] = [("  VERB", "VERDICT", "COUNT")]
+    rows += [
+        (f"  {verb}", verdict, count)
+        for verb, verdicts in reply.queries.items()
+        for verdict, count in verdicts.items()
+    ]
+    _table(rows, out)
+
+
+@render.register
+def _(reply: ReloadReply, out: TextIO) -> None:
+    out.write(f"reloaded the configuration from {reply.config}\n")
+    if reply.carried_users:
+        out.write(f"counters of {reply.carried_users} users carried over to the new limits\n")
+    out.writelines(
+        f"note: {name} changed; takes effect at the next start\n" for name in reply.needs_restart
+    )
+
+
+@render.register
+def _(reply: MetricsReply, out: TextIO) -> None:
+    out.write(reply.text)
+
+
+@render.register
+def _(reply: ErrorReply, out: TextIO) -> None:
+    out.write(f"error: {reply.error}\n")
