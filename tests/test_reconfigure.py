@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
 import pytest
-import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -15,8 +11,7 @@ from spamguardd.core.config import PolicyConfig
 from spamguardd.core.policy import Policy
 from spamguardd.core.protocol import RcptRequest, Reply, Verdict, Verify
 from spamguardd.core.rate import Rate
-from spamguardd.state import snapshot
-from spamguardd.state.snapshot import SnapshotStore
+from spamguardd.state import snapshot_format
 from tests.helpers import T0
 
 HOUR = 3600.0
@@ -56,8 +51,8 @@ class TestRemap:
             buckets.count_failure(state, old, f"r{i}", 0.0, 32)
         out = buckets.remap(state, old, new, 0.0, 32)
         assert buckets.tokens_left(out, new) == (16.0, 5.0)
-        assert len(out) == 1 + 2 + 4 * 3
-        assert all(out[3 + 3 * i + 2] == -math.inf for i in range(4))  # never seen in 5/1m
+        assert buckets.remembered(out, new) == 4
+        assert buckets.window_counts(out, new, 0.0) == (4, 0)  # never seen in 5/1m
 
     def test_limit_below_what_was_used_leaves_an_empty_bucket(self) -> None:
         """Used more than the new capacity: zero tokens, and the next failure blocks."""
@@ -93,7 +88,7 @@ class TestRemap:
         for i in range(used):
             buckets.count_failure(state, old, f"r{i}", 0.0, 32)
         out = buckets.remap(state, old, new, later, 32)
-        assert 0.0 <= out[1] <= new_count
+        assert 0.0 <= buckets.tokens_left(out, new)[0] <= new_count
 
 
 class TestCap:
@@ -102,8 +97,18 @@ class TestCap:
         policy = Policy(PolicyConfig(max_tracked_users=2))
         for user in ("auth:a", "auth:b", "auth:c"):
             fail(policy, user, "r", 0.0)
-        assert policy.tracked_users() == ["auth:b", "auth:c"]
+        assert sorted(policy.tracked_users()) == ["auth:b", "auth:c"]
         assert policy.evicted_users == 1
+
+    def test_the_user_counted_least_recently_makes_room(self) -> None:
+        """At the cap the one closest to going idle goes, not the most active."""
+        policy = Policy(PolicyConfig(max_tracked_users=3))
+        fail(policy, "auth:busy", "r0", 0.0)
+        fail(policy, "auth:quiet", "r0", 600.0)
+        fail(policy, "auth:busy", "r1", 1200.0)  # counted again: later in the sweep's order
+        fail(policy, "auth:other", "r0", 1300.0)
+        fail(policy, "auth:new", "r0", 1400.0)
+        assert sorted(policy.tracked_users()) == ["auth:busy", "auth:new", "auth:other"]
 
     def test_snapshot_restore_stops_at_the_cap(self) -> None:
         """A snapshot bigger than the cap fills the table up to the cap and no further."""
@@ -115,24 +120,59 @@ class TestCap:
         assert restored == [True, True, False]
 
 
+def encode_all(policy: Policy, now: float, *, offset: float) -> bytes:
+    """A base file with every counted user of *policy*, as a compaction writes it."""
+    records = [
+        snapshot_format.encode_record(
+            snapshot_format.Kind.STATE, user, rates, buckets.export(state, rates, now, offset)
+        )
+        for user, rates, state in sorted(policy.counting_states(now), key=lambda entry: entry[0])
+    ]
+    return snapshot_format.header(base=True) + b"".join(records)
+
+
+def decode_all(data: bytes, *, shift: float, latest: float) -> list[snapshot_format.Record]:
+    items = list(snapshot_format.decode(data, source="s", shift=shift, latest=latest))
+    assert all(isinstance(item, snapshot_format.Record) for item in items), items
+    return [item for item in items if isinstance(item, snapshot_format.Record)]
+
+
 class TestSnapshot:
-    def test_round_trip_credits_the_time_away(self, tmp_path: Path) -> None:
+    def test_round_trip_credits_the_time_away(self) -> None:
         """Saved at mono 100 (wall T0+100), loaded in a new boot: times map to the new clock."""
         policy = Policy(TEN_PER_HOUR)
         for i in range(5):
             fail(policy, "auth:a", f"r{i}", 100.0)
-        store = SnapshotStore(tmp_path)
-        store.save(policy.counting_states(100.0), offset=T0)
+        data = encode_all(policy, 100.0, offset=T0)
         # new boot: the monotonic clock reads 5 where the wall clock reads T0 + 460
-        entries = store.load(offset=T0 + 455)
+        (record,) = decode_all(data, shift=-(T0 + 455), latest=5.0)
         restored = Policy(TEN_PER_HOUR)
-        for user, rates, saved in entries:
-            restored.restore_state(user, rates, saved, 5.0)
+        assert record.state is not None
+        restored.restore_state(record.user, record.rates, record.state, 5.0)
         state = restored.user_state("auth:a")
         assert state is not None
-        assert state[0] == pytest.approx(100.0 - 455)
+        assert buckets.updated(state) == pytest.approx(100.0 - 455)
         buckets.refill(state, TEN_PER_HOUR.failed_recipients, 5.0)
-        assert state[1] == pytest.approx(5.0 + 360 / 360)  # 6 minutes of 10/1h refill: 1 token
+        (tokens,) = buckets.tokens_left(state, TEN_PER_HOUR.failed_recipients)
+        assert tokens == pytest.approx(5.0 + 360 / 360)  # 6 minutes of 10/1h refill: 1 token
+
+    def test_times_from_the_future_are_clamped(self) -> None:
+        """Saved while the wall clock was a day ahead: loaded, the buckets refill from now."""
+        policy = Policy(TEN_PER_HOUR)
+        for i in range(10):
+            fail(policy, "auth:a", f"r{i}", 0.0)
+        assert "auth:a" in policy.blocks
+        policy = Policy(TEN_PER_HOUR)
+        for i in range(9):
+            fail(policy, "auth:a", f"r{i}", 0.0)
+        data = encode_all(policy, 0.0, offset=T0 + 86400)  # the clock was a day ahead
+        (record,) = decode_all(data, shift=-T0, latest=0.0)
+        assert record.state is not None
+        assert buckets.updated(record.state) == 0.0
+        restored = Policy(TEN_PER_HOUR)
+        restored.restore_state(record.user, record.rates, record.state, 0.0)
+        # an hour later (not a day) the bucket is full again and the user idle
+        assert restored.forget_idle(HOUR, ["auth:a"]) == 1
 
     def test_full_buckets_are_not_saved(self) -> None:
         """Idle users are left out of the snapshot."""
@@ -146,30 +186,49 @@ class TestSnapshot:
         old = Policy(TEN_PER_HOUR)
         for i in range(3):
             fail(old, "auth:a", f"r{i}", 0.0)
-        data = snapshot.encode(old.counting_states(0.0), offset=T0)
-        loaded = snapshot.decode(data, source="s", offset=T0)
         new = Policy(FOUR_PER_HOUR)
-        for user, rates, state in loaded.entries:
-            new.restore_state(user, rates, state, 0.0)
+        for record in decode_all(encode_all(old, 0.0, offset=T0), shift=-T0, latest=0.0):
+            assert record.state is not None
+            new.restore_state(record.user, record.rates, record.state, 0.0)
         assert fail(new, "auth:a", "r3", 0.0).verdict is Verdict.FREEZE
 
-    def test_damaged_lines_are_reported_and_the_file_kept(self, tmp_path: Path) -> None:
-        """Good lines load; each bad one is logged with FILE:LINE; the file is kept aside."""
+    def test_counted_while_loading_adds_up(self) -> None:
+        """A user counted from full buckets before its record loads keeps both counts."""
+        old = Policy(TEN_PER_HOUR)
+        for i in range(6):
+            fail(old, "auth:a", f"r{i}", 0.0)
+        new = Policy(TEN_PER_HOUR)
+        for i in range(3):
+            fail(new, "auth:a", f"s{i}", 0.0)
+        (record,) = decode_all(encode_all(old, 0.0, offset=T0), shift=-T0, latest=0.0)
+        assert record.state is not None
+        assert new.restore_state(record.user, record.rates, record.state, 0.0)
+        assert fail(new, "auth:a", "t", 0.0).verdict is Verdict.FREEZE  # 6 + 3 + 1
+
+    def test_damaged_records_are_reported_and_skipped(self) -> None:
+        """Good records load; each bad one is a FILE:RECORD problem; none raises."""
         policy = Policy(TEN_PER_HOUR)
         fail(policy, "auth:a", "r", 0.0)
-        good = snapshot.encode(policy.counting_states(0.0), offset=T0)
-        path = tmp_path / "buckets"
-        path.write_bytes(
-            good + b"{not json\n" + b'{"user": "x", "limits": ["1/1h"], "state": []}\n'
-        )
-        with structlog.testing.capture_logs() as logs:
-            entries = SnapshotStore(tmp_path).load(offset=T0)
-        assert [user for user, _, _ in entries] == ["auth:a"]
-        problems = [entry["problem"] for entry in logs if entry["event"] == "snapshot_damaged"]
-        assert [problem.split(": ")[0] for problem in problems] == [f"{path}:3", f"{path}:4"]
-        assert not path.exists()
-        assert (tmp_path / "buckets.damaged").read_bytes().startswith(good)
-
-    def test_missing_snapshot_is_empty(self, tmp_path: Path) -> None:
-        """No snapshot yet: nothing to load, nothing logged."""
-        assert SnapshotStore(tmp_path).load(offset=0.0) == []
+        fail(policy, "auth:b", "r", 0.0)
+        good = encode_all(policy, 0.0, offset=T0)
+        header = snapshot_format.header(base=True)
+        first, second = good[len(header) :].split(b"\xc5\x4b")[1:]
+        flipped = bytearray(b"\xc5\x4b" + first)
+        flipped[20] ^= 0xFF
+        for data, want_users, want_problems in (
+            (
+                header + bytes(flipped) + b"junk" + b"\xc5\x4b" + second,
+                ["auth:b"],
+                ["f:1: checksum mismatch"],
+            ),
+            (
+                good + b"junk" + b"\xc5\x4b" + second,
+                ["auth:a", "auth:b", "auth:b"],
+                ["f:3: no record starts here"],
+            ),
+            (good[:-3], ["auth:a"], ["f:2: truncated record"]),
+        ):
+            items = list(snapshot_format.decode(data, source="f", shift=-T0, latest=0.0))
+            problems = [item.text for item in items if isinstance(item, snapshot_format.Problem)]
+            users = [item.user for item in items if isinstance(item, snapshot_format.Record)]
+            assert (users, problems) == (want_users, want_problems)

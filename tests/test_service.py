@@ -16,6 +16,7 @@ import structlog
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from spamguardd.core import buckets
 from spamguardd.core.config import Config, load_config
 from spamguardd.core.latency import LatencyHistogram
 from spamguardd.core.policy import PolicyStatistics
@@ -210,13 +211,15 @@ class TestDaemon:
                             handle_signals=False, task_status=task_status
                         )
                     )
+                    await daemon.counters.loaded.wait()
                     reply = await readsocket(query, fail(attempt))
                     daemon.stop()
             assert reply == b"accept\n"
         assert daemon.policy.statistics().tracked_users == 1
         state = daemon.policy.user_state("auth:a")
         assert state is not None
-        assert state[1] == pytest.approx(1.0, abs=0.01)
+        (tokens,) = buckets.tokens_left(state, daemon.config.policy.failed_recipients)
+        assert tokens == pytest.approx(1.0, abs=0.01)
 
     async def test_inherited_sockets_are_adopted_by_name(self, sock_dir: Path) -> None:
         """An inherited query socket is served; the admin one is kept for the admin server."""

@@ -7,6 +7,7 @@ an answered query; conditions on a subprocess are polled with a deadline, never 
 from __future__ import annotations
 
 import json
+import math
 import os
 import selectors
 import shutil
@@ -21,6 +22,9 @@ from typing import Any
 
 import pytest
 
+from spamguardd.core import buckets
+from spamguardd.state import snapshot_format
+from spamguardd.state.snapshot import SnapshotStore
 from tests.helpers import ask_blocking
 
 REPO = Path(__file__).resolve().parent.parent
@@ -230,14 +234,24 @@ def test_sigkill_does_not_forgive_a_user_half_way(workdir: Path, daemon: Process
     """Killed with SIGKILL and restarted, a user half way to the limit is still counted."""
     query = workdir / "own.sock"
     assert [ask(query, fail(i)) for i in range(5)] == [b"accept\n"] * 5
-    snapshot = workdir / "state" / "buckets"
+    store = SnapshotStore(workdir / "state")
 
     def saved_after_five() -> bool:
         # a snapshot taken after all five failures: 5 of 10 tokens left (give or take refill)
-        if not snapshot.exists():
-            return False
-        lines = [line for line in snapshot.read_bytes().splitlines() if line.startswith(b"{")]
-        return bool(lines) and json.loads(lines[0])["state"][1] < 5.5
+        records = [
+            record
+            for path in store.files_to_load()
+            for record in snapshot_format.decode(
+                path.read_bytes(), source=str(path), shift=0.0, latest=math.inf
+            )
+            if isinstance(record, snapshot_format.Record) and record.state is not None
+        ]
+        last = records[-1] if records else None
+        return (
+            last is not None
+            and last.state is not None
+            and (buckets.tokens_left(last.state, last.rates)[0] < 5.5)
+        )
 
     poll(saved_after_five, "a snapshot after the fifth failure")
     daemon.signal(signal.SIGKILL)
@@ -249,6 +263,48 @@ def test_sigkill_does_not_forgive_a_user_half_way(workdir: Path, daemon: Process
         assert again.wait_event("snapshot_loaded")["users"] == 1
         again.wait_event("started")
         replies = [ask(query, fail(i)) for i in range(5, 10)]
+        assert replies[:4] == [b"accept\n"] * 4
+        assert replies[4].startswith(b"freeze ")
+    finally:
+        assert again.close() == 0
+
+
+def test_an_8bit_login_survives_snapshots_and_a_restart(workdir: Path, daemon: Process) -> None:
+    """A key that is not UTF-8 is snapshotted byte for byte; SIGTERM exits 0 and keeps it.
+
+    It used to kill the daemon at the next snapshot (and SIGTERM then exited 1 and lost the
+    final snapshot): the shipped ACL sends ``auth:${lc:$authenticated_id}``, so any 8-bit
+    login does it.
+    """
+    query = workdir / "own.sock"
+    key = b"auth:m\xfcller@example.com"
+    store = SnapshotStore(workdir / "state")
+
+    def request(n: int) -> bytes:
+        return b"rcpt user=" + key + b" rcpt=r%d@example.org verify=fail\n" % n
+
+    assert [ask(query, request(i)) for i in range(5)] == [b"accept\n"] * 5
+
+    def saved() -> bool:
+        users = {
+            record.user.encode("utf-8", "surrogateescape")
+            for path in store.files_to_load()
+            for record in snapshot_format.decode(
+                path.read_bytes(), source=str(path), shift=0.0, latest=math.inf
+            )
+            if isinstance(record, snapshot_format.Record)
+        }
+        return key in users
+
+    poll(saved, "a snapshot with the 8-bit key")  # snapshots every 0.2 s, and it still serves
+    assert ask(query, b"ping") == b"pong\n"
+    assert daemon.close() == 0
+    again = Process(
+        [PYTHON, "-m", "spamguardd", "--config", str(workdir / "spamguardd.toml")], workdir
+    )
+    try:
+        again.wait_event("snapshot_loaded")
+        replies = [ask(query, request(i)) for i in range(5, 10)]
         assert replies[:4] == [b"accept\n"] * 4
         assert replies[4].startswith(b"freeze ")
     finally:

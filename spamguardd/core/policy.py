@@ -16,9 +16,10 @@ Invariants:
 
 from __future__ import annotations
 
+import bisect
 import collections
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Final
 
 import attrs
@@ -26,6 +27,7 @@ import attrs
 from spamguardd.core import buckets
 from spamguardd.core.buckets import UserState
 from spamguardd.core.config import Mode, PolicyConfig
+from spamguardd.core.counters import CountedUsers
 from spamguardd.core.protocol import (
     CheckRequest,
     IPAddress,
@@ -216,7 +218,14 @@ class Policy:
         self.config = config
         self.blocks: dict[str, Block] = {block.user: block for block in blocks}
         self.generation = 0
-        self._users: dict[str, bytes] = {}  # user -> buckets.dump(state)
+        self._users = CountedUsers()
+        #: The rate tuples states are laid out for, by tag (buckets.layout), and the tag of
+        #: each tuple the configuration hands out, by identity (the tuple is kept alive here).
+        self._layouts: list[tuple[Rate, ...]] = []
+        self._layout_tags: dict[tuple[Rate, ...], float] = {}
+        self._tag_by_id: dict[int, tuple[tuple[Rate, ...], float, float]] = {}
+        #: Monotonic times of the reloads that changed limits, oldest first.
+        self._reloads: list[float] = []
         self._samples: collections.deque[FailureSample] = collections.deque(maxlen=SAMPLE_CAPACITY)
         self._would_block: set[str] = set()
         #: Users dropped at ``max_tracked_users``.
@@ -263,17 +272,25 @@ class Policy:
     def _count_failure(self, request: RcptRequest, *, now: float, wall_now: float) -> Decision:
         user = request.user
         rates = self.config.limits_for(user)
-        stored = self._users.get(user)
-        if stored is None and len(self._users) >= self.config.max_tracked_users:
-            # At the cap the user counted first (dict order) makes room: what is failing now
-            # keeps being counted, and memory stays bounded whatever floods the table.
-            del self._users[next(iter(self._users))]
-            self.evicted_users += 1
-        state = buckets.new_state(rates, now) if stored is None else buckets.load(stored)
+        users = self._users
+        state = users.get(user)
+        if state is None:
+            if len(users) >= self.config.max_tracked_users:
+                # At the cap the user closest to going idle makes room: what is failing now
+                # keeps being counted, and memory stays bounded whatever floods the table.
+                oldest = users.first()
+                if oldest is not None:
+                    users.pop(oldest)
+                    self.evicted_users += 1
+            state = buckets.new_state(rates, now, self._tag(rates))
+            users.put(user, state)
+        else:
+            self._fit(state, rates)
+            users.mark(user)
         counted, tripped = buckets.count_failure(
             state, rates, request.rcpt, now, _recent_limit(rates)
         )
-        self._users[user] = buckets.dump(state)
+        users.file(user, state, buckets.updated(state) + self._idle_after(rates))
         tokens_left = buckets.tokens_left(state, rates)
         if counted:
             self._samples.append(FailureSample(user, request.rcpt, request.ip, wall_now))
@@ -435,7 +452,7 @@ class Policy:
             levels = tuple(float(rate.count) for rate in rates)
             counted = (0,) * len(rates)
         else:
-            elapsed = now - state[0]
+            elapsed = now - buckets.updated(state)
             levels = tuple(
                 buckets.refilled(tokens, elapsed, rate)
                 for tokens, rate in zip(buckets.tokens_left(state, rates), rates, strict=True)
@@ -467,48 +484,125 @@ class Policy:
 
         Args:
             now: the current time.
-            users: the users to look at (default: all). The daemon passes slices of
-                :meth:`tracked_users` so that a sweep over a million users never holds up
-                queries for long.
+            users: the users to look at; by default those whose sweep slot is due
+                (:meth:`take_due`), which is every user idle for longer than its longest period.
+
+        Returns:
+            How many users were forgotten.
+        """
+        if users is None:
+            return sum(self.sweep(now, slot, due) for slot, due in self.take_due(now))
+        limits_for = self.config.limits_for
+        tracked = self._users
+        idle = []
+        for user in users:
+            state = tracked.get(user)
+            if state is None:
+                continue
+            rates = limits_for(user)
+            self._fit(state, rates)
+            if buckets.is_idle(state, rates, now):
+                idle.append(user)
+        for user in idle:
+            tracked.forget(user)
+        return len(idle)
+
+    def take_due(self, now: float) -> list[tuple[int, list[str]]]:
+        """The idle sweep's slots due at *now*, taken out: ``(slot, users)``, for :meth:`sweep`.
+
+        The daemon sweeps them in small slices between queries; the work is in proportion to
+        the users that may have gone idle, not to the users counted.
+        """
+        return self._users.take_due(now)
+
+    def sweep(self, now: float, slot: int, users: Iterable[str]) -> int:
+        """Forget the idle ones among *users*, taken from *slot*; file the others again.
 
         Returns:
             How many users were forgotten.
         """
         limits_for = self.config.limits_for
         tracked = self._users
-        idle = [
-            user
-            for user in (tracked if users is None else users)
-            if (stored := tracked.get(user)) is not None
-            and buckets.is_idle(buckets.load(stored), limits_for(user), now)
-        ]
-        for user in idle:
-            del tracked[user]
-        return len(idle)
+        forgotten = 0
+        for user in users:
+            state = tracked.get(user)
+            if state is None or not tracked.is_filed(state, slot):
+                continue  # gone, or filed again elsewhere since
+            rates = limits_for(user)
+            self._fit(state, rates)
+            if buckets.is_idle(state, rates, now):
+                tracked.forget(user)
+                forgotten += 1
+            else:
+                idle_by = buckets.updated(state) + self._idle_after(rates)
+                tracked.refile(user, state, idle_by, slot)
+        return forgotten
 
     def reconfigure(self, config: PolicyConfig, now: float) -> int:
-        """Switch to *config* (a reload) without forgiving anything.
+        """Switch to *config* (a reload) without forgiving anything, at a cost that does not
+        grow with the users counted.
 
         Blocks stay. Each counted user keeps what it has used up in every window whose period
         is still configured (:func:`buckets.remap`), so lowering a limit takes effect on the
-        next failure. Users whose limits did not change are not touched.
+        next failure. The carrying over is done when a user is next looked at (counted, swept,
+        snapshotted): its buckets refill at the old rates up to the reload, at the new ones
+        after. Users whose limits did not change are not touched.
 
         Returns:
-            How many users' counters were carried over to new limits.
+            How many counted users' limits changed (their counters are carried over).
         """
         old = self.config
         self.config = config
+        tracked = self._users
+        special = set(old.overrides) | set(config.overrides)
         changed = 0
-        for user, stored in list(self._users.items()):
-            old_rates, new_rates = old.limits_for(user), config.limits_for(user)
-            if old_rates == new_rates:
-                continue
-            state = buckets.remap(
-                buckets.load(stored), old_rates, new_rates, now, _recent_limit(new_rates)
-            )
-            self._users[user] = buckets.dump(state)
-            changed += 1
+        if old.failed_recipients != config.failed_recipients:
+            changed = len(tracked) - sum(1 for user in special if user in tracked)
+        changed += sum(
+            1
+            for user in special
+            if user in tracked and old.limits_for(user) != config.limits_for(user)
+        )
+        if changed:
+            self._reloads.append(now)
         return changed
+
+    def _tag(self, rates: tuple[Rate, ...]) -> float:
+        """The layout tag of *rates* (equal tuples share one)."""
+        known = self._tag_by_id.get(id(rates))
+        if known is not None:
+            return known[1]
+        tag = self._layout_tags.get(rates)
+        if tag is None:
+            tag = float(len(self._layouts))
+            self._layouts.append(rates)
+            self._layout_tags[rates] = tag
+        self._tag_by_id[id(rates)] = (rates, tag, float(max(rate.period for rate in rates)))
+        return tag
+
+    def _idle_after(self, rates: tuple[Rate, ...]) -> float:
+        """Seconds after its last update by which a user with *rates* is idle (the longest
+        period: every bucket refills fully and every failure leaves its window by then)."""
+        known = self._tag_by_id.get(id(rates))
+        if known is None:
+            self._tag(rates)
+            known = self._tag_by_id[id(rates)]
+        return known[2]
+
+    def _fitted(self, state: buckets.UserState, rates: tuple[Rate, ...]) -> buckets.UserState:
+        """*state* (laid out for other rates) carried over to *rates*, as a new state."""
+        old = self._layouts[int(buckets.layout(state))]
+        # the old rates applied until the first reload after the state was last brought forward
+        at = bisect.bisect_right(self._reloads, buckets.updated(state))
+        reloaded = self._reloads[at] if at < len(self._reloads) else buckets.updated(state)
+        fitted = buckets.remap(state, old, rates, reloaded, _recent_limit(rates))
+        buckets.set_layout(fitted, self._tag(rates))
+        return fitted
+
+    def _fit(self, state: buckets.UserState, rates: tuple[Rate, ...]) -> None:
+        """Carry *state* over to *rates* in place, when it is laid out for others."""
+        if buckets.layout(state) != self._tag(rates):
+            state[:] = self._fitted(state, rates)
 
     def counting_states(
         self, now: float, users: Iterable[str] | None = None
@@ -522,33 +616,86 @@ class Policy:
         limits_for = self.config.limits_for
         tracked = self._users
         out = []
-        for user in tracked if users is None else users:
-            stored = tracked.get(user)
-            if stored is None:
+        for user in list(tracked) if users is None else users:
+            state = tracked.get(user)
+            if state is None:
                 continue
             rates = limits_for(user)
-            state = buckets.load(stored)
+            self._fit(state, rates)
             if not buckets.is_idle(state, rates, now):
                 out.append((user, rates, state))
         return out
 
+    def saved_form(self, user: str) -> tuple[tuple[Rate, ...], UserState] | None:
+        """*user*'s limits and state for the snapshot, or None when it is no longer counted."""
+        state = self._users.get(user)
+        if state is None:
+            return None
+        rates = self.config.limits_for(user)
+        self._fit(state, rates)
+        return rates, state
+
+    def compaction_batches(self, size: int) -> Iterator[list[str]]:
+        """Every counted user once, in lists of at most *size*, for a full snapshot.
+
+        Walks the sweep's wheel slot by slice, so no step copies a million keys. Users counted
+        meanwhile are in :meth:`take_changed`; do not sweep while walking.
+        """
+        tracked = self._users
+        for slot, users in tracked.slots():
+            for start in range(0, len(users), size):
+                batch = []
+                for user in users[start : start + size]:
+                    state = tracked.get(user)
+                    if state is not None and tracked.is_filed(state, slot):
+                        batch.append(user)
+                yield batch
+
+    def take_changed(self) -> set[str]:
+        """The users whose counters changed since the last call (for an incremental snapshot).
+
+        A user in the set that is no longer counted was taken out (blocked, reset, evicted).
+        """
+        return self._users.take_changed()
+
+    def mark_changed(self, users: Iterable[str]) -> None:
+        """Take *users* as changed again (their snapshot could not be written)."""
+        for user in users:
+            self._users.mark(user)
+
+    def changed_count(self) -> int:
+        """How many users changed since :meth:`take_changed`."""
+        return self._users.changed_count()
+
     def restore_state(self, user: str, rates: Sequence[Rate], state: UserState, now: float) -> bool:
         """Take over a counted user from a snapshot made under *rates* (maybe other limits).
 
-        A blocked user stays blocked and is not counted; a user counted already is kept as is;
-        past ``max_tracked_users`` the rest of the snapshot is not taken over.
+        A blocked user stays blocked and is not counted. A user counted already (since a start
+        while the snapshot was loading) keeps what it counted and adds what the snapshot held
+        (:func:`buckets.merge`). Past ``max_tracked_users`` the rest of the snapshot is not
+        taken over.
 
         Returns:
-            Whether the user is now counted from the snapshot's state.
+            Whether the user is now counted with the snapshot's state.
         """
-        if user in self.blocks or user in self._users:
-            return False
-        if len(self._users) >= self.config.max_tracked_users:
+        if user in self.blocks:
             return False
         current = self.config.limits_for(user)
-        if tuple(rates) != current:
+        tag = self._tag(current)
+        if self._tag(tuple(rates)) != tag:  # equal rates share a tag: no tuple comparison
             state = buckets.remap(state, rates, current, now, _recent_limit(current))
-        self._users[user] = buckets.dump(state)
+        buckets.set_layout(state, tag)
+        counted = self._users.get(user)
+        if counted is not None:
+            self._fit(counted, current)
+            buckets.merge(counted, state, current, now, _recent_limit(current))
+            self._users.mark(user)
+            state = counted
+        elif len(self._users) >= self.config.max_tracked_users:
+            return False
+        else:
+            self._users.put(user, state, changed=False)
+        self._users.file(user, state, buckets.updated(state) + self._idle_after(current))
         return True
 
     def failure_samples(self, user: str, limit: int = EVIDENCE_SAMPLES) -> list[FailureSample]:
@@ -567,8 +714,8 @@ class Policy:
 
     def user_state(self, user: str) -> UserState | None:
         """The counting state of *user*, if it is being counted (for inspection and tests)."""
-        stored = self._users.get(user)
-        return None if stored is None else buckets.load(stored)
+        found = self.saved_form(user)
+        return None if found is None else found[1]
 
     def statistics(self) -> PolicyStatistics:
         """Current counts, for ``stats`` and metrics."""
@@ -584,6 +731,4 @@ class Policy:
         return self.generation, dict(self.blocks)
 
 
-def _recent_limit(rates: Sequence[Rate]) -> int:
-    """Distinct recent failures remembered for a user with these limits."""
-    return max(buckets.MIN_RECENT, *(rate.count for rate in rates))
+_recent_limit = buckets.recent_limit

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import grp
 import os
 import platform
@@ -11,19 +10,19 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 import attrs
 import structlog
 import trio
-import trio.lowlevel
 
 from spamguardd import __version__
 from spamguardd.core.config import Config
-from spamguardd.core.errors import ConfigError, StoreError
+from spamguardd.core.errors import ConfigError
 from spamguardd.core.policy import Policy
 from spamguardd.core.statistics import Statistics
 from spamguardd.daemon.admin_server import AdminServer
+from spamguardd.daemon.counters import CounterKeeper
 from spamguardd.daemon.effects import EffectExecutor
 from spamguardd.daemon.journal_writer import JournalWriter
 from spamguardd.daemon.listeners import adopt_or_bind, bind_inet_listener
@@ -37,17 +36,12 @@ from spamguardd.state import eximaccess
 from spamguardd.state.blockfile import BlockStore
 from spamguardd.state.journal import FILENAME as JOURNAL_FILENAME
 from spamguardd.state.journal import Journal
-from spamguardd.state.snapshot import Entry, SnapshotStore
+from spamguardd.state.snapshot import SnapshotStore
 
 if TYPE_CHECKING:
     from spamguardd.daemon.cluster import Cluster
 
 log = structlog.get_logger("spamguardd")
-
-#: How often users whose buckets are full again are forgotten, bounding memory.
-HOUSEKEEPING_INTERVAL: Final = 60.0
-#: Users looked at between two yields to the query path (about 5 ms of work).
-HOUSEKEEPING_BATCH: Final = 5000
 
 
 def load_policy(config: Config) -> tuple[Policy, BlockStore]:
@@ -143,6 +137,12 @@ class Daemon:
         self._load_config = load_config or (lambda: self.config)
         self.snapshots = SnapshotStore(config.state.dir)
         self.policy, self.store = load_policy(config)
+        self.counters = CounterKeeper(
+            self.policy,
+            self.snapshots,
+            wall_clock=wall_clock,
+            interval=lambda: self.config.state.snapshot_interval,
+        )
         self.journal = JournalWriter(Journal(config.state.dir / JOURNAL_FILENAME))
         self.notices = NoticeQueue(config.notify, record=self.journal.record, wall_clock=wall_clock)
         self.effects = EffectExecutor(
@@ -282,37 +282,6 @@ class Daemon:
         """The current metrics in the Prometheus text format."""
         return render_metrics(self.statistics())
 
-    def save_snapshot(self) -> int:
-        """Write the counters of users still being counted to the snapshot now.
-
-        Returns:
-            How many users were saved.
-
-        Raises:
-            StoreError: the snapshot could not be written; the previous one is intact.
-        """
-        entries = self.policy.counting_states(trio.current_time())
-        self.snapshots.save(entries, offset=self._clock_offset())
-        return len(entries)
-
-    def _clock_offset(self) -> float:
-        """Wall clock minus trio's clock: converts the buckets' times for the snapshot."""
-        return self.wall_clock() - trio.current_time()
-
-    def _restore_snapshot(self) -> None:
-        now = trio.current_time()
-        entries = self.snapshots.load(offset=self._clock_offset())
-        restored = sum(
-            self.policy.restore_state(user, rates, state, now) for user, rates, state in entries
-        )
-        if entries:
-            log.info(
-                "snapshot_loaded",
-                file=str(self.snapshots.path),
-                users=restored,
-                skipped=len(entries) - restored,
-            )
-
     def _status(self) -> str:
         stats = self.policy.statistics()
         return f"serving; {stats.tracked_users} users counted, {stats.blocked_users} blocked"
@@ -329,7 +298,6 @@ class Daemon:
             OSError: the socket cannot be bound (another daemon, a non-socket at the path, ...).
             LookupError: the socket group does not exist.
         """
-        self._restore_snapshot()
         server_config = self.config.server
         sock = adopt_or_bind(
             self.inherited,
@@ -365,8 +333,8 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             if handle_signals:
                 nursery.start_soon(self._handle_signals)
-            nursery.start_soon(self._housekeeping)
-            nursery.start_soon(self._snapshot_loop)
+            # the counters load while the daemon already answers (daemon/counters.py)
+            await nursery.start(self.counters.run)
             if self.watchdog_interval is not None:
                 nursery.start_soon(self._watchdog, self.watchdog_interval)
             listen = self.config.metrics.listen
@@ -386,8 +354,10 @@ class Daemon:
             # serve() has returned: stop() was called and in-flight answers went out
             await self.notices.aclose()  # queued notices get the shutdown grace period
             await self.journal.flush()  # what the notices left, and everything before it
+            # the final snapshot, still under the signal handler: a second SIGTERM waits too
+            await self.counters.stop()
+            await self.counters.save_final()
             nursery.cancel_scope.cancel()
-        self._save_snapshot_logged()
         log.info("stopped")
 
     def _log_started(self, query_socket: str) -> None:
@@ -412,8 +382,7 @@ class Daemon:
                     self.reload()
                     continue
                 log.info("stopping", signal=signal.Signals(signum).name)
-                self.stop()
-                return
+                self.stop()  # a repeated signal while stopping changes nothing
 
     async def _watchdog(self, interval: float) -> None:
         # pinged from the event loop itself: a stuck loop stops the pings and systemd restarts us
@@ -421,43 +390,3 @@ class Daemon:
         while True:
             self.sd_notify.watchdog()
             await trio.sleep(interval)
-
-    async def _snapshot_loop(self) -> None:
-        while True:
-            await trio.sleep(self.config.state.snapshot_interval)
-            entries = await self._collect_states()
-            save = functools.partial(self.snapshots.save, entries, offset=self._clock_offset())
-            try:
-                await trio.to_thread.run_sync(save)
-            except StoreError as exc:
-                log.error("snapshot_failed", error=str(exc))
-
-    async def _collect_states(self) -> list[Entry]:
-        """The snapshot's entries, gathered in batches so queries get through in between."""
-        entries: list[Entry] = []
-        users = self.policy.tracked_users()
-        for start in range(0, len(users), HOUSEKEEPING_BATCH):
-            batch = users[start : start + HOUSEKEEPING_BATCH]
-            entries += self.policy.counting_states(trio.current_time(), batch)
-            await trio.lowlevel.checkpoint()
-        return entries
-
-    def _save_snapshot_logged(self) -> None:
-        try:
-            saved = self.save_snapshot()
-        except StoreError as exc:
-            log.error("snapshot_failed", error=str(exc))
-        else:
-            log.info("snapshot_saved", file=str(self.snapshots.path), users=saved)
-
-    async def _housekeeping(self) -> None:
-        while True:
-            await trio.sleep(HOUSEKEEPING_INTERVAL)
-            forgotten = 0
-            users = self.policy.tracked_users()
-            for start in range(0, len(users), HOUSEKEEPING_BATCH):
-                batch = users[start : start + HOUSEKEEPING_BATCH]
-                forgotten += self.policy.forget_idle(trio.current_time(), batch)
-                await trio.lowlevel.checkpoint()  # let queries through between batches
-            if forgotten:
-                log.debug("users_forgotten", count=forgotten, tracked=len(users) - forgotten)

@@ -1,148 +1,300 @@
-"""The bucket snapshot: counters that survive a restart or a crash.
+"""The counter snapshot on disk: counters that survive a restart or a crash, written incrementally.
 
-``STATE_DIR/buckets`` holds one JSON object per line for every user still being counted::
+``STATE_DIR/counters/`` holds numbered files of records (:mod:`spamguardd.state.snapshot_format`).
+Each snapshot *appends* the records of the users that changed since the one before to the newest
+file, a *log*, so its I/O is in proportion to what changed, not to the users counted. Now and
+then, once the logs outgrow it, a *compaction* writes a new *base* (every counted user) under
+the next number and removes the files before it; the daemon goes on appending to a newer log
+meanwhile. Loading reads the newest base and every file after it, in order: a later record of a
+user replaces an earlier one.
 
-    {"user": "auth:a@example.com", "limits": ["10/1h"], "state": [1795824000.0, 7.0, ...]}
+A crash anywhere leaves a readable snapshot: a base becomes visible only by an atomic rename
+once complete, and a log that ends in a torn record loses that record only. Damaged records are
+reported and skipped; a file that had any is kept as ``NAME.damaged`` when the compaction that
+follows the load replaces it.
 
-``state`` is the user's flat bucket state (:mod:`spamguardd.core.buckets`) with its times on the
-wall clock (``null`` for "never"), because the monotonic clock starts again at boot. On load the
-times go back to the monotonic clock, so the time the daemon was down is credited as refill,
-and a user saved under other limits is carried over to the current ones as a reload would.
-
-The file is replaced atomically (:func:`spamguardd.state.blockfile.write_atomic`). A damaged line is
-never silently dropped: loading keeps every good line, reports each bad one as ``FILE:LINE``,
-and keeps the damaged file aside as ``buckets.damaged`` for a person to look at.
+The version 1 file (``STATE_DIR/buckets``, :mod:`spamguardd.state.legacy_snapshot`) is read before
+the others, once: the first compaction writes its users into a base and removes it.
 """
 
 from __future__ import annotations
 
-import array
-import json
-import math
-from collections.abc import Iterable, Sequence
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
-import attrs
 import structlog
 
-from spamguardd.core import buckets
-from spamguardd.core.buckets import UserState
-from spamguardd.core.rate import Rate
-from spamguardd.state.blockfile import write_atomic
+from spamguardd.core.errors import StoreError
+from spamguardd.state import legacy_snapshot, snapshot_format
+from spamguardd.state.snapshot_format import Problem, Record
 
 log = structlog.get_logger("spamguardd.state.snapshot")
 
-HEADER: Final = b"# spamguardd bucket snapshot v1: one counted user per line, JSON; times are UTC\n"
-
-Entry = tuple[str, Sequence[Rate], UserState]
-
-
-@attrs.frozen
-class LoadedSnapshot:
-    """What a snapshot held: the good entries, and one ``FILE:LINE: problem`` per bad line."""
-
-    entries: list[Entry]
-    problems: list[str]
+DIRNAME: Final = "counters"
+#: Compact once the logs hold this much more than the base (and at least this many bytes).
+COMPACT_MIN_BYTES: Final = 4 << 20
+#: ... or once there are this many files after the base (one more each start).
+COMPACT_MAX_FILES: Final = 32
+DAMAGED_SUFFIX: Final = ".damaged"
 
 
-def encode(entries: Iterable[Entry], *, offset: float) -> bytes:
-    """The snapshot file for *entries*, times moved by *offset* (wall minus monotonic)."""
-    lines = [HEADER]
-    for user, rates, state in entries:
-        wall = array.array("d", state)
-        buckets.shift_times(wall, rates, offset)
-        record = {
-            "user": user,
-            "limits": [str(rate) for rate in rates],
-            "state": [value if math.isfinite(value) else None for value in wall],
-        }
-        lines.append(json.dumps(record, ensure_ascii=False).encode() + b"\n")
-    return b"".join(lines)
+def _number(path: Path) -> int | None:
+    name = path.name
+    return int(name) if len(name) == 10 and name.isdigit() else None
 
 
-def decode(data: bytes, *, source: str, offset: float) -> LoadedSnapshot:
-    """Parse a snapshot, moving its times back by *offset* (wall minus monotonic)."""
-    entries: list[Entry] = []
-    problems: list[str] = []
-    for number, line in enumerate(data.split(b"\n"), start=1):
-        if not line.strip() or line.startswith(b"#"):
-            continue
+class BaseWriter:
+    """A base being written by a compaction; visible only after :meth:`commit`."""
+
+    def __init__(self, store: SnapshotStore, number: int) -> None:
+        self._store = store
+        self.number = number
+        self.path = store.dir / f"{number:010d}"
+        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._file: BinaryIO | None = self._tmp.open("wb")  # closed in commit/abort
+        self.size = 0
+        self.write(snapshot_format.header(base=True))
+
+    def write(self, data: bytes) -> None:
+        """Add records.
+
+        Raises:
+            StoreError: the write failed (call :meth:`abort`).
+        """
+        assert self._file is not None  # noqa: S101 - not after commit/abort
         try:
-            entries.append(_decode_line(line, offset))
-        except (ValueError, TypeError, KeyError) as exc:
-            problems.append(f"{source}:{number}: {exc}")
-    return LoadedSnapshot(entries, problems)
+            self._file.write(data)
+        except OSError as exc:
+            raise StoreError(f"{self._tmp}: cannot write: {exc.strerror}") from exc
+        self.size += len(data)
 
+    def commit(self) -> None:
+        """Make the base durable and current, and remove the files it replaces.
 
-def _decode_line(line: bytes, offset: float) -> Entry:
-    record = json.loads(line)
-    if not isinstance(record, dict):
-        raise TypeError("expected a JSON object")
-    user = record["user"]
-    if not isinstance(user, str) or not user:
-        raise ValueError("user: expected a non-empty string")
-    rates = tuple(Rate.parse(str(text)) for text in record["limits"])
-    values = record["state"]
-    if not rates or not isinstance(values, list):
-        raise ValueError("limits and state: expected non-empty arrays")
-    state = array.array("d", [-math.inf if value is None else float(value) for value in values])
-    if not buckets.is_valid(state, rates):
-        raise ValueError("state: does not fit its limits")
-    buckets.shift_times(state, rates, -offset)
-    return user, rates, state
+        Raises:
+            StoreError: it could not be made durable; the files before it are intact.
+        """
+        assert self._file is not None  # noqa: S101 - once
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            self._tmp.replace(self.path)
+            self._store.sync_dir()
+        except OSError as exc:
+            self.abort()
+            raise StoreError(f"{self.path}: cannot write: {exc.strerror}") from exc
+        self._store.committed(self)
+
+    def abort(self) -> None:
+        """Drop the unfinished base."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        with contextlib.suppress(OSError):
+            self._tmp.unlink()
 
 
 class SnapshotStore:
-    """The bucket snapshot file of one state directory."""
-
-    FILENAME: Final = "buckets"
-    DAMAGED_SUFFIX: Final = ".damaged"
+    """The counter snapshot files of one state directory."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / self.FILENAME
+        self.state_dir = state_dir
+        self.dir = state_dir / DIRNAME
+        self.legacy = state_dir / legacy_snapshot.FILENAME
+        self._log: Path | None = None
+        self.log_number = 0
+        #: Bytes of the newest base, and of the files after it (what a compaction would drop).
+        self.base_bytes = 0
+        self.log_bytes = 0
+        self.log_files = 0
+        #: Files with damaged records, kept aside at the next compaction.
+        self.damaged: set[Path] = set()
+        self._legacy_loaded = False
 
-    def save(self, entries: Iterable[Entry], *, offset: float) -> None:
-        """Replace the snapshot with *entries*.
+    # -- reading ----------------------------------------------------------------------------
 
-        Raises:
-            StoreError: it could not be written; the previous snapshot is intact.
-        """
-        write_atomic(self.path, encode(entries, offset=offset), mode=0o600)
-
-    def load(self, *, offset: float) -> list[Entry]:
-        """The entries of the snapshot; none when there is none or it cannot be read.
-
-        A damaged snapshot does not stop the start (counters are a convenience; the block list
-        is what must be right), but it is never dropped silently: every bad line is logged
-        (``snapshot_damaged``), the good ones are used, and the file is kept aside as
-        ``buckets.damaged`` before the next snapshot replaces it.
-        """
+    def numbered(self) -> list[tuple[int, Path]]:
+        """The numbered files, oldest first."""
         try:
-            data = self.path.read_bytes()
+            paths = list(self.dir.iterdir())
         except FileNotFoundError:
             return []
         except OSError as exc:
+            log.error("snapshot_unreadable", file=str(self.dir), error=exc.strerror)
+            return []
+        found = [(number, path) for path in paths if (number := _number(path)) is not None]
+        return sorted(found)
+
+    def remove_unfinished(self) -> None:
+        """Remove bases a crash left half written (they were never renamed into place)."""
+        with contextlib.suppress(OSError):
+            for path in self.dir.glob("*.tmp"):
+                path.unlink()
+
+    def files_to_load(self) -> list[Path]:
+        """The files a start reads, in order: the v1 file if any, the newest base, the rest."""
+        self.remove_unfinished()
+        files = self.numbered()
+        start = 0
+        for index in range(len(files) - 1, -1, -1):
+            if self._is_base(files[index][1]):
+                start = index
+                break
+        chosen = [path for _, path in files[start:]]
+        self.log_files = max(0, len(chosen) - 1)
+        if self.legacy.exists():
+            chosen.insert(0, self.legacy)
+        return chosen
+
+    @staticmethod
+    def _is_base(path: Path) -> bool:
+        try:
+            with path.open("rb") as file:
+                return snapshot_format.is_base(file.read(len(snapshot_format.BASE_HEADER)))
+        except OSError:
+            return False
+
+    def read(self, path: Path) -> bytes | None:
+        """A file's bytes, or None (logged) when it cannot be read."""
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
             log.error(
                 "snapshot_unreadable",
-                file=str(self.path),
+                file=str(path),
                 error=exc.strerror,
-                action="starting without saved counters",
+                action="starting without the counters it holds",
             )
-            return []
-        loaded = decode(data, source=str(self.path), offset=offset)
-        if loaded.problems:
-            damaged = self.path.with_name(self.path.name + self.DAMAGED_SUFFIX)
+            return None
+        if path == self.legacy:
+            self._legacy_loaded = True
+        elif snapshot_format.is_base(data):
+            self.base_bytes = len(data)
+            self.log_bytes = 0
+        else:
+            self.log_bytes += len(data)
+        return data
+
+    def decode(
+        self, path: Path, data: bytes, *, shift: float, latest: float
+    ) -> Iterator[Record | Problem]:
+        """The records of *path* (v1 or v2). Never raises."""
+        decoder = legacy_snapshot.decode if path == self.legacy else snapshot_format.decode
+        return decoder(data, source=str(path), shift=shift, latest=latest)
+
+    def wants_compaction(self) -> bool:
+        """Whether a compaction is due: a v1 file or damage to replace, or logs grown large."""
+        return (
+            self._legacy_loaded
+            or bool(self.damaged)
+            or self.log_files > COMPACT_MAX_FILES
+            or self.log_bytes > max(self.base_bytes, COMPACT_MIN_BYTES)
+        )
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def open_log(self) -> None:
+        """Start a new log after every existing file (each start, and each compaction).
+
+        Raises:
+            StoreError: it cannot be created.
+        """
+        try:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            files = self.numbered()
+            number = max(files[-1][0] if files else 0, self.log_number) + 1
+            path = self.dir / f"{number:010d}"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
             try:
-                self.path.replace(damaged)
-                kept = str(damaged)
+                os.write(fd, snapshot_format.header(base=False))
+            finally:
+                os.close(fd)
+            self.sync_dir()
+        except OSError as exc:
+            raise StoreError(f"{self.dir}: cannot start a snapshot log: {exc.strerror}") from exc
+        self.log_number = number
+        self._log = path
+        self.log_files += 1
+
+    def append(self, data: bytes) -> None:
+        """Append records to the current log and make them durable.
+
+        Raises:
+            StoreError: they could not be written (the log may end in a torn record, which the
+                next load reports and skips).
+        """
+        if self._log is None:
+            self.open_log()
+        assert self._log is not None  # noqa: S101 - opened above
+        try:
+            fd = os.open(self._log, os.O_WRONLY | os.O_APPEND)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StoreError(f"{self.dir}: cannot write the snapshot: {exc.strerror}") from exc
+        self.log_bytes += len(data)
+
+    def start_base(self) -> BaseWriter:
+        """Begin a compaction: reserve the next number for the base, and log after it.
+
+        Raises:
+            StoreError: the files could not be created.
+        """
+        number = self.log_number + 1
+        self.log_number = number  # the new log goes after the base
+        self.open_log()
+        self.log_files = 1
+        try:
+            return BaseWriter(self, number)
+        except OSError as exc:
+            raise StoreError(f"{self.dir}: cannot start a compaction: {exc.strerror}") from exc
+
+    def committed(self, base: BaseWriter) -> None:
+        """Remove what *base* replaces; keep damaged files aside."""
+        for number, path in self.numbered():
+            if number >= base.number:
+                continue
+            try:
+                if path in self.damaged:
+                    path.replace(path.with_name(path.name + DAMAGED_SUFFIX))
+                else:
+                    path.unlink()
             except OSError as exc:
-                kept = f"not kept: {exc.strerror}"
-            for problem in loaded.problems:
-                log.error(
-                    "snapshot_damaged",
-                    problem=problem,
-                    action="line skipped; the other lines are loaded",
-                    kept_as=kept,
-                )
-        return loaded.entries
+                log.warning("snapshot_cleanup_failed", file=str(path), error=exc.strerror)
+        if self._legacy_loaded:
+            try:
+                if self.legacy in self.damaged:
+                    self.legacy.replace(self.legacy.with_name(self.legacy.name + DAMAGED_SUFFIX))
+                else:
+                    self.legacy.unlink()
+            except OSError as exc:
+                log.warning("snapshot_cleanup_failed", file=str(self.legacy), error=exc.strerror)
+            self._legacy_loaded = False
+        self.damaged.clear()
+        self.base_bytes = base.size
+        self.log_bytes = 0
+
+    def sync_dir(self) -> None:
+        """fsync the directory, so that creations and renames survive a crash."""
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Stop appending to the current log (the next append starts a new one)."""
+        self._log = None
