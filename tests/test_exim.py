@@ -524,37 +524,35 @@ class TestShippedFiles:
     def test_debian_acl_is_the_include_with_the_default_macros(self) -> None:
         """acl_spamguardd_rcpt cannot use macros; it must stay spamguardd.conf with the
         defaults of spamguardd-macros.conf filled in, followed by the hand-over."""
-        macros = dict(
-            re.findall(
-                r"^(SPAMGUARD_\w+) = (.*)$",
-                (CONTRIB / "spamguardd-macros.conf").read_text(),
-                re.MULTILINE,
-            )
-        )
-        include = statements((CONTRIB / "spamguardd.conf").read_text())
-        for name in sorted(macros, key=len, reverse=True):
-            include = include.replace(name, macros[name])
         debian = statements((CONTRIB / "acl_spamguardd_rcpt").read_text())
-        assert debian == include + "require acl = acl_check_rcpt\naccept\n"
+        assert debian == with_default_macros("spamguardd.conf") + (
+            "require acl = acl_check_rcpt\naccept\n"
+        )
 
     def test_debian_not_smtp_acl_is_the_include_with_the_default_macros(self) -> None:
         """acl_spamguardd_not_smtp is spamguardd-not-smtp.conf with the defaults filled in."""
-        macros = dict(
-            re.findall(
-                r"^(SPAMGUARD_\w+) = (.*)$",
-                (CONTRIB / "spamguardd-macros.conf").read_text(),
-                re.MULTILINE,
-            )
-        )
-        include = statements((CONTRIB / "spamguardd-not-smtp.conf").read_text())
-        for name in sorted(macros, key=len, reverse=True):
-            include = include.replace(name, macros[name])
         debian = statements((CONTRIB / "acl_spamguardd_not_smtp").read_text())
-        assert debian == include + "accept\n"
+        assert debian == with_default_macros("spamguardd-not-smtp.conf") + "accept\n"
 
     def test_exim_is_installed(self) -> None:
         """The integration tests need a real Exim; its absence is a failure, not a skip."""
         assert Path(exim_binary()).exists()
+
+
+def with_default_macros(include: str) -> str:
+    """The statements of the shipped *include* with spamguardd-macros.conf's defaults filled in,
+    as the Debian files (which cannot use macros) must hold them."""
+    macros = dict(
+        re.findall(
+            r"^(SPAMGUARD_\w+) = (.*)$",
+            (CONTRIB / "spamguardd-macros.conf").read_text(),
+            re.MULTILINE,
+        )
+    )
+    text = statements((CONTRIB / include).read_text())
+    for name in sorted(macros, key=len, reverse=True):
+        text = text.replace(name, macros[name])
+    return text
 
 
 def statements(text: str) -> str:
