@@ -34,6 +34,13 @@ from pathlib import Path
 import trio
 from query_load import _cpu_seconds, _one, _start
 
+from spamguardd.core.cluster import CountCall, Keys, count_call
+from spamguardd.core.config import ClusterConfig, Mode
+from spamguardd.core.rate import Rate
+from spamguardd.core.resp import Reply
+from spamguardd.core.storeurl import parse_store_url
+from spamguardd.daemon.cluster import SCRIPT, SCRIPT_SHA, make_client, make_link
+
 KINDS = ("fail", "ok")
 
 
@@ -192,6 +199,49 @@ def _uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
+async def _call_costs(store: str, calls: int) -> dict[str, float]:
+    """Microseconds per count script call on an otherwise idle loop: through coredis's
+    connection-level API (how the query path called the store before it had its own
+    connections) and through the query path's own :class:`StoreLink`, alternating in blocks."""
+    config = ClusterConfig(url=parse_store_url(store))
+    rates = (Rate(10**9, 3600),)
+    keys = Keys.for_prefix("bench-calls:")
+    client = make_client(config, password=None, relay="bench")
+    link = make_link(config, password=None, relay="bench")
+    spent = {"coredis": 0.0, "own connection": 0.0}
+    async with client:
+        await client.script_load(SCRIPT)
+        connection = await client.connection_pool.get_connection()
+
+        async def through_coredis(call: CountCall) -> object:
+            return await connection.create_request(
+                b"EVALSHA", SCRIPT_SHA, len(call.keys), *call.keys, *call.args, decode=False
+            )
+
+        async def through_link(call: CountCall) -> Reply:
+            return await link.call(
+                b"EVALSHA", SCRIPT_SHA, b"%d" % len(call.keys), *call.keys, *call.args
+            )
+
+        for block in range(10):
+            for name, way in (("coredis", through_coredis), ("own connection", through_link)):
+                began = time.perf_counter()
+                for i in range(calls // 10):
+                    call = count_call(
+                        keys,
+                        f"auth:u{i % 50}",
+                        f"r{block}-{i}",
+                        rates,
+                        mode=Mode.ENFORCE,
+                        relay="bench",
+                        origin="bench",
+                    )
+                    await way(call)
+                spent[name] += time.perf_counter() - began
+        await link.aclose()
+    return {name: 1e6 * seconds / calls for name, seconds in spent.items()}
+
+
 def _bench(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="sgfleet-", dir="/tmp"))
     print(f"machine before: {_uptime()}")
@@ -200,6 +250,12 @@ def _bench(args: argparse.Namespace) -> None:
     processes = []
     setups: dict[str, list[Path]] = {}
     try:
+        costs = trio.run(_call_costs, store, args.calls)
+        print(
+            f"\none count script call, {args.calls} calls on an idle loop: "
+            + ", ".join(f"{name} {us:.0f} µs" for name, us in costs.items())
+            + f" ({costs['coredis'] / costs['own connection']:.2f}x)"
+        )
         local, path = _daemon(workdir, "local", None)
         processes.append(local)
         setups["1 daemon, alone"] = [path]
@@ -274,6 +330,7 @@ def main() -> None:
         p.add_argument("--users-traffic", type=int, default=10_000)
         p.add_argument("--fail-share", type=float, default=0.2)
     parser.add_argument("--repeat", type=int, default=3, help="rounds per setup")
+    parser.add_argument("--calls", type=int, default=4000, help="script calls timed alone")
     args = parser.parse_args()
     if args.command == "generate":
         _generate(args)

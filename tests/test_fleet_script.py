@@ -20,7 +20,7 @@ from spamguardd.core.config import ClusterConfig, Mode
 from spamguardd.core.policy import Block, StoreCountStatus
 from spamguardd.core.rate import Rate
 from spamguardd.core.storeurl import parse_store_url
-from spamguardd.daemon.cluster import Store, make_client
+from spamguardd.daemon.cluster import Store, make_client, make_link
 from tests.redislab import RedisLab, running_redis
 
 _prefixes = itertools.count()
@@ -44,7 +44,12 @@ def with_store(lab: RedisLab, body: Callable[[Store], Awaitable[None]]) -> None:
         client = make_client(config, password=None, relay="r1")
         async with client:
             prefix = f"t{next(_prefixes)}:"
-            await body(Store(client, Keys.for_prefix(prefix), relay="r1", origin="o1"))
+            link = make_link(config, password=None, relay="r1")
+            store = Store(client, link, Keys.for_prefix(prefix), relay="r1", origin="o1")
+            try:
+                await body(store)
+            finally:
+                await store.aclose()
 
     trio.run(main)
 

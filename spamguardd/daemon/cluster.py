@@ -38,7 +38,7 @@ import attrs
 import coredis
 import structlog
 import trio
-from coredis.exceptions import NoScriptError, RedisError
+from coredis.exceptions import RedisError
 from coredis.retry import NoRetryPolicy
 
 from spamguardd.core import cluster
@@ -61,8 +61,10 @@ from spamguardd.core.errors import ConfigError, StoreError
 from spamguardd.core.policy import Block, Change, Decision, Policy, StoreCountStatus
 from spamguardd.core.protocol import RcptRequest, Request
 from spamguardd.core.rate import Rate
+from spamguardd.core.resp import ErrorReply, Reply
 from spamguardd.core.statistics import ClusterStatistics
 from spamguardd.daemon.effects import EffectExecutor
+from spamguardd.daemon.store_link import StoreLink, StoreLinkError
 
 log = structlog.get_logger("spamguardd.daemon.cluster")
 T = TypeVar("T")
@@ -108,6 +110,15 @@ def read_password(path: Path) -> str:
     return password
 
 
+def _tls_context(config: ClusterConfig) -> ssl.SSLContext | None:
+    """The TLS context of a ``rediss://`` URL, checked against ``cluster.tls_ca_file`` or the
+    system's CAs; None for plain connections."""
+    if config.url is None or not config.url.tls:
+        return None
+    cafile = None if config.tls_ca_file is None else str(config.tls_ca_file)
+    return ssl.create_default_context(cafile=cafile)
+
+
 def make_client(config: ClusterConfig, *, password: str | None, relay: str) -> coredis.Redis[bytes]:
     """A coredis client for ``cluster.url``: bytes in and out, no retries (the caller's budget
     decides), TLS checked against ``cluster.tls_ca_file`` or the system's CAs."""
@@ -125,12 +136,21 @@ def make_client(config: ClusterConfig, *, password: str | None, relay: str) -> c
     }
     if address.path is not None:
         return coredis.Redis(host=None, port=None, unix_socket_path=address.path, **common)
-    context = None
-    if address.tls:
-        cafile = None if config.tls_ca_file is None else str(config.tls_ca_file)
-        context = ssl.create_default_context(cafile=cafile)
+    context = _tls_context(config)
     return coredis.Redis(
         host=address.host, port=address.port, ssl=context is not None, ssl_context=context, **common
+    )
+
+
+def make_link(config: ClusterConfig, *, password: str | None, relay: str) -> StoreLink:
+    """The script calls' own connections to ``cluster.url`` (see :mod:`.store_link`)."""
+    if config.url is None:
+        raise ValueError("fleet mode needs cluster.url")
+    return StoreLink(
+        config.url,
+        password=password,
+        tls=_tls_context(config),
+        client_name=f"spamguardd-{relay}-calls",
     )
 
 
@@ -139,46 +159,49 @@ class Store:
     :class:`StoreUnavailableError`."""
 
     def __init__(
-        self, client: coredis.Redis[bytes], keys: Keys, *, relay: str, origin: str
+        self,
+        client: coredis.Redis[bytes],
+        link: StoreLink,
+        keys: Keys,
+        *,
+        relay: str,
+        origin: str,
     ) -> None:
         self.client = client
+        self.link = link
         self.keys = keys
         self.relay = relay
         self.origin = origin
-        self._connection: coredis.connection.BaseConnection | None = None
 
-    async def _call(self, keys: Sequence[bytes], args: Sequence[bytes]) -> Any:
+    async def _call(self, keys: Sequence[bytes], args: Sequence[bytes]) -> Reply:
         """One ``EVALSHA`` of the script, loading it first if the server does not know it (a
         restart, a failover).
 
-        The command goes straight onto a pooled connection, which is released before the answer
-        is awaited: concurrent calls share the connection (pipelined), and a call cancelled by
-        its budget leaves the connection in step (its answer is read and dropped). This is
-        coredis's connection-level API, on a connection the store keeps for these calls; the
-        client-level one (a pool lease, retry policies, telemetry per call) cost about twice as
-        much CPU per call on the query path (docs/fleet.md, "Performance").
+        The call goes through :class:`StoreLink`, written and read by the calling task (the
+        query path's cost; see :mod:`.store_link`); loading the script goes through coredis.
         """
-        try:
+        reply = await self._evalsha(keys, args)
+        if isinstance(reply, ErrorReply) and reply.code == "NOSCRIPT":
             try:
-                return await self._evalsha(keys, args)
-            except NoScriptError:
                 await self.client.script_load(SCRIPT)
-                return await self._evalsha(keys, args)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailableError(str(exc) or type(exc).__name__) from exc
+            except (RedisError, OSError, TimeoutError) as exc:
+                raise StoreUnavailableError(str(exc) or type(exc).__name__) from exc
+            reply = await self._evalsha(keys, args)
+        if isinstance(reply, ErrorReply):
+            raise StoreUnavailableError(reply.message)
+        return reply
 
-    async def _evalsha(self, keys: Sequence[bytes], args: Sequence[bytes]) -> Any:
-        connection = self._connection
-        if connection is None or not connection.usable:
-            # a connection of our own, kept out of the pool: nothing else (a blocking read)
-            # is ever queued on it ahead of a query's call
-            connection = self._connection = await self.client.connection_pool.get_connection()
-        request = connection.create_request(
-            b"EVALSHA", SCRIPT_SHA, len(keys), *keys, *args, decode=False
-        )
-        return await request
+    async def _evalsha(self, keys: Sequence[bytes], args: Sequence[bytes]) -> Reply:
+        try:
+            return await self.link.call(b"EVALSHA", SCRIPT_SHA, b"%d" % len(keys), *keys, *args)
+        except StoreLinkError as exc:
+            raise StoreUnavailableError(str(exc)) from exc
 
-    async def count(self, call: cluster.CountCall) -> Any:
+    async def aclose(self) -> None:
+        """Close the script calls' connections (coredis closes its own)."""
+        await self.link.aclose()
+
+    async def count(self, call: cluster.CountCall) -> Reply:
         """The script's raw answer to one ``count``."""
         return await self._call(call.keys, call.args)
 
@@ -352,7 +375,11 @@ class Cluster:
         self._reload = reload
         self.client = make_client(config, password=password, relay=relay)
         self.store = Store(
-            self.client, Keys.for_prefix(config.key_prefix), relay=relay, origin=self.origin
+            self.client,
+            make_link(config, password=password, relay=relay),
+            Keys.for_prefix(config.key_prefix),
+            relay=relay,
+            origin=self.origin,
         )
         #: Whether the store answers (False until the first catch-up is done).
         self.up = False
@@ -508,13 +535,17 @@ class Cluster:
         """Keep the link: connect, catch up, follow the events; after a failure, wait and again."""
         async with self.client:
             task_status.started()
-            while True:
-                try:
-                    after = await self._catch_up()
-                    await self._follow(after)
-                except (StoreUnavailableError, trio.TooSlowError) as exc:
-                    self._went_down(str(exc) or "no answer")
-                await trio.sleep(RETRY_INTERVAL)
+            try:
+                while True:
+                    try:
+                        after = await self._catch_up()
+                        await self._follow(after)
+                    except (StoreUnavailableError, trio.TooSlowError) as exc:
+                        self._went_down(str(exc) or "no answer")
+                    await trio.sleep(RETRY_INTERVAL)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.store.aclose()
 
     async def _catch_up(self) -> bytes:
         """Agree with the store after being away (or at start); returns the event id to follow

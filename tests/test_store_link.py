@@ -1,0 +1,91 @@
+"""Fleet mode's own connections for the script calls, against a real redis-server: they log in,
+pick the database, survive a server that vanishes or hangs, and never reuse a connection whose
+answer was not read."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import pytest
+import trio
+
+from spamguardd.core.resp import ErrorReply
+from spamguardd.core.storeurl import parse_store_url
+from spamguardd.daemon.store_link import StoreLink, StoreLinkError
+from tests.redislab import running_redis
+
+
+@pytest.fixture(name="store_dir")
+def _store_dir(sock_dir: Path) -> Path:
+    path = sock_dir / "store"
+    path.mkdir()
+    return path
+
+
+def link_to(url: str, password: str | None = None) -> StoreLink:
+    return StoreLink(parse_store_url(url), password=password, tls=None, client_name="test relay")
+
+
+async def test_logs_in_names_itself_and_uses_its_database(store_dir: Path) -> None:
+    password = secrets.token_hex(8)
+    with running_redis(store_dir, password=password) as lab:
+        link = link_to(f"{lab.url}?db=3", password)
+        assert await link.call(b"SET", b"k", b"in three") == b"OK"
+        assert await link.call(b"CLIENT", b"GETNAME") == b"test-relay"
+        other = link_to(lab.url, password)
+        assert await other.call(b"GET", b"k") is None  # database 0 does not hold it
+        assert await other.call(b"SELECT", b"3") == b"OK"
+        assert await other.call(b"GET", b"k") == b"in three"
+        await link.aclose()
+        await other.aclose()
+
+
+async def test_a_wrong_password_is_a_clear_error(store_dir: Path) -> None:
+    right, wrong = secrets.token_hex(8), secrets.token_hex(8)
+    with (
+        running_redis(store_dir, password=right) as lab,
+        pytest.raises(StoreLinkError, match="refused the connection"),
+    ):
+        await link_to(lab.url, wrong).call(b"PING")
+
+
+async def test_an_error_reply_is_an_answer_and_the_connection_stays(store_dir: Path) -> None:
+    with running_redis(store_dir) as lab:
+        link = link_to(lab.url)
+        reply = await link.call(b"EVALSHA", b"0" * 40, b"0")
+        assert isinstance(reply, ErrorReply)
+        assert reply.code == "NOSCRIPT"
+        assert await link.call(b"PING") == b"PONG"
+        assert link.connections_opened == 1
+        await link.aclose()
+
+
+async def test_a_call_cut_short_never_leaves_its_answer_to_the_next(store_dir: Path) -> None:
+    """A hung server and a budget that runs out: the connection is dropped, so the late answer
+    to the first call can never be taken for the answer to the next one."""
+    with running_redis(store_dir) as lab:
+        link = link_to(lab.url)
+        assert await link.call(b"SET", b"k", b"first") == b"OK"
+        lab.pause()
+        with trio.move_on_after(0.2) as scope:
+            await link.call(b"INCR", b"n")
+        assert scope.cancelled_caught
+        lab.resume()
+        assert await link.call(b"GET", b"k") == b"first"
+        assert link.connections_opened == 2  # the cut one was closed, a new one opened
+        await link.aclose()
+
+
+async def test_a_vanished_server_is_an_error_then_the_link_comes_back(store_dir: Path) -> None:
+    with running_redis(store_dir) as lab:
+        link = link_to(lab.url)
+        assert await link.call(b"PING") == b"PONG"
+        lab.kill()
+        with pytest.raises(StoreLinkError):
+            await link.call(b"PING")
+        with pytest.raises(StoreLinkError, match="cannot connect"):
+            await link.call(b"PING")
+        lab.start()
+        assert await link.call(b"PING") == b"PONG"
+        await link.aclose()
