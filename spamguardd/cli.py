@@ -129,6 +129,14 @@ def check_config(config: Config) -> int:
             problem.describe(str(config.state.group))
             for problem in eximaccess.check(store.path, gid, uid=os.geteuid())
         ]
+    if config.cluster.enabled and config.cluster.password_file is not None:
+        # fleet mode's client library is loaded only when fleet mode is configured
+        from spamguardd.daemon.cluster import read_password  # noqa: PLC0415
+
+        try:
+            read_password(config.cluster.password_file)
+        except ConfigError as exc:
+            problems += exc.problems
     if problems:
         for problem in problems:
             print(f"spamguardd: {problem}", file=sys.stderr)

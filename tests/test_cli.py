@@ -173,6 +173,24 @@ class TestCheckConfig:
         finally:
             shutil.rmtree(scratch)
 
+    def test_fleet_password_file_is_read(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Fleet mode: a password file the daemon could not read fails the check, not the start."""
+        secret = tmp_path / "store-password"
+        path = tmp_path / "c.toml"
+        path.write_text(
+            f'[cluster]\nurl = "redis://127.0.0.1:6379/0"\npassword_file = "{secret}"\n'
+        )
+        argv = ["--config", str(path), "--state-dir", str(tmp_path / "s"), "--check-config"]
+        assert main(argv) == EX_CONFIG
+        assert f"cluster.password_file: {secret}: cannot read" in capsys.readouterr().err
+        secret.write_text("\n")
+        assert main(argv) == EX_CONFIG
+        assert f"cluster.password_file: {secret}: empty" in capsys.readouterr().err
+        secret.write_text("s3cret\n")
+        assert main(argv) == 0
+
     def test_every_problem_and_78(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """--check-config on a bad file lists every problem, one per line, and exits 78."""
         path = tmp_path / "c.toml"
