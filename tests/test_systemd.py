@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,6 +155,15 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     assert result.stderr == ""
 
 
+def _collect(notify: socket.socket, messages: list[str]) -> None:
+    """Read sd_notify messages (first lines) into *messages* until STOPPING=1 or a timeout."""
+    while "STOPPING=1" not in messages:
+        try:
+            messages.append(notify.recv(4096).decode().split("\n")[0])
+        except OSError:
+            return
+
+
 def test_socket_activation_both_sockets_and_sd_notify(workdir: Path) -> None:
     """Started by systemd-socket-activate: sockets adopted by name, sd_notify in order, pings."""
     activate = shutil.which("systemd-socket-activate")
@@ -163,6 +173,11 @@ def test_socket_activation_both_sockets_and_sd_notify(workdir: Path) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(workdir / "notify"))
         notify.settimeout(DEADLINE)
+        # read as they come: at a ping every 50 ms, a slow run would fill the socket's buffer and
+        # the daemon's later messages (STOPPING=1) would be dropped, as systemd never lets happen
+        messages: list[str] = []
+        reader = threading.Thread(target=_collect, args=(notify, messages), daemon=True)
+        reader.start()
         process = Process(
             [
                 activate,
@@ -203,9 +218,8 @@ def test_socket_activation_both_sockets_and_sd_notify(workdir: Path) -> None:
             # wait, never signal again: a second SIGTERM after the daemon closed its signal
             # receiver (on the way out) meets the default action and kills it (-15)
             assert process.process.wait(timeout=DEADLINE) == 0
-            messages: list[str] = []
-            while "STOPPING=1" not in messages:
-                messages.append(notify.recv(4096).decode().split("\n")[0])
+            reader.join(timeout=DEADLINE)
+            assert "STOPPING=1" in messages
         finally:
             process.close()
     assert "WATCHDOG=1" in messages  # pinged every 50 ms with WatchdogSec=100ms
