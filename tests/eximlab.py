@@ -227,9 +227,16 @@ class Spamguard:
         wait_for("spamguardd to answer ping", lambda: self.ask("ping") == "pong")
 
     def stop(self) -> None:
-        """SIGTERM and wait; the socket file stays behind, so a connect is refused."""
+        """SIGTERM and wait; the daemon removes the socket file it bound."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=20)
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: the socket file stays behind with nobody listening, so a connect is refused."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
             self.process.wait(timeout=20)
         self.process = None
 

@@ -226,7 +226,7 @@ def test_admin_story(story: Story, tmp_path_factory: pytest.TempPathFactory) -> 
     # docs/install.md, word for word: every block is run here except building the package
     # (make test did that on the machine) and the unsplit variant of step 3 (this lab's Exim
     # uses the split configuration; tests/test_exim.py::TestDebian covers the unsplit one)
-    build, install, check, unsplit, split, start, probe, notices, enforce = INSTALL
+    build, install, check, unsplit, split, start, probe, notices, enforce, remove = INSTALL
     assert build.startswith("make deb")
     assert "exim4.conf.localmacros" in unsplit
     assert "conf.d/main/000_localmacros" in split
@@ -409,11 +409,20 @@ def test_admin_story(story: Story, tmp_path_factory: pytest.TempPathFactory) -> 
         assert "auth:carol@lab.test" in listing
         assert re.search(r"^5/1h\s+2\s", story.ctl("show", "auth:bob").stdout, re.MULTILINE)
 
-    with story.step("remove keeps the state, purge deletes it"):
-        lab.run(["apt-get", "remove", "-y", "spamguardd"], timeout=300)
+    with story.step("remove keeps the state, purge deletes it, Exim keeps working"):
+        assert "apt-get remove spamguardd" in remove
+        story.sh(remove.replace("apt-get remove", "apt-get remove -y"), timeout=300)
         assert lab.path("/var/lib/spamguardd/blocked").exists()
+        assert not lab.path("/run/spamguardd/query.sock").exists()
+        # the drop-ins are kept until a purge, and include what the remove took away
+        assert lab.path("/etc/exim4/conf.d/main/00_spamguardd_macros").exists()
+        lab.run(["update-exim4.conf"])
+        lab.run(["systemctl", "restart", "exim4"])
+        assert "Exim version" in lab.run(["exim", "-bV"]).stdout
         lab.run(["apt-get", "purge", "-y", "spamguardd"], timeout=300)
         assert not lab.path("/var/lib/spamguardd").exists()
         assert not lab.path("/etc/spamguardd/spamguardd.toml").exists()
+        lab.run(["update-exim4.conf"])
+        lab.run(["systemctl", "restart", "exim4"])
 
     print("deployment lab timings (s):", json.dumps(story.timings, indent=1))  # noqa: T201

@@ -258,10 +258,10 @@ def messages_in_one_session(lab: EximLab, count: int) -> list[int]:
 
 
 class TestStaleDescriptor:
-    """Exim 4.96 reuses a closed descriptor after a refused Unix-socket readsocket
-    (docs/exim-facts.md §1.4); the ACL's once-per-connection guard cannot undo the close at
-    DATA. These tests pin down what docs/exim.md says: use a socket that never refuses, or the
-    TCP listener."""
+    """Exim 4.96 reuses a closed descriptor after a failed Unix-socket connect
+    (docs/exim-facts.md §1.4). The ACL never asks a Unix socket whose file is gone, and the
+    daemon removes the file it bound when it stops: only a socket file left behind by a killed
+    daemon that was not socket-activated still gets the refused connect."""
 
     def test_tcp_listener_keeps_a_multi_message_session_clean(self) -> None:
         """With SPAMGUARD_SOCKET = inet:..., a stopped daemon costs nothing but counting."""
@@ -270,11 +270,24 @@ class TestStaleDescriptor:
             assert messages_in_one_session(lab, 3) == [250, 250, 250]
             no_panic(lab)
 
-    def test_refused_unix_socket_breaks_the_next_message_of_the_session(self) -> None:
-        """The documented Exim bug: the 2nd message of the session gets 421 (temporary, the
-        client retries; nothing is lost). If this starts failing, Exim has been fixed."""
+    def test_a_stopped_daemon_leaves_no_socket_and_sessions_stay_clean(self) -> None:
+        """A clean stop removes the socket file; the ACL then uses the block file without a
+        readsocket, and a session of several messages goes through."""
         with running_lab() as lab:
             lab.spamguard.stop()
+            assert not lab.spamguard.socket.exists()
+            assert messages_in_one_session(lab, 3) == [250, 250, 250]
+            log = lab.mainlog.read_text()
+            assert "spamguardd: daemon unreachable, using the block file for this connection" in log
+            no_panic(lab)
+
+    def test_refused_unix_socket_breaks_the_next_message_of_the_session(self) -> None:
+        """The documented Exim bug, with a socket file nobody listens on (a killed daemon
+        without socket activation): the 2nd message of the session gets 421 (temporary, the
+        client retries; nothing is lost). If this starts failing, Exim has been fixed."""
+        with running_lab() as lab:
+            lab.spamguard.kill()
+            assert lab.spamguard.socket.exists()
             assert messages_in_one_session(lab, 2) == [250, 421]
             assert "failed to write to reject log" in lab.paniclog.read_text()
 

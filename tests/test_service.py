@@ -174,6 +174,36 @@ class TestDaemon:
         assert messages == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]
         sd_notify.close()
 
+    async def test_a_stop_removes_the_socket_files_it_bound_and_no_other(
+        self, sock_dir: Path
+    ) -> None:
+        """A stopped daemon leaves no socket file for Exim to be refused on; a socket another
+        process put at the path meanwhile (a successor) is left alone."""
+        path = sock_dir / "c.toml"
+        write_config(path, sock_dir, "3/1h")
+        query, admin = sock_dir / "q.sock", sock_dir / "admin.sock"
+        daemon = Daemon(load_config(path), load_config=lambda: load_config(path))
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    lambda task_status: daemon.run(handle_signals=False, task_status=task_status)
+                )
+                assert await readsocket(query, b"ping\n") == b"pong\n"
+                daemon.stop()
+        assert not query.exists()
+        assert not admin.exists()
+        daemon = Daemon(load_config(path), load_config=lambda: load_config(path))
+        with trio.fail_after(10), socket.socket(socket.AF_UNIX) as successor:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    lambda task_status: daemon.run(handle_signals=False, task_status=task_status)
+                )
+                admin.unlink()
+                successor.bind(str(admin))
+                daemon.stop()
+            assert not query.exists()
+            assert admin.exists()  # not ours any more
+
     async def test_broken_file_keeps_the_running_config(self, sock_dir: Path) -> None:
         """A reload from a bad file logs every problem and changes nothing."""
         path = sock_dir / "c.toml"

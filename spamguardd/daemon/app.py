@@ -25,7 +25,12 @@ from spamguardd.daemon.admin_server import AdminServer
 from spamguardd.daemon.counters import CounterKeeper
 from spamguardd.daemon.effects import EffectExecutor
 from spamguardd.daemon.journal_writer import JournalWriter
-from spamguardd.daemon.listeners import adopt_or_bind, bind_inet_listener
+from spamguardd.daemon.listeners import (
+    adopt_or_bind,
+    bind_inet_listener,
+    remove_socket_file,
+    socket_file_identity,
+)
 from spamguardd.daemon.metrics import render_metrics
 from spamguardd.daemon.metrics_http import serve_metrics
 from spamguardd.daemon.notices import NoticeQueue
@@ -330,6 +335,13 @@ class Daemon:
             for listener in listeners:
                 listener.close()
             raise
+        # the socket files bound here (not systemd's), removed when serving stops
+        bound = {"query": server_config.query_socket, "admin": admin_config.socket}
+        owned = [
+            (path, socket_file_identity(path))
+            for name, path in bound.items()
+            if name not in self._inherited_names
+        ]
         async with trio.open_nursery() as nursery:
             if handle_signals:
                 nursery.start_soon(self._handle_signals)
@@ -352,6 +364,8 @@ class Daemon:
                     self.sd_notify.ready(self._status())
                 task_status.started()
             # serve() has returned: stop() was called and in-flight answers went out
+            for path, identity in owned:
+                remove_socket_file(path, identity)
             await self.notices.aclose()  # queued notices get the shutdown grace period
             await self.journal.flush()  # what the notices left, and everything before it
             # the final snapshot, still under the signal handler: a second SIGTERM waits too

@@ -79,6 +79,27 @@ def bind_unix_listener(path: Path, *, mode: int, group: str | None, backlog: int
     return sock
 
 
+def socket_file_identity(path: Path) -> tuple[int, int] | None:
+    """The device and inode of the socket file at *path* (None if there is none)."""
+    try:
+        found = path.lstat()
+    except OSError:
+        return None
+    return (found.st_dev, found.st_ino) if stat.S_ISSOCK(found.st_mode) else None
+
+
+def remove_socket_file(path: Path, identity: tuple[int, int] | None) -> None:
+    """Remove the socket file this daemon bound at *path*, when it stops serving.
+
+    A file left behind would refuse Exim's connects, and after a refused connect to a Unix
+    socket Exim 4.96 closes a stale descriptor (docs/exim.md); with the file gone, the shipped
+    ACL does not ask and uses the block file. Only the very file bound here is removed (same
+    device and inode): a successor's socket renamed into place is left alone.
+    """
+    if identity is not None and socket_file_identity(path) == identity:
+        _unlink_if_present(path)
+
+
 def bind_inet_listener(host: str, port: int, *, backlog: int) -> socket.socket:
     """Create a listening TCP socket on *host*:*port* (a loopback address, checked by config).
 
