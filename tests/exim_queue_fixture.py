@@ -25,12 +25,25 @@ import pytest
 EXIM_USER = "Debian-exim"
 _ID = re.compile(r"\s(\w{6}-\w{6,11}-\w{2,4})\s+<")
 
+#: The ACL plays the shipped one's part in what release relies on: for a message with
+#: ``X-Test-Key: KEY`` it stores the key in acl_m_sg_user, and with ``X-Test-Freeze`` it
+#: freezes the message as the shipped ACL does (acl_m_sg_frozen, the header for people).
 CONFIG = """\
 primary_hostname = test.example
 spool_directory = {root}/spool
 log_file_path = {root}/log/%slog
 deliver_drop_privilege = true
 keep_environment =
+acl_not_smtp = acl_spamguardd
+begin acl
+acl_spamguardd:
+  warn  condition  = ${{if def:h_X-Test-Key:}}
+        set acl_m_sg_user = $h_X-Test-Key:
+  warn  condition  = ${{if def:h_X-Test-Freeze:}}
+        set acl_m_sg_frozen = 1
+        control    = freeze/no_tell
+        add_header = X-Spamguard-User: $acl_m_sg_user
+  accept
 begin routers
 drop:
   driver = redirect
@@ -79,14 +92,19 @@ class EximQueue:
             if (match := _ID.search(line))
         }
 
-    def submit(self, sender: str, user_header: str | None, *, frozen: bool = True) -> str:
-        """Queue one message (with ``X-Spamguard-User: user_header`` when given), frozen."""
+    def submit(
+        self, sender: str, user: str | None, *, frozen: bool = True, headers: str = ""
+    ) -> str:
+        """Queue one message of *user*, frozen as the shipped ACL freezes a blocked user's
+        (without a user: frozen by hand, as for any other reason). *headers* are added to the
+        message as its writer would (e.g. a forged ``X-Spamguard-User``)."""
         before = set(self.queue())
-        header = "" if user_header is None else f"X-Spamguard-User: {user_header}\n"
-        message = f"From: {sender}\nSubject: test\n{header}\nbody\n".encode()
+        key = "" if user is None else f"X-Test-Key: {user}\n"
+        freeze = "X-Test-Freeze: 1\n" if frozen and user is not None else ""
+        message = f"From: {sender}\nSubject: test\n{key}{freeze}{headers}\nbody\n".encode()
         self._run("-odq", "-f", sender, "victim@example.org", stdin=message)
         (message_id,) = set(self.queue()) - before
-        if frozen:
+        if frozen and user is None:
             self._run("-Mf", message_id)
         return message_id
 

@@ -296,7 +296,8 @@ class TestExitStatus:
 
 class TestRelease:
     def test_release_and_remove_through_a_real_exim_queue(self, sock_dir: Path) -> None:
-        """--release thaws exactly the user's frozen messages; --remove deletes them."""
+        """--release thaws exactly the messages the ACL froze for the user, whatever headers
+        their writers put in; --remove deletes them."""
         sock_dir.chmod(0o755)
         queue = make_exim_queue(sock_dir / "exim")
         mallory_1 = queue.submit("m@example.com", "auth:mallory@example.com")
@@ -304,6 +305,13 @@ class TestRelease:
         alice = queue.submit("a@example.com", "auth:alice@example.com")
         lookalike = queue.submit("x@example.com", "auth:mallory@example.com.evil")
         unfrozen = queue.submit("m@example.com", "auth:mallory@example.com", frozen=False)
+        # a blocked user's message whose writer forged the header that names another user
+        forged = queue.submit(
+            "w@example.com",
+            "uid:www-data",
+            headers="X-Spamguard-User: auth:mallory@example.com\n",
+        )
+        by_hand = queue.submit("m@example.com", None)
         daemon = start(sock_dir)
         try:
             for user in ("auth:mallory@example.com", "auth:alice@example.com"):
@@ -330,6 +338,8 @@ class TestRelease:
                 alice: True,
                 lookalike: True,
                 unfrozen: False,
+                forged: True,
+                by_hand: True,
             }
 
             removed = ctl(

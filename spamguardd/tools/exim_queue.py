@@ -1,11 +1,16 @@
-"""A user's frozen messages in Exim's queue, found by header, thawed or removed by Exim itself.
+"""A user's frozen messages in Exim's queue, found by what the ACL stored, thawed or removed by
+Exim itself.
 
-The shipped ACL freezes a blocked user's message and adds ``X-Spamguard-User: KEY``. To release
-(``exim -Mt``) or remove (``exim -Mrm``) that user's mail, ``spamguardctl`` lists the queue
-(``exim -bp``), reads the headers of each frozen message (``exim -Mvh``) and picks those whose
-header names the user. Every call goes through one configurable command (``exim`` by default, or
-``exim -C /etc/exim4/other.conf`` for another instance), split into an argv list: no shell ever
-sees a user key, and only message ids that match Exim's id syntax are passed on.
+The shipped ACL freezes a blocked user's message, sets ``acl_m_sg_frozen`` and keeps the user's
+key in ``acl_m_sg_user``; Exim stores both in the message's spool header file, where the sender
+cannot write. (It also adds an ``X-Spamguard-User: KEY`` header for people reading the message,
+but a header can be forged by whoever wrote the message, so it is never used to pick messages.)
+To release (``exim -Mt``) or remove (``exim -Mrm``) that user's mail, ``spamguardctl`` lists the
+queue (``exim -bp``), reads the spool header file of each frozen message (``exim -Mvh``) and
+picks those the ACL froze for that user. Every call goes through one configurable command
+(``exim`` by default, or ``exim -C /etc/exim4/other.conf`` for another instance), split into an
+argv list: no shell ever sees a user key, and only message ids that match Exim's id syntax are
+passed on.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ _ID: Final = r"[0-9A-Za-z]{6}-[0-9A-Za-z]{6,11}-[0-9A-Za-z]{2,4}"
 _ID_RE: Final = re.compile(_ID)
 #: A message line of ``exim -bp``: age, size, id, <sender>, maybe "*** frozen ***".
 _QUEUE_LINE: Final = re.compile(rf"^\s*\S+\s+\S+\s+({_ID})\s+<.*?>(\s+\*\*\* frozen \*\*\*)?\s*$")
+#: An ACL variable in the spool header file: ``-aclm _sg_user 12`` (``--aclm`` when tainted), its
+#: value in the next that many bytes.
+_ACL_VARIABLE: Final = re.compile(rb"-{1,2}acl([cm]) (\S+) (\d+)")
 #: A header in the spool header file (``exim -Mvh``): length, flag, space, text. The flag ``*``
 #: marks a header Exim has deleted.
 _SPOOL_HEADER: Final = re.compile(r"^(\d{3,})(.) (.*)$", re.DOTALL)
@@ -99,19 +107,30 @@ class EximQueue:
             return None
         return parse_spool_headers(_text(result.stdout))
 
+    def acl_variables(self, message_id: str) -> dict[str, bytes] | None:
+        """The ACL variables stored with one message, or None if it has left the queue."""
+        result = self._run("-Mvh", _checked_id(message_id))
+        if result.returncode != 0:
+            return None
+        return parse_acl_variables(result.stdout)
+
     def frozen_messages_of(self, user: str) -> list[str]:
-        """Ids of the frozen messages whose ``X-Spamguard-User`` header is exactly *user*.
+        """Ids of the frozen messages the ACL froze for *user* (``acl_m_sg_frozen`` set and
+        ``acl_m_sg_user`` exactly *user*).
 
         Raises:
             EximError: the queue cannot be listed.
         """
+        key = os.fsencode(user)
         found = []
         for message in self.messages():
             if not message.frozen:
                 continue
-            headers = self.headers(message.id)
-            if headers and any(
-                name.lower() == HEADER.lower() and value.strip() == user for name, value in headers
+            variables = self.acl_variables(message.id)
+            if (
+                variables
+                and variables.get("acl_m_sg_frozen") == b"1"
+                and variables.get("acl_m_sg_user") == key
             ):
                 found.append(message.id)
         return found
@@ -135,6 +154,33 @@ def parse_queue(text: str) -> Iterator[QueuedMessage]:
         match = _QUEUE_LINE.match(line)
         if match:
             yield QueuedMessage(match.group(1), frozen=match.group(2) is not None)
+
+
+def parse_acl_variables(data: bytes) -> dict[str, bytes]:
+    """The ACL variables (``acl_c...``, ``acl_m...``) in ``exim -Mvh`` output.
+
+    Each is a line ``-aclm NAME LENGTH`` (``--aclm`` when Exim marks the value tainted) followed
+    by exactly LENGTH bytes of value and a newline; the value may hold newlines itself. They come
+    before the recipients; the first empty line ends them.
+    """
+    variables: dict[str, bytes] = {}
+    position = 0
+    while position < len(data):
+        end = data.find(b"\n", position)
+        if end < 0:
+            break
+        line = data[position:end]
+        position = end + 1
+        if not line:
+            break
+        match = _ACL_VARIABLE.fullmatch(line)
+        if match:
+            kind, name, length = match.group(1), match.group(2), int(match.group(3))
+            variables[("acl_" + kind.decode() + name.decode("ascii", "replace"))] = data[
+                position : position + length
+            ]
+            position += length + 1
+    return variables
 
 
 def parse_spool_headers(text: str) -> list[tuple[str, str]]:
