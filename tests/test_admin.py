@@ -225,6 +225,23 @@ class TestCommands:
 
 
 class TestAccess:
+    def test_a_socket_its_mode_keeps_out_is_a_refusal_not_a_dead_daemon(
+        self, sock_dir: Path
+    ) -> None:
+        """The shipped mode (0600, root): another user's connect is denied by the kernel before
+        the daemon sees it; that is said as a refusal (exit 1), not as a daemon down (69)."""
+        sock_dir.chmod(0o755)
+        daemon = start(sock_dir)
+        nobody = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+        try:
+            (sock_dir / "run").chmod(0o755)
+            refused = ctl(sock_dir, "list", prefix=nobody)
+            assert refused.returncode == EX_FAILED, refused.stderr
+            assert "uid 65534 may not use the spamguardd admin socket" in refused.stderr
+            assert "run as root" in refused.stderr
+        finally:
+            daemon.stop()
+
     def test_other_uid_is_refused_and_logged(self, sock_dir: Path) -> None:
         """A uid not allowed gets a refusal (exit 1) and the daemon logs its uid; once allowed,
         the same user gets in."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,15 @@ def test_socket_from_the_installed_configuration(
     system_config.write_text(f'[admin]\nsocket = "{tmp_path}/admin.sock"\n')
     assert ctl.main(["list"]) == ctl.EX_UNAVAILABLE
     assert f"cannot reach spamguardd at {tmp_path}/admin.sock" in capsys.readouterr().err
+
+
+def test_a_broken_installed_configuration_is_a_refusal(
+    system_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A configuration with errors names them and exits 1, as the daemon's reload would."""
+    system_config.write_text('mode = "x"\n')
+    assert ctl.main(["reload"]) == ctl.EX_FAILED
+    assert "mode: expected enforce | monitor" in capsys.readouterr().err
 
 
 def test_embedded_default_without_an_installed_configuration(
@@ -59,3 +71,22 @@ def test_user_keys_are_written_as_the_acl_writes_them(
     ) in err
     assert ctl.main(["show", "auth:mallory@example.com"]) == ctl.EX_UNAVAILABLE
     assert "written" not in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_quietly() -> None:
+    """`spamguardctl ... | head`: when the reader has gone, no traceback on standard error."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [Path(sys.executable).parent / "spamguardctl", "replay", os.devnull],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == ctl.EX_FAILED

@@ -371,8 +371,8 @@ class TestMetrics:
                     dropped=0,
                     unsent=0,
                     retries=0,
-                    hooks_ok=0,
-                    hooks_failed=0,
+                    hooks_ok=1,
+                    hooks_failed=1,
                 ),
                 latency=latency.snapshot(),
                 admin_errors=0,
@@ -388,6 +388,8 @@ class TestMetrics:
         assert samples["spamguardd_unblocks_total", ()] == 0
         assert samples["spamguardd_notices_sent_total", ()] == 2
         assert samples["spamguardd_notices_dropped_total", ()] == 0
+        assert samples["spamguardd_hooks_ok_total", ()] == 1
+        assert samples["spamguardd_hooks_failed_total", ()] == 1  # an alert needs it
         assert samples["spamguardd_protocol_errors_total", ()] == 3
         assert samples["spamguardd_tracked_users", ()] == 4
         assert samples["spamguardd_blocked_users", ()] == 2

@@ -8,6 +8,7 @@ ask and nothing else to do meanwhile.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from pathlib import Path
 from typing import Final
@@ -29,6 +30,10 @@ class UnreachableError(Exception):
     """The daemon did not answer; the message names the socket and why."""
 
 
+class NotPermittedError(Exception):
+    """The admin socket's permissions keep this user out; the message says who may use it."""
+
+
 def request(path: Path, command: Command, *, timeout: float = DEFAULT_TIMEOUT) -> Reply:
     """Send *command* to the admin socket at *path* and return the daemon's reply.
 
@@ -41,6 +46,11 @@ def request(path: Path, command: Command, *, timeout: float = DEFAULT_TIMEOUT) -
         sock.settimeout(timeout)
         try:
             sock.connect(str(path))
+        except PermissionError:
+            raise NotPermittedError(
+                f"uid {os.getuid()} may not use the spamguardd admin socket {path}: run as root, "
+                "or as a member of the group admin.socket_group names (docs/admin.md)"
+            ) from None
         except OSError as exc:
             raise UnreachableError(
                 f"cannot reach spamguardd at {path}: {exc.strerror or exc}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +35,7 @@ from spamguardd.core.adminproto import (
 from spamguardd.core.config import AdminConfig, load_config
 from spamguardd.core.errors import ConfigError
 from spamguardd.core.userkey import normalise
-from spamguardd.ctl.client import DEFAULT_TIMEOUT, UnreachableError, request
+from spamguardd.ctl.client import DEFAULT_TIMEOUT, NotPermittedError, UnreachableError, request
 from spamguardd.ctl.render import render
 from spamguardd.tools.exim_queue import EximError, EximQueue
 from spamguardd.tools.replay import replay_main
@@ -119,10 +120,16 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``spamguardctl``; returns the exit status."""
     arguments = sys.argv[1:] if argv is None else list(argv)
-    if arguments[:1] == ["replay"]:
-        # works on log files, needs no daemon, and has its own options
-        return replay_main(arguments[1:])
-    return _admin_main(arguments)
+    try:
+        if arguments[:1] == ["replay"]:
+            # works on log files, needs no daemon, and has its own options
+            return replay_main(arguments[1:])
+        return _admin_main(arguments)
+    except BrokenPipeError:
+        # `spamguardctl list | head`: the reader has all it wanted; no traceback, and none at
+        # exit either, when Python flushes the closed pipe again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EX_FAILED
 
 
 def _admin_main(argv: Sequence[str]) -> int:
@@ -139,12 +146,14 @@ def _admin_main(argv: Sequence[str]) -> int:
         parser.print_usage(sys.stderr)
         return _fail(f"--exim-command: {exc}", EX_USAGE)
     except ConfigError as exc:
-        return _fail(str(exc), EX_USAGE)
+        # the file that names the admin socket is broken: what a reload would refuse too
+        return _fail(str(exc), EX_FAILED)
     command = Command(args.command, _user_key(args), getattr(args, "reason", None))
     try:
         reply = request(path, command, timeout=args.timeout)
-    except UnreachableError as exc:
-        return _fail(str(exc), EX_UNAVAILABLE)
+    except (NotPermittedError, UnreachableError) as exc:
+        refused = isinstance(exc, NotPermittedError)  # refused: not a daemon to wait for
+        return _fail(str(exc), EX_FAILED if refused else EX_UNAVAILABLE)
     status = EX_FAILED if isinstance(reply, ErrorReply) else EX_OK
     if queue is not None:
         reply, status = _with_queue(reply, status, queue, path, args)

@@ -53,6 +53,12 @@ class _Collector(Collector):
                 stats.notices.failed,
             ),
             (
+                "hooks_failed",
+                "Events whose hook still failed after its retries (see hook_finished).",
+                stats.notices.hooks_failed,
+            ),
+            ("hooks_ok", "Events whose hook ran and exited 0.", stats.notices.hooks_ok),
+            (
                 "notices_dropped",
                 "Abuse notices dropped because the notice queue was full.",
                 stats.notices.dropped,
