@@ -191,7 +191,8 @@ def _body(notice: Notice) -> str:
     add("Inspect:")
     add(f"  spamguardctl show {word}")
     if notice.event in {NoticeEvent.BLOCKED, NoticeEvent.ADMIN_BLOCK}:
-        add("Undo (lift the block and release the mail frozen meanwhile):")
+        add("Undo (lift the block and thaw the mail frozen meanwhile; Exim sends it at its next")
+        add("queue run, or at once with exim -M ID for each id the command prints):")
         add(f"  spamguardctl unblock {word} --release")
     elif notice.event is NoticeEvent.WOULD_BLOCK:
         add('To block such users, set mode = "enforce" in the configuration.')
