@@ -10,9 +10,18 @@ Rules every connection follows:
 
 * one request, one reply, then close at once: Exim's readsocket reads until EOF and throws away a
   reply that is followed by silence;
-* the read is bounded in size (the protocol's cap) and in time (``server.read_timeout``);
-* past ``server.max_connections`` a new connection still gets an answer, ``defer``, instead of
-  waiting or being refused: a refused connect poisons the Exim process (docs/exim-facts.md §1.4);
+* the read is bounded in size (the protocol's cap) and in time (``server.read_timeout``, from
+  the accept);
+* connections that have not sent a whole request are *waiting*; at most
+  ``server.max_connections`` of them are kept, and a new one past that is let in by shedding
+  the one that has waited longest (answered ``defer``, closed): a slow or idle client loses its
+  slot to a fresh one that is about to send its line, never the other way round, and nobody is
+  refused (a refused connect poisons the Exim process, docs/exim-facts.md §1.4);
+* query connections never hold more descriptors than :func:`fdlimit.query_budget` leaves: at
+  the budget the longest-waiting connection is shed, and with none to shed the accept loop waits
+  (new clients queue in the listen backlog) while the reserve stays free for the block file, the
+  snapshot, the journal, notices and the admin socket;
+* the latency recorded is from the accept to the answer written, waits included;
 * a failure while serving one client is logged and answered ``error``; every other client is
   served as before.
 """
@@ -24,7 +33,7 @@ import errno
 import os
 import socket
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
@@ -48,6 +57,7 @@ from spamguardd.core.protocol import (
     Verdict,
 )
 from spamguardd.core.statistics import ServerStatistics
+from spamguardd.daemon import fdlimit
 from spamguardd.daemon.effects import EffectExecutor
 
 if TYPE_CHECKING:
@@ -58,8 +68,6 @@ log = structlog.get_logger("spamguardd.daemon.query_server")
 BUSY: Final = Reply(Verdict.DEFER, "spamguardd busy: too many connections")
 INTERNAL_ERROR: Final = Reply(Verdict.ERROR, "internal error in spamguardd; see its log")
 TIMEOUT_MESSAGE: Final = "no complete request line before the read timeout"
-#: How long a connection turned away as busy may take to send its request before the answer.
-BUSY_READ_TIMEOUT: Final = 1.0
 #: Connections accepted in one go before the accept loop yields to other tasks.
 ACCEPT_BATCH: Final = 64
 #: After an error reply, how long and how much input is drained before closing.
@@ -84,7 +92,8 @@ class QueryServer:
     A connection whose request is already complete when it is accepted (the common case: Exim
     connects and writes at once) is answered right there, without a task of its own. Only a
     connection that must wait, for more of its request or for a new block to reach the disk,
-    gets a task, and only those count against ``max_connections``.
+    gets a task. Connections still waiting for their request are kept oldest first, to be shed
+    in that order (:meth:`_shed_oldest`).
     """
 
     def __init__(  # noqa: PLR0913 - keyword-only seams, one per collaborator
@@ -96,8 +105,12 @@ class QueryServer:
         wall_clock: Callable[[], float] = time.time,
         log_decisions: bool = False,
         cluster: Cluster | None = None,
+        fd_budget: int | None = None,
     ) -> None:
         self.config = config
+        #: Query connections that may be open at once; None: :func:`fdlimit.query_budget` when
+        #: :meth:`serve` starts, from the limit and the descriptors open then.
+        self.fd_budget = fd_budget
         self.policy = policy
         #: Fleet mode: failed recipients are counted in the shared store, in a task each (the
         #: only queries that wait for it); everything else is answered here as before.
@@ -112,9 +125,15 @@ class QueryServer:
         self._protocol_errors = 0
         self._internal_errors = 0
         self._busy = 0
-        self._open = 0
+        #: Every connection a task owns (its descriptor is open until the task releases it).
+        self._held: set[socket.socket] = set()
+        #: The held connections that wait for the client (its request, or its hang-up after an
+        #: error), oldest first; the value says whether it was answered already.
+        self._waiting: OrderedDict[socket.socket, bool] = OrderedDict()
+        #: The accept loop parks here while the budget is spent and nothing can be shed.
+        self._room = trio.lowlevel.ParkingLot()
         self._stopping = trio.Event()
-        #: Time from accept to decision of every query, for the metrics.
+        #: Time from accept to answer written of every query, for ``stats`` and the metrics.
         self.latency = LatencyHistogram()
 
     def statistics(self) -> ServerStatistics:
@@ -124,7 +143,7 @@ class QueryServer:
             protocol_errors=self._protocol_errors,
             internal_errors=self._internal_errors,
             busy=self._busy,
-            open_connections=self._open,
+            open_connections=len(self._held),
         )
 
     def stop(self) -> None:
@@ -142,6 +161,8 @@ class QueryServer:
         The listeners are closed on return (the server owns them from here on). In-flight
         connections get up to ``read_timeout`` + 1 s to finish after the stop.
         """
+        if self.fd_budget is None:
+            self.fd_budget = fdlimit.query_budget()
         try:
             async with trio.open_nursery() as handlers:
                 async with trio.open_nursery() as acceptors:
@@ -157,10 +178,22 @@ class QueryServer:
             for listener in listeners:
                 listener.close()
 
+    def _budget(self) -> int:
+        return self.fd_budget if self.fd_budget is not None else fdlimit.MIN_BUDGET
+
+    def _waiting_limit(self) -> int:
+        return min(self.config.max_connections, self._budget())
+
     async def _accept_loop(self, listener: socket.socket, handlers: trio.Nursery) -> None:
         while True:
+            # at the budget with nobody to shed, every held connection is a complete request
+            # being answered: let the backlog hold new clients until one is done
+            while self._full():
+                await self._room.park()
             await trio.lowlevel.wait_readable(listener)
             for _ in range(ACCEPT_BATCH):
+                if self._full():
+                    break
                 try:
                     conn, _ = listener.accept()
                 except BlockingIOError:
@@ -168,10 +201,52 @@ class QueryServer:
                 except OSError as exc:
                     if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                         raise
+                    if self._waiting:  # something else took descriptors: give back a slot
+                        self._shed_oldest()
+                        continue
                     log.error("accept_failed", error=os.strerror(exc.errno or 0))
                     await trio.sleep(_ACCEPT_RETRY_SLEEP)
                     break
                 self._serve_accepted(conn, handlers)
+
+    def _full(self) -> bool:
+        """Whether the budget is spent with nothing to shed."""
+        return len(self._held) >= self._budget() and not self._waiting
+
+    def _shed_oldest(self) -> None:
+        """Answer the connection that has waited longest ``defer`` (unless it was answered) and
+        close it now; its task, woken by the close, just ends."""
+        conn, answered = self._waiting.popitem(last=False)
+        self._busy += 1
+        if not answered:
+            _send_nowait(conn, BUSY.to_bytes())
+        trio.lowlevel.notify_closing(conn)
+        self._release(conn)
+
+    def _hold(self, conn: socket.socket, *, waiting: bool) -> None:
+        """A task takes *conn* over; while *waiting* it may be shed.
+
+        A new waiting connection past ``max_connections``, or any past the descriptor budget,
+        takes the slot of the longest-waiting one (only a connection a task keeps is held: a
+        complete request answered at once needs no slot; the reserve covers the moment).
+        """
+        if waiting and len(self._waiting) >= self._waiting_limit():
+            self._shed_oldest()  # the slowest goes, never this fresh one
+        if len(self._held) >= self._budget() and self._waiting:
+            self._shed_oldest()
+        self._held.add(conn)
+        if waiting:
+            self._waiting[conn] = False
+
+    def _release(self, conn: socket.socket) -> None:
+        """Close *conn* and give its slot back (idempotent: a shed connection's task calls it
+        again on its way out)."""
+        self._waiting.pop(conn, None)
+        if conn in self._held:
+            self._held.discard(conn)
+            if self._room:
+                self._room.unpark_all()
+        conn.close()
 
     def _serve_accepted(self, conn: socket.socket, handlers: trio.Nursery) -> None:
         """Answer *conn* now if its request is complete, else give it a task (or turn it away).
@@ -191,6 +266,7 @@ class QueryServer:
             request = NEED_DATA
         except RemoteProtocolError as exc:
             conn.setblocking(False)
+            self._hold(conn, waiting=False)
             handlers.start_soon(self._send_error, conn, self._protocol_error(str(exc)))
             return
         except OSError as exc:
@@ -200,67 +276,70 @@ class QueryServer:
         if (
             cluster is not None
             and request is not NEED_DATA
-            and self._open < self.config.max_connections
+            and len(self._held) - len(self._waiting) < self.config.max_connections
             and (counted := cluster.to_count(request)) is not None
         ):
             conn.setblocking(False)
-            self._open += 1
+            self._hold(conn, waiting=False)
             handlers.start_soon(self._count_in_store, conn, request, counted, started)
             return
         if request is NEED_DATA:
             conn.setblocking(False)
-            if self._open >= self.config.max_connections:
-                self._busy += 1
-                handlers.start_soon(self._turn_away, conn, connection)
-            else:
-                self._open += 1  # counted now: tasks started in this batch have not run yet
-                handlers.start_soon(self._handle, conn, connection, started)
+            self._hold(conn, waiting=True)  # now: tasks started in this batch have not run yet
+            handlers.start_soon(self._handle, conn, connection, started)
             return
         reply, generation = self._decide(request, started)
         durable = generation is None or self.effects.persister.durable_generation >= generation
         if durable and _send_nowait(conn, reply.to_bytes()):
+            self.latency.observe(trio.current_time() - started)
             conn.close()
             return
         conn.setblocking(False)
-        handlers.start_soon(self._finish, conn, reply, generation)
+        self._hold(conn, waiting=False)
+        handlers.start_soon(self._finish, conn, reply, generation, started)
 
     async def _handle(
         self, conn: socket.socket, connection: PolicyConnection, started: float
     ) -> None:
-        """Slow path: wait (bounded) for the rest of the request, then answer."""
+        """Slow path: wait (bounded, from the accept) for the rest of the request, then answer.
+
+        While it waits, the connection may be shed: closed under the task, which then just ends.
+        """
         try:
-            with conn:
-                try:
-                    with trio.fail_after(self.config.read_timeout):
-                        while (request := connection.next_request()) is NEED_DATA:
-                            connection.receive_data(await _recv(conn))
-                except RemoteProtocolError as exc:
-                    await self._reply_error(conn, self._protocol_error(str(exc)))
-                    return
-                except trio.TooSlowError:
-                    await self._reply_error(conn, self._protocol_error(TIMEOUT_MESSAGE))
-                    return
-                except OSError as exc:
+            try:
+                with trio.fail_at(started + self.config.read_timeout):
+                    while (request := connection.next_request()) is NEED_DATA:
+                        connection.receive_data(await _recv(conn))
+            except RemoteProtocolError as exc:
+                await self._reply_error(conn, self._protocol_error(str(exc)))
+                return
+            except trio.TooSlowError:
+                await self._reply_error(conn, self._protocol_error(TIMEOUT_MESSAGE))
+                return
+            except trio.ClosedResourceError:
+                return  # shed
+            except OSError as exc:
+                if conn.fileno() >= 0:  # else shed between two reads
                     self._client_gone(conn, exc)
-                    return
-                if self.cluster is not None and (counted := self.cluster.to_count(request)):
-                    reply, generation = await self._decide_in_store(request, counted, started)
-                else:
-                    reply, generation = self._decide(request, started)
-                await self._reply(conn, reply, generation)
+                return
+            self._waiting.pop(conn, None)  # a complete request is never shed
+            if self.cluster is not None and (counted := self.cluster.to_count(request)):
+                reply, generation = await self._decide_in_store(request, counted, started)
+            else:
+                reply, generation = self._decide(request, started)
+            await self._reply(conn, reply, generation, started)
         finally:
-            self._open -= 1
+            self._release(conn)
 
     async def _count_in_store(
         self, conn: socket.socket, request: Request, counted: RcptRequest, started: float
     ) -> None:
         """A complete request whose failure the fleet's store counts (fleet mode)."""
         try:
-            with conn:
-                reply, generation = await self._decide_in_store(request, counted, started)
-                await self._reply(conn, reply, generation)
+            reply, generation = await self._decide_in_store(request, counted, started)
+            await self._reply(conn, reply, generation, started)
         finally:
-            self._open -= 1
+            self._release(conn)
 
     async def _decide_in_store(
         self, request: Request, counted: RcptRequest, started: float
@@ -274,12 +353,18 @@ class QueryServer:
             return INTERNAL_ERROR, None
         return self._decided(request, decision, started)
 
-    async def _finish(self, conn: socket.socket, reply: Reply, generation: int | None) -> None:
+    async def _finish(
+        self, conn: socket.socket, reply: Reply, generation: int | None, started: float
+    ) -> None:
         """Slow path for a decided request whose reply waits for the disk (or a full buffer)."""
-        with conn:
-            await self._reply(conn, reply, generation)
+        try:
+            await self._reply(conn, reply, generation, started)
+        finally:
+            self._release(conn)
 
-    async def _reply(self, conn: socket.socket, reply: Reply, generation: int | None) -> None:
+    async def _reply(
+        self, conn: socket.socket, reply: Reply, generation: int | None, started: float
+    ) -> None:
         if generation is not None:
             # The block holds in memory even when the disk refuses it, and so does the verdict
             # (holding mail is the safe side); the next block or admin change retries the write.
@@ -287,23 +372,21 @@ class QueryServer:
                 await self.effects.wait_durable(generation)
         with contextlib.suppress(OSError):  # the client gave up; nothing to tell it
             await _send_all(conn, reply.to_bytes())
+        self.latency.observe(trio.current_time() - started)
 
     async def _send_error(self, conn: socket.socket, reply: Reply) -> None:
-        with conn:
+        try:
             await self._reply_error(conn, reply)
+        finally:
+            self._release(conn)
 
     async def _reply_error(self, conn: socket.socket, reply: Reply) -> None:
-        with contextlib.suppress(OSError):
+        """Send the error, then drain what the client still sends; the drain may be shed."""
+        with contextlib.suppress(OSError, trio.ClosedResourceError):
             await _send_all(conn, reply.to_bytes())
+            if conn in self._held:
+                self._waiting[conn] = True  # answered: shedding it only closes it
             await _drain(conn)
-
-    async def _turn_away(self, conn: socket.socket, connection: PolicyConnection) -> None:
-        with conn, contextlib.suppress(OSError):
-            # read the rest of the request (whatever it is) so that the close is orderly
-            with trio.move_on_after(BUSY_READ_TIMEOUT), contextlib.suppress(RemoteProtocolError):
-                while connection.next_request() is NEED_DATA:
-                    connection.receive_data(await _recv(conn))
-            await _send_all(conn, BUSY.to_bytes())
 
     def _protocol_error(self, message: str) -> Reply:
         self._protocol_errors += 1
@@ -332,7 +415,6 @@ class QueryServer:
         self.effects.carry_out(decision.effects)
         verb = _VERBS[type(request)]
         self._queries[verb, decision.reply.verdict.value] += 1
-        self.latency.observe(trio.current_time() - started)
         if self.log_decisions:
             log.debug(
                 "policy_decision",
