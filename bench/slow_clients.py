@@ -20,6 +20,9 @@ phase: p50/p99/max of the normal queries, their verdicts, the attack's connects 
 daemon told the attackers, the daemon's own ``stats`` and its peak descriptors, and its log's
 ``accept_failed``/``snapshot_failed``/``block_not_persisted`` counts.
 
+``--code DIR`` runs the daemon from another source tree (``git archive REV | tar -x -C DIR``), to
+compare designs under the same attack; ``--max-connections`` sets ``server.max_connections``.
+
 Run: ``python bench/slow_clients.py [--rounds 2] [--seconds 20] [--idle 10000] [--slow 1000]``.
 """
 
@@ -173,22 +176,23 @@ def _attack(path: str, count: int, *, slow: bool) -> None:  # noqa: C901
 # the daemon and the rounds
 
 
-def _daemon(workdir: Path, nofile: str) -> tuple[subprocess.Popen[bytes], Path, Path]:
+def _daemon(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
     query = workdir / "q.sock"
     config = workdir / "spamguardd.toml"
     config.write_text(
         f'[limits]\nfailed_recipients = ["{LIMIT}/1h"]\n'
         f'[server]\nquery_socket = "{query}"\nbacklog = 4096\n'
+        f"max_connections = {args.max_connections}\n"
         f'[state]\ndir = "{workdir / "state"}"\nsnapshot_interval = 1.0\n'
         f'[admin]\nsocket = "{workdir / "admin.sock"}"\n'
         '[log]\nformat = "json"\n'
     )
     log = workdir / "daemon.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(args.code)}
     with log.open("wb") as out:
         process = subprocess.Popen(
             [
-                *("prlimit", f"--nofile={nofile}", sys.executable),
+                *("prlimit", f"--nofile={args.nofile}", sys.executable),
                 *("-m", "spamguardd", "--config", str(config)),
             ],
             cwd=workdir,
@@ -226,6 +230,14 @@ def _descriptors(pid: int) -> int:
         return -1
 
 
+def _rss(pid: int) -> int:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def _log_counts(log: Path) -> dict[str, int]:
     names = ("accept_failed", "snapshot_failed", "block_not_persisted", "fd_limit")
     tally = dict.fromkeys(names, 0)
@@ -255,13 +267,15 @@ def _phase(
         stdout=subprocess.PIPE,
         text=True,
     )
-    peak = 0
+    peak = rss = 0
     while generator.poll() is None:
         peak = max(peak, _descriptors(daemon.pid))
+        rss = max(rss, _rss(daemon.pid))
         time.sleep(0.2)
     assert generator.stdout is not None  # noqa: S101
     result: dict[str, Any] = json.loads(generator.stdout.read())
     result["daemon_fds_peak"] = peak
+    result["daemon_rss_mib"] = rss / 2**20
     result["daemon_stats"] = _stats(workdir)
     for index, attacker in enumerate(attackers):
         attacker.send_signal(signal.SIGTERM)
@@ -280,7 +294,7 @@ def _show(name: str, result: dict[str, Any]) -> None:
     )
     print(
         f"            daemon: alive {result['daemon_alive']}, "
-        f"peak fds {result['daemon_fds_peak']}, "
+        f"peak fds {result['daemon_fds_peak']}, peak RSS {result['daemon_rss_mib']:.1f} MiB, "
         f"stats busy {stats['errors']['busy']} protocol {stats['errors']['protocol']} "
         f"latency_ms {stats['latency_ms']}"
     )
@@ -292,13 +306,14 @@ def _show(name: str, result: dict[str, Any]) -> None:
 def _bench(args: argparse.Namespace) -> int:
     print(
         f"slow clients: {args.idle} idle + {args.slow} slowloris, normal load {args.rate} q/s "
-        f"for {args.seconds} s per phase, daemon under prlimit --nofile={args.nofile}; "
+        f"for {args.seconds} s per phase, daemon under prlimit --nofile={args.nofile}, "
+        f"max_connections {args.max_connections}, code from {args.code}; "
         f"load average before: {os.getloadavg()[0]:.2f}"
     )
     failures = 0
     with tempfile.TemporaryDirectory(prefix="sg-slow-") as tmp:
         workdir = Path(tmp)
-        daemon, query, log = _daemon(workdir, args.nofile)
+        daemon, query, log = _daemon(args, workdir)
         try:
             for round_ in range(args.rounds):
                 print(f"round {round_ + 1}:")
@@ -348,6 +363,10 @@ def main() -> int:
     parser.add_argument("--slow", type=int, default=1_000)
     parser.add_argument("--ramp", type=float, default=5.0, help="seconds of attack before load")
     parser.add_argument("--p99-target", type=float, default=5.0, help="ms, under attack")
+    parser.add_argument("--max-connections", type=int, default=16384)
+    parser.add_argument(
+        "--code", type=Path, default=REPO, help="the daemon's source tree (e.g. an older commit)"
+    )
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     parser.add_argument("--nofile", default=f"1024:{hard}", help="the daemon's SOFT:HARD")
     return _bench(parser.parse_args())
