@@ -97,7 +97,13 @@ def _baseline(query: Path, seconds: float) -> float:
 
 
 def _log_counts(log: Path) -> dict[str, int]:
-    names = ("internal_error", "snapshot_failed", "accept_failed", "block_not_persisted")
+    names = (
+        "internal_error",
+        "snapshot_written",
+        "snapshot_failed",
+        "accept_failed",
+        "block_not_persisted",
+    )
     tally = dict.fromkeys(names, 0)
     for line in log.read_text(errors="replace").splitlines():
         with contextlib.suppress(ValueError):
@@ -122,10 +128,20 @@ def _bench(args: argparse.Namespace) -> int:
             rate = _baseline(query, args.baseline)
             print(f"baseline: {rate:.0f} valid requests/s from one client")
             began = time.perf_counter()
-            share = args.cases // args.workers
+            shares = [
+                args.cases // args.workers + (seed < args.cases % args.workers)
+                for seed in range(args.workers)
+            ]
             workers = [
                 subprocess.Popen(
-                    [sys.executable, __file__, "--worker", str(query), str(share), str(seed)],
+                    [
+                        sys.executable,
+                        __file__,
+                        "--worker",
+                        str(query),
+                        str(shares[seed]),
+                        str(seed),
+                    ],
                     stdout=subprocess.PIPE,
                     text=True,
                 )
