@@ -329,6 +329,23 @@ class TestBadClients:
             sock.close()
         running.server.stop()
 
+    async def test_stop_lets_a_waiting_client_finish_its_line(
+        self, sock_dir: Path, autojump_clock: trio.testing.MockClock
+    ) -> None:
+        """After a stop, a client that was still sending its line gets its answer, and the
+        server returns once nobody waits (at most read_timeout later)."""
+        async with trio.open_nursery() as nursery:
+            running = await start(nursery, sock_dir, read_timeout=5.0)
+            with trio.socket.socket(trio.socket.AF_UNIX) as sock:
+                await sock.connect(str(running.path))
+                await trio.testing.wait_all_tasks_blocked()
+                running.server.stop()
+                await trio.sleep(1)
+                await sock.send(b"ping\n")
+                assert await sock.recv(100) == b"pong\n"
+            stopped = trio.current_time()
+        assert trio.current_time() - stopped < 5.0
+
     async def test_latency_counts_the_wait_for_the_request(
         self, nursery: trio.Nursery, sock_dir: Path, autojump_clock: trio.testing.MockClock
     ) -> None:
