@@ -230,6 +230,11 @@ def _descriptors(pid: int) -> int:
         return -1
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _rss(pid: int) -> int:
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -254,6 +259,8 @@ def _phase(
 ) -> dict[str, Any]:
     attackers = []
     me = [sys.executable, __file__]
+    cpu_before = _cpu_seconds(daemon.pid)
+    began = time.perf_counter()
     if args.attack:
         for kind, count in (("--idle-client", args.idle), ("--slow-client", args.slow)):
             attackers.append(
@@ -274,6 +281,9 @@ def _phase(
         time.sleep(0.2)
     assert generator.stdout is not None  # noqa: S101
     result: dict[str, Any] = json.loads(generator.stdout.read())
+    result["daemon_cpu_share"] = (_cpu_seconds(daemon.pid) - cpu_before) / (
+        time.perf_counter() - began
+    )
     result["daemon_fds_peak"] = peak
     result["daemon_rss_mib"] = rss / 2**20
     result["daemon_stats"] = _stats(workdir)
@@ -294,6 +304,7 @@ def _show(name: str, result: dict[str, Any]) -> None:
     )
     print(
         f"            daemon: alive {result['daemon_alive']}, "
+        f"CPU {100 * result['daemon_cpu_share']:.0f} % of a core, "
         f"peak fds {result['daemon_fds_peak']}, peak RSS {result['daemon_rss_mib']:.1f} MiB, "
         f"stats busy {stats['errors']['busy']} protocol {stats['errors']['protocol']} "
         f"latency_ms {stats['latency_ms']}"
