@@ -18,6 +18,7 @@ from spamguardd import __version__
 from spamguardd.core.config import Config, load_config, parse_inet_listen
 from spamguardd.core.errors import ConfigError, StoreError
 from spamguardd.daemon.app import Daemon
+from spamguardd.daemon.fdlimit import raise_soft_limit
 from spamguardd.daemon.log import configure_logging
 from spamguardd.daemon.systemd import SdNotify, listen_fds, watchdog_interval
 from spamguardd.state import eximaccess
@@ -164,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"spamguardd: {exc}".replace("\n", "\nspamguardd: "), file=sys.stderr)
         return EX_CONFIG
     log = structlog.get_logger("spamguardd")
+    limits = raise_soft_limit()  # systemd starts services at a soft limit of 1,024
+    log.info("fd_limit", soft_before=limits.soft_before, soft=limits.soft, hard=limits.hard)
     try:
         trio.run(daemon.run)
     except LookupError as exc:

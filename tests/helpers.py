@@ -92,6 +92,7 @@ def wire(  # noqa: PLR0913 - one keyword per part a test may want to change
     notify: NotifyConfig | None = None,
     transport: Transport | None = None,
     wall_clock: Callable[[], float] | None = None,
+    fd_budget: int | None = None,
 ) -> Wired:
     """The query path of a daemon around *policy*, its journal beside the block file."""
     wall = wall_clock or (lambda: T0 + trio.current_time())
@@ -102,4 +103,5 @@ def wire(  # noqa: PLR0913 - one keyword per part a test may want to change
     effects = EffectExecutor(
         policy, BlockPersister(policy, store), journal, notices, wall_clock=wall
     )
-    return Wired(QueryServer(config, policy, effects, wall_clock=wall), effects, notices, journal)
+    server = QueryServer(config, policy, effects, wall_clock=wall, fd_budget=fd_budget)
+    return Wired(server, effects, notices, journal)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 from pathlib import Path
 
@@ -322,3 +323,57 @@ def test_journal_lines_are_json(tmp_path: Path) -> None:
     journal.append({"event": "block", "user": "auth:\udcff"})
     (line,) = (tmp_path / "j").read_bytes().splitlines()
     assert json.loads(line)["user"] == "auth:\udcff"
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def _json_bytes(value: object) -> bytes:
+    return json.dumps(value).encode()
+
+
+class TestAdminFraming:
+    @given(
+        data=st.binary(max_size=2000)
+        | st.lists(_JSON, max_size=4).map(lambda vs: b"\n".join(map(_json_bytes, vs))),
+        cuts=st.lists(st.integers(0, 2000), max_size=6),
+    )
+    def test_any_bytes_in_any_chunks_give_commands_or_named_errors(
+        self, data: bytes, cuts: list[int]
+    ) -> None:
+        """Whatever arrives on the admin socket, in whatever pieces, the daemon's side yields
+        commands, NEED_DATA, CLOSED or an AdminRequestError naming the problem: nothing else."""
+        server = AdminConnection(Role.SERVER)
+        points = sorted({0, len(data), *(c for c in cuts if c < len(data))})
+        chunks = [data[a:b] for a, b in itertools.pairwise(points)] + [b""]
+        for chunk in chunks:
+            server.receive_data(chunk)
+            for _ in range(len(data) + 2):
+                try:
+                    event: object = server.next_event()
+                except AdminRequestError as exc:
+                    event = str(exc)
+                if event in (adminproto.NEED_DATA, adminproto.CLOSED):
+                    break
+                assert isinstance(event, Command) or (isinstance(event, str) and event)
+
+    @given(
+        command=st.sampled_from([*map(str, adminproto.Verb), "frob", ""]),
+        fields=st.dictionaries(st.sampled_from(["user", "reason", "x"]), _JSON, max_size=3),
+    )
+    def test_any_json_object_is_a_command_or_a_named_error(
+        self, command: str, fields: dict[str, object]
+    ) -> None:
+        """A JSON object with any fields of any types is either a valid command or refused
+        with a message, never an exception of another kind."""
+        try:
+            event = serve_line(json.dumps({"command": command, **fields}).encode())
+        except AdminRequestError as exc:
+            event = str(exc)
+        assert isinstance(event, Command) or (isinstance(event, str) and event)

@@ -54,13 +54,15 @@ class Daemon:
         self.wait_ready()
 
     def wait_ready(self) -> None:
-        # the daemon prints its "started" line once the socket accepts; poll the process' output
+        # the daemon prints its "started" line once the socket accepts (after the lines of its
+        # start, such as fd_limit); a daemon that exits instead ends the output
         assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        assert '"event": "started"' in line, (
-            line,
-            self.process.stderr.read() if self.process.stderr else "",
-        )
+        seen = []
+        for line in self.process.stdout:
+            if '"event": "started"' in line:
+                return
+            seen.append(line)
+        raise AssertionError(seen, self.process.stderr.read() if self.process.stderr else "")
 
     def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
         self.process.send_signal(sig)

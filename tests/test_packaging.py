@@ -7,6 +7,7 @@ from pathlib import Path
 
 from spamguardd import __version__
 from spamguardd.core.config import load_config
+from spamguardd.daemon.fdlimit import RESERVE
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD = REPO / "contrib" / "systemd"
@@ -55,3 +56,10 @@ def test_every_installed_file_exists() -> None:
     assert missing == []
     docs = {line.strip() for line in (REPO / "debian" / "spamguardd.docs").read_text().splitlines()}
     assert {f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")} <= docs
+
+
+def test_the_unit_gives_room_for_many_waiting_clients() -> None:
+    """The service's descriptor limit holds 10,000 idle and 1,000 slow clients (the figure of
+    docs/reliability.md) beside the daemon's reserve, instead of systemd's default 1,024."""
+    limit = int(unit_setting("spamguardd.service", "LimitNOFILE"))
+    assert limit >= 10_000 + 1_000 + RESERVE

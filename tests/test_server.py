@@ -28,6 +28,7 @@ import trio.testing
 
 from spamguardd.core.config import PolicyConfig, ServerConfig
 from spamguardd.core.errors import StoreError
+from spamguardd.core.latency import percentiles
 from spamguardd.core.policy import Block, Policy
 from spamguardd.core.protocol import Reply, Verdict, parse_reply
 from spamguardd.core.rate import Rate
@@ -55,13 +56,15 @@ async def start(
     sock_dir: Path,
     policy_config: PolicyConfig = FIVE,
     store: BlockStore | None = None,
+    *,
+    fd_budget: int | None = None,
     **server_options: Any,
 ) -> Running:
     store = store or BlockStore(sock_dir / "state")
     store.prepare()
     policy = Policy(policy_config, store.load())
     config = attrs.evolve(ServerConfig(query_socket=sock_dir / "q.sock"), **server_options)
-    wired = wire(config, policy, store)
+    wired = wire(config, policy, store, fd_budget=fd_budget)
     sock = bind_unix_listener(config.query_socket, mode=0o660, group=None, backlog=1024)
     await nursery.start(wired.serve, [sock])
     return Running(wired.server, policy, store, config.query_socket)
@@ -235,21 +238,25 @@ class TestBadClients:
         sock.close()
         running.server.stop()
 
-    async def test_busy_answers_defer_instead_of_refusing(
+    async def test_the_longest_waiting_is_shed_for_a_new_one(
         self, nursery: trio.Nursery, sock_dir: Path
     ) -> None:
-        """Past max_connections waiting clients, a new slow one still gets an answer: defer."""
+        """Past max_connections waiting clients, the one that waited longest is answered
+        ``defer`` and closed; the new one keeps its slot and is answered when its line comes."""
         running = await start(nursery, sock_dir, max_connections=2)
         with trio.fail_after(10):
             held = [trio.socket.socket(trio.socket.AF_UNIX) for _ in range(3)]
             for sock in held:
                 await sock.connect(str(running.path))
-            await trio.testing.wait_all_tasks_blocked()
-            # the third connection had no request when accepted and found no free slot
+                await trio.testing.wait_all_tasks_blocked()
+            # the third connection had no request when accepted: the first made room for it
+            assert parse_reply(await held[0].recv(100)) == Reply(
+                Verdict.DEFER, "spamguardd busy: too many connections"
+            )
+            assert await held[0].recv(100) == b""
             await held[2].send(b"ping")
             held[2].shutdown(trio.socket.SHUT_WR)
-            reply = parse_reply(await held[2].recv(100))
-            assert reply == Reply(Verdict.DEFER, "spamguardd busy: too many connections")
+            assert await held[2].recv(100) == b"pong\n"
             # a client whose request is complete on arrival needs no slot and is answered: like
             # Exim, connect, write and half-close before the server gets to run
             with socket.socket(socket.AF_UNIX) as eager:
@@ -259,11 +266,100 @@ class TestBadClients:
                 eager.setblocking(False)
                 await trio.lowlevel.wait_readable(eager)
                 assert eager.recv(100) == b"pong\n"
+            # the second still waits, untouched
+            await held[1].send(b"check user=x\n")
+            assert parse_reply(await held[1].recv(100)).verdict is Verdict.ACCEPT
             for sock in held:
                 sock.close()
             await trio.testing.wait_all_tasks_blocked()
             assert running.server.statistics().open_connections == 0
         assert running.server.statistics().busy == 1
+        running.server.stop()
+
+    async def test_idle_clients_never_make_a_real_query_defer(
+        self, nursery: trio.Nursery, sock_dir: Path
+    ) -> None:
+        """Many idle clients against a few slots: every readsocket-style query is answered, even
+        one accepted before its line arrived (it is the newest, so never the one shed)."""
+        running = await start(nursery, sock_dir, max_connections=8)
+        idle = []
+        with trio.fail_after(20):
+            for round_ in range(20):
+                for _ in range(10):
+                    sock = trio.socket.socket(trio.socket.AF_UNIX)
+                    await sock.connect(str(running.path))
+                    idle.append(sock)
+                # connect, let the server accept it empty, then write the line and half-close
+                with trio.socket.socket(trio.socket.AF_UNIX) as late:
+                    await late.connect(str(running.path))
+                    await trio.testing.wait_all_tasks_blocked()
+                    await late.send(f"check user=u{round_}\n".encode())
+                    late.shutdown(trio.socket.SHUT_WR)
+                    assert parse_reply(await late.recv(100)).verdict is Verdict.ACCEPT
+                assert (await running.ask(b"ping")).verdict is Verdict.PONG
+            assert running.server.statistics().open_connections <= 8
+        for sock in idle:
+            sock.close()
+        running.server.stop()
+
+    async def test_descriptor_budget_bounds_held_connections(
+        self, nursery: trio.Nursery, sock_dir: Path
+    ) -> None:
+        """However high max_connections, query connections never hold more descriptors than
+        the budget: past it the longest-waiting is shed, and queries are still answered."""
+        running = await start(nursery, sock_dir, max_connections=10_000, fd_budget=5)
+        idle = []
+        with trio.fail_after(10):
+            for _ in range(30):
+                sock = trio.socket.socket(trio.socket.AF_UNIX)
+                await sock.connect(str(running.path))
+                idle.append(sock)
+                await trio.testing.wait_all_tasks_blocked()
+                assert running.server.statistics().open_connections <= 5
+            # complete on arrival: answered without taking a slot or shedding anyone
+            with socket.socket(socket.AF_UNIX) as eager:
+                eager.connect(str(running.path))
+                eager.sendall(b"ping")
+                eager.shutdown(socket.SHUT_WR)
+                eager.setblocking(False)
+                await trio.lowlevel.wait_readable(eager)
+                assert eager.recv(100) == b"pong\n"
+        assert running.server.statistics().busy == 25
+        for sock in idle:
+            sock.close()
+        running.server.stop()
+
+    async def test_stop_lets_a_waiting_client_finish_its_line(
+        self, sock_dir: Path, autojump_clock: trio.testing.MockClock
+    ) -> None:
+        """After a stop, a client that was still sending its line gets its answer, and the
+        server returns once nobody waits (at most read_timeout later)."""
+        async with trio.open_nursery() as nursery:
+            running = await start(nursery, sock_dir, read_timeout=5.0)
+            with trio.socket.socket(trio.socket.AF_UNIX) as sock:
+                await sock.connect(str(running.path))
+                await trio.testing.wait_all_tasks_blocked()
+                running.server.stop()
+                await trio.sleep(1)
+                await sock.send(b"ping\n")
+                assert await sock.recv(100) == b"pong\n"
+            stopped = trio.current_time()
+        assert trio.current_time() - stopped < 5.0
+
+    async def test_latency_counts_the_wait_for_the_request(
+        self, nursery: trio.Nursery, sock_dir: Path, autojump_clock: trio.testing.MockClock
+    ) -> None:
+        """``stats`` latency runs from the accept to the answer: a query that took 3 s to
+        arrive shows 3 s, not the microseconds of deciding it."""
+        running = await start(nursery, sock_dir, read_timeout=5.0)
+        with trio.socket.socket(trio.socket.AF_UNIX) as sock:
+            await sock.connect(str(running.path))
+            await trio.sleep(3)
+            await sock.send(b"ping\n")
+            assert await sock.recv(100) == b"pong\n"
+        snapshot = running.server.latency.snapshot()
+        assert percentiles(snapshot.bounds, snapshot.counts)["p50"] == 5000.0  # 2.5-5 s bucket
+        assert snapshot.total == pytest.approx(3.0)
         running.server.stop()
 
     async def test_internal_error_is_contained(self, running: Running) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import structlog
+import structlog.testing
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -84,6 +85,19 @@ class TestListenFds:
         finally:
             first.close()
             second.close()
+
+    def test_descriptors_that_are_not_sockets_are_ignored(self, tmp_path: Path) -> None:
+        """LISTEN_FDS naming a closed descriptor or a file is logged and skipped (the socket is
+        then bound from the configuration), never a traceback."""
+        with (tmp_path / "file").open("w") as plain:
+            closed = os.dup(plain.fileno())
+            os.close(closed)
+            for fd in (plain.fileno(), closed):
+                environ = {"LISTEN_FDS": "1", "LISTEN_PID": "7", "LISTEN_FDNAMES": "query"}
+                with structlog.testing.capture_logs() as logs:
+                    assert listen_fds(environ, pid=7, start=fd) == {}
+                assert logs[0]["event"] == "listen_fd_ignored"
+                assert logs[0]["fd"] == fd
 
 
 class TestSdNotify:

@@ -333,3 +333,27 @@ class TestKeeper:
         assert await keeper.sweep() == 50
         assert policy.tracked_users() == ["auth:late"]
         assert math.isfinite(buckets.filed(policy.user_state("auth:late") or bytearray(64)))
+
+
+class TestUnwritable:
+    async def test_a_snapshot_that_cannot_be_written_is_logged_and_retried(
+        self, tmp_path: Path, autojump_clock: trio.testing.MockClock
+    ) -> None:
+        """The disk refuses a snapshot: ``snapshot_failed``, the daemon counts on, and the
+        users it could not save are written by the next snapshot that can."""
+        directory = tmp_path / "counters"
+        policy = Policy(TEN_PER_HOUR)
+        keeper = keeper_for(directory, policy)
+        await keeper.load()
+        fail(policy, "auth:a", "r", 0.0)
+        assert await keeper.snapshot() == 1
+        fail(policy, "auth:b", "r", 0.0)
+        aside = tmp_path / "aside"
+        directory.rename(aside)
+        directory.write_text("not a directory\n")
+        with structlog.testing.capture_logs() as logs:
+            assert await keeper.snapshot() == 0
+        assert [entry["event"] for entry in logs] == ["snapshot_failed"]
+        directory.unlink()
+        aside.rename(directory)
+        assert await keeper.snapshot() == 1

@@ -491,9 +491,10 @@ class ServerConfig:
     read_timeout: float = setting(
         key="server.read_timeout", parse=_seconds, default=5.0, validator=_positive_seconds
     )
-    #: Connections served at once; past this, new ones get ``defer`` at once instead of waiting.
+    #: Connections waiting at once for their request line (each costs a few hundred bytes and no
+    #: task); past this, the one that has waited longest is shed with ``defer`` for the new one.
     max_connections: int = setting(
-        key="server.max_connections", parse=_int, default=512, validator=_between(1, 1 << 20)
+        key="server.max_connections", parse=_int, default=16384, validator=_between(1, 1 << 20)
     )
     #: An extra loopback TCP listener (host, port), from ``"inet:127.0.0.1:PORT"``: Exim's
     #: ``inet:`` readsocket survives a refused connect, its Unix-socket one does not.

@@ -73,7 +73,7 @@ class _Collector(Collector):
                 "Queries that hit a bug (answered error; see the log).",
                 stats.server.internal_errors,
             ),
-            ("busy", "Connections turned away with defer.", stats.server.busy),
+            ("busy", "Waiting connections shed with defer.", stats.server.busy),
             (
                 "store_failures",
                 "Block-list writes that failed (the block held in memory).",
@@ -137,7 +137,7 @@ class _Collector(Collector):
                 yield CounterMetricFamily(f"spamguardd_{name}", documentation, value=value)
         yield HistogramMetricFamily(
             "spamguardd_query_duration_seconds",
-            "Time from accepting a query to its decision.",
+            "Time from accepting a query to its answer written.",
             buckets=stats.latency.cumulative(),
             sum_value=stats.latency.total,
         )

@@ -10,9 +10,18 @@ Rules every connection follows:
 
 * one request, one reply, then close at once: Exim's readsocket reads until EOF and throws away a
   reply that is followed by silence;
-* the read is bounded in size (the protocol's cap) and in time (``server.read_timeout``);
-* past ``server.max_connections`` a new connection still gets an answer, ``defer``, instead of
-  waiting or being refused: a refused connect poisons the Exim process (docs/exim-facts.md §1.4);
+* the read is bounded in size (the protocol's cap) and in time (``server.read_timeout``, from
+  the accept);
+* connections that have not sent a whole request are *waiting*; at most
+  ``server.max_connections`` of them are kept, and a new one past that is let in by shedding
+  the one that has waited longest (answered ``defer``, closed): a slow or idle client loses its
+  slot to a fresh one that is about to send its line, never the other way round, and nobody is
+  refused (a refused connect poisons the Exim process, docs/exim-facts.md §1.4);
+* query connections never hold more descriptors than :func:`fdlimit.query_budget` leaves: at
+  the budget the longest-waiting connection is shed, and with none to shed the accept loop waits
+  (new clients queue in the listen backlog) while the reserve stays free for the block file, the
+  snapshot, the journal, notices and the admin socket;
+* the latency recorded is from the accept to the answer written, waits included;
 * a failure while serving one client is logged and answered ``error``; every other client is
   served as before.
 """
@@ -25,8 +34,8 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Final
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 import trio
@@ -48,7 +57,9 @@ from spamguardd.core.protocol import (
     Verdict,
 )
 from spamguardd.core.statistics import ServerStatistics
+from spamguardd.daemon import fdlimit
 from spamguardd.daemon.effects import EffectExecutor
+from spamguardd.daemon.waiting import RoomHandlers, WaitingRoom
 
 if TYPE_CHECKING:
     from spamguardd.daemon.cluster import Cluster
@@ -58,8 +69,8 @@ log = structlog.get_logger("spamguardd.daemon.query_server")
 BUSY: Final = Reply(Verdict.DEFER, "spamguardd busy: too many connections")
 INTERNAL_ERROR: Final = Reply(Verdict.ERROR, "internal error in spamguardd; see its log")
 TIMEOUT_MESSAGE: Final = "no complete request line before the read timeout"
-#: How long a connection turned away as busy may take to send its request before the answer.
-BUSY_READ_TIMEOUT: Final = 1.0
+_TIMEOUT_REPLY: Final = Reply(Verdict.ERROR, TIMEOUT_MESSAGE).to_bytes()
+_BUSY_REPLY: Final = BUSY.to_bytes()
 #: Connections accepted in one go before the accept loop yields to other tasks.
 ACCEPT_BATCH: Final = 64
 #: After an error reply, how long and how much input is drained before closing.
@@ -69,6 +80,8 @@ DRAIN_LIMIT: Final = 64 * 1024
 #: trio.serve_listeners does).
 _ACCEPT_CAPACITY_ERRNOS: Final = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _ACCEPT_RETRY_SLEEP: Final = 0.1
+#: Seconds between two log lines about slow or shed clients (each is counted all the same).
+QUIET_LOG_INTERVAL: Final = 10.0
 
 _VERBS: Final = {
     RcptRequest: "rcpt",
@@ -82,9 +95,10 @@ class QueryServer:
     """Serves the query protocol on any number of listening sockets.
 
     A connection whose request is already complete when it is accepted (the common case: Exim
-    connects and writes at once) is answered right there, without a task of its own. Only a
-    connection that must wait, for more of its request or for a new block to reach the disk,
-    gets a task, and only those count against ``max_connections``.
+    connects and writes at once) is answered right there, without a task of its own. One that
+    must wait for the rest of its request goes to the :class:`~spamguardd.daemon.waiting.
+    WaitingRoom` (no task either); one that must wait for a block to reach the disk, for the
+    fleet's store, or to drain after an error gets a task.
     """
 
     def __init__(  # noqa: PLR0913 - keyword-only seams, one per collaborator
@@ -96,8 +110,12 @@ class QueryServer:
         wall_clock: Callable[[], float] = time.time,
         log_decisions: bool = False,
         cluster: Cluster | None = None,
+        fd_budget: int | None = None,
     ) -> None:
         self.config = config
+        #: Query connections that may be open at once; None: :func:`fdlimit.query_budget` when
+        #: :meth:`serve` starts, from the limit and the descriptors open then.
+        self.fd_budget = fd_budget
         self.policy = policy
         #: Fleet mode: failed recipients are counted in the shared store, in a task each (the
         #: only queries that wait for it); everything else is answered here as before.
@@ -112,9 +130,26 @@ class QueryServer:
         self._protocol_errors = 0
         self._internal_errors = 0
         self._busy = 0
-        self._open = 0
+        #: Connections a task owns (each descriptor is open until the task is done with it).
+        self._tasks = 0
+        #: Connections waiting for their request line, oldest first, in one epoll set.
+        self._room = WaitingRoom(
+            config.read_timeout,
+            RoomHandlers(
+                request=self._room_request,
+                invalid=self._room_invalid,
+                timed_out=self._room_timed_out,
+                shed=self._room_shed,
+                gone=self._client_gone,
+            ),
+        )
+        #: The accept loop parks here while the budget is spent and nothing can be shed.
+        self._no_room = trio.lowlevel.ParkingLot()
+        #: Slow clients and shed ones are counted each, but logged at most once per interval.
+        self._quiet_log = _QuietLog()
+        self._handlers: trio.Nursery | None = None
         self._stopping = trio.Event()
-        #: Time from accept to decision of every query, for the metrics.
+        #: Time from accept to answer written of every query, for ``stats`` and the metrics.
         self.latency = LatencyHistogram()
 
     def statistics(self) -> ServerStatistics:
@@ -124,7 +159,7 @@ class QueryServer:
             protocol_errors=self._protocol_errors,
             internal_errors=self._internal_errors,
             busy=self._busy,
-            open_connections=self._open,
+            open_connections=self._held(),
         )
 
     def stop(self) -> None:
@@ -142,25 +177,75 @@ class QueryServer:
         The listeners are closed on return (the server owns them from here on). In-flight
         connections get up to ``read_timeout`` + 1 s to finish after the stop.
         """
+        if self.fd_budget is None:
+            self.fd_budget = fdlimit.query_budget()
         try:
             async with trio.open_nursery() as handlers:
+                self._handlers = handlers
+                handlers.start_soon(self._room.run)
                 async with trio.open_nursery() as acceptors:
                     for listener in listeners:
                         listener.setblocking(False)
-                        acceptors.start_soon(self._accept_loop, listener, handlers)
+                        acceptors.start_soon(self._accept_loop, listener)
                     task_status.started()
                     await self._stopping.wait()
                     acceptors.cancel_scope.cancel()
+                self._room.close()
                 grace = self.config.read_timeout + 1.0
                 handlers.cancel_scope.deadline = trio.current_time() + grace
         finally:
+            self._room.abandon()
             for listener in listeners:
                 listener.close()
 
-    async def _accept_loop(self, listener: socket.socket, handlers: trio.Nursery) -> None:
+    # -- slots and descriptors ---------------------------------------------------------------
+
+    def _budget(self) -> int:
+        return self.fd_budget if self.fd_budget is not None else fdlimit.MIN_BUDGET
+
+    def _held(self) -> int:
+        return self._tasks + len(self._room)
+
+    def _full(self) -> bool:
+        """Whether the descriptor budget is spent with nothing to shed."""
+        return self._held() >= self._budget() and not len(self._room)
+
+    def _task_started(self) -> None:
+        self._tasks += 1
+
+    def _task_done(self, conn: socket.socket) -> None:
+        conn.close()
+        self._tasks -= 1
+        if self._no_room:
+            self._no_room.unpark_all()
+
+    def _spawn(self, fn: Callable[..., Awaitable[None]], conn: socket.socket, *args: Any) -> None:
+        """Give *conn* to a task running ``fn(conn, *args)``; the task closes it."""
+        assert self._handlers is not None  # noqa: S101 - only called while serving
+        conn.setblocking(False)
+        self._task_started()
+        self._handlers.start_soon(self._owned, fn, conn, *args)
+
+    async def _owned(
+        self, fn: Callable[..., Awaitable[None]], conn: socket.socket, *args: Any
+    ) -> None:
+        try:
+            await fn(conn, *args)
+        finally:
+            self._task_done(conn)
+
+    # -- accepting ---------------------------------------------------------------------------
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
         while True:
+            # at the budget with nobody to shed, every held connection is a complete request
+            # being answered: let the backlog hold new clients until one is done
+            while self._full():
+                await self._no_room.park()
             await trio.lowlevel.wait_readable(listener)
             for _ in range(ACCEPT_BATCH):
+                if self._full():
+                    break
                 try:
                     conn, _ = listener.accept()
                 except BlockingIOError:
@@ -168,16 +253,18 @@ class QueryServer:
                 except OSError as exc:
                     if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                         raise
+                    if self._room.shed_oldest():  # something else took descriptors
+                        continue
                     log.error("accept_failed", error=os.strerror(exc.errno or 0))
                     await trio.sleep(_ACCEPT_RETRY_SLEEP)
                     break
-                self._serve_accepted(conn, handlers)
+                self._serve_accepted(conn)
 
-    def _serve_accepted(self, conn: socket.socket, handlers: trio.Nursery) -> None:
-        """Answer *conn* now if its request is complete, else give it a task (or turn it away).
+    def _serve_accepted(self, conn: socket.socket) -> None:
+        """Answer *conn* now if its request is complete, else let it wait in the room.
 
-        *conn* is still a blocking socket here: every call passes MSG_DONTWAIT, which saves the
-        two fcntl calls of making it non-blocking, and only a connection handed to a task is.
+        *conn* stays a blocking socket unless a task takes it over: every call here and in the
+        room passes MSG_DONTWAIT, which saves the two fcntl calls of making it non-blocking.
         """
         started = trio.current_time()
         connection = PolicyConnection()
@@ -188,79 +275,72 @@ class QueryServer:
             while (request := connection.next_request()) is NEED_DATA:
                 connection.receive_data(conn.recv(MAX_REQUEST_SIZE, socket.MSG_DONTWAIT))
         except BlockingIOError:
-            request = NEED_DATA
+            self._wait(conn, connection, started)
+            return
         except RemoteProtocolError as exc:
-            conn.setblocking(False)
-            handlers.start_soon(self._send_error, conn, self._protocol_error(str(exc)))
+            self._spawn(self._reply_error, conn, self._protocol_error(str(exc)))
             return
         except OSError as exc:
             self._client_gone(conn, exc)
             return
+        self._answer(conn, request, started)
+
+    def _wait(self, conn: socket.socket, connection: PolicyConnection, started: float) -> None:
+        """Let *conn* wait for the rest of its request, shedding the longest-waiting first when
+        the room holds ``max_connections`` or the descriptors are spent (never this fresh one,
+        which is likely about to send its line)."""
+        if len(self._room) >= self.config.max_connections or self._held() >= self._budget():
+            self._room.shed_oldest()
+        self._room.add(conn, connection, started)
+
+    def _answer(self, conn: socket.socket, request: Request, started: float) -> None:
+        """Decide a complete request and answer it, at once if the answer can go now."""
         cluster = self.cluster
         if (
             cluster is not None
-            and request is not NEED_DATA
-            and self._open < self.config.max_connections
+            and self._tasks < self.config.max_connections
             and (counted := cluster.to_count(request)) is not None
         ):
-            conn.setblocking(False)
-            self._open += 1
-            handlers.start_soon(self._count_in_store, conn, request, counted, started)
-            return
-        if request is NEED_DATA:
-            conn.setblocking(False)
-            if self._open >= self.config.max_connections:
-                self._busy += 1
-                handlers.start_soon(self._turn_away, conn, connection)
-            else:
-                self._open += 1  # counted now: tasks started in this batch have not run yet
-                handlers.start_soon(self._handle, conn, connection, started)
+            self._spawn(self._count_in_store, conn, request, counted, started)
             return
         reply, generation = self._decide(request, started)
         durable = generation is None or self.effects.persister.durable_generation >= generation
         if durable and _send_nowait(conn, reply.to_bytes()):
+            self.latency.observe(trio.current_time() - started)
             conn.close()
             return
-        conn.setblocking(False)
-        handlers.start_soon(self._finish, conn, reply, generation)
+        self._spawn(self._reply, conn, reply, generation, started)
 
-    async def _handle(
-        self, conn: socket.socket, connection: PolicyConnection, started: float
-    ) -> None:
-        """Slow path: wait (bounded) for the rest of the request, then answer."""
-        try:
-            with conn:
-                try:
-                    with trio.fail_after(self.config.read_timeout):
-                        while (request := connection.next_request()) is NEED_DATA:
-                            connection.receive_data(await _recv(conn))
-                except RemoteProtocolError as exc:
-                    await self._reply_error(conn, self._protocol_error(str(exc)))
-                    return
-                except trio.TooSlowError:
-                    await self._reply_error(conn, self._protocol_error(TIMEOUT_MESSAGE))
-                    return
-                except OSError as exc:
-                    self._client_gone(conn, exc)
-                    return
-                if self.cluster is not None and (counted := self.cluster.to_count(request)):
-                    reply, generation = await self._decide_in_store(request, counted, started)
-                else:
-                    reply, generation = self._decide(request, started)
-                await self._reply(conn, reply, generation)
-        finally:
-            self._open -= 1
+    # -- leaving the waiting room ------------------------------------------------------------
+
+    def _room_request(self, conn: socket.socket, request: Request, started: float) -> None:
+        self._answer(conn, request, started)
+
+    def _room_invalid(self, conn: socket.socket, message: str) -> None:
+        self._spawn(self._reply_error, conn, self._protocol_error(message))
+
+    def _room_timed_out(self, conn: socket.socket) -> None:
+        """No whole request in ``read_timeout``: say so and close, without a drain (everything
+        it sent was read; a client this slow gets no more of our time)."""
+        self._protocol_errors += 1
+        self._quiet_log.note("bad_request", error=TIMEOUT_MESSAGE)
+        _send_nowait(conn, _TIMEOUT_REPLY)
+        _close_gently(conn)
+
+    def _room_shed(self, conn: socket.socket) -> None:
+        self._busy += 1
+        self._quiet_log.note("connection_shed", reason="a newer connection needed its slot")
+        _send_nowait(conn, _BUSY_REPLY)
+        _close_gently(conn)
+
+    # -- tasks -------------------------------------------------------------------------------
 
     async def _count_in_store(
         self, conn: socket.socket, request: Request, counted: RcptRequest, started: float
     ) -> None:
         """A complete request whose failure the fleet's store counts (fleet mode)."""
-        try:
-            with conn:
-                reply, generation = await self._decide_in_store(request, counted, started)
-                await self._reply(conn, reply, generation)
-        finally:
-            self._open -= 1
+        reply, generation = await self._decide_in_store(request, counted, started)
+        await self._reply(conn, reply, generation, started)
 
     async def _decide_in_store(
         self, request: Request, counted: RcptRequest, started: float
@@ -274,12 +354,10 @@ class QueryServer:
             return INTERNAL_ERROR, None
         return self._decided(request, decision, started)
 
-    async def _finish(self, conn: socket.socket, reply: Reply, generation: int | None) -> None:
-        """Slow path for a decided request whose reply waits for the disk (or a full buffer)."""
-        with conn:
-            await self._reply(conn, reply, generation)
-
-    async def _reply(self, conn: socket.socket, reply: Reply, generation: int | None) -> None:
+    async def _reply(
+        self, conn: socket.socket, reply: Reply, generation: int | None, started: float
+    ) -> None:
+        """A decided request whose reply waits for the disk (or a full buffer, or the store)."""
         if generation is not None:
             # The block holds in memory even when the disk refuses it, and so does the verdict
             # (holding mail is the safe side); the next block or admin change retries the write.
@@ -287,23 +365,14 @@ class QueryServer:
                 await self.effects.wait_durable(generation)
         with contextlib.suppress(OSError):  # the client gave up; nothing to tell it
             await _send_all(conn, reply.to_bytes())
-
-    async def _send_error(self, conn: socket.socket, reply: Reply) -> None:
-        with conn:
-            await self._reply_error(conn, reply)
+        self.latency.observe(trio.current_time() - started)
 
     async def _reply_error(self, conn: socket.socket, reply: Reply) -> None:
         with contextlib.suppress(OSError):
             await _send_all(conn, reply.to_bytes())
             await _drain(conn)
 
-    async def _turn_away(self, conn: socket.socket, connection: PolicyConnection) -> None:
-        with conn, contextlib.suppress(OSError):
-            # read the rest of the request (whatever it is) so that the close is orderly
-            with trio.move_on_after(BUSY_READ_TIMEOUT), contextlib.suppress(RemoteProtocolError):
-                while connection.next_request() is NEED_DATA:
-                    connection.receive_data(await _recv(conn))
-            await _send_all(conn, BUSY.to_bytes())
+    # -- counting ----------------------------------------------------------------------------
 
     def _protocol_error(self, message: str) -> Reply:
         self._protocol_errors += 1
@@ -332,7 +401,6 @@ class QueryServer:
         self.effects.carry_out(decision.effects)
         verb = _VERBS[type(request)]
         self._queries[verb, decision.reply.verdict.value] += 1
-        self.latency.observe(trio.current_time() - started)
         if self.log_decisions:
             log.debug(
                 "policy_decision",
@@ -344,6 +412,32 @@ class QueryServer:
                 elapsed_ms=round((trio.current_time() - started) * 1000, 3),
             )
         return decision.reply, decision.needs_generation
+
+
+class _QuietLog:
+    """Log an event that may come thousands of times a second at most once per interval, with
+    how many were not logged since (each is counted in ``stats`` anyway)."""
+
+    __slots__ = ("_next", "_unlogged")
+
+    def __init__(self) -> None:
+        self._next: dict[str, float] = {}
+        self._unlogged: Counter[str] = Counter()
+
+    def note(self, event: str, **fields: str) -> None:
+        now = trio.current_time()
+        if now < self._next.get(event, -1.0):
+            self._unlogged[event] += 1
+            return
+        self._next[event] = now + QUIET_LOG_INTERVAL
+        log.info(event, not_logged_since=self._unlogged.pop(event, 0), **fields)
+
+
+def _close_gently(conn: socket.socket) -> None:
+    """Close after an answer: the half-close first, so the peer reads the answer, then EOF."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_WR)
+    conn.close()
 
 
 def _send_nowait(conn: socket.socket, data: bytes) -> bool:

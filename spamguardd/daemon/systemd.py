@@ -57,9 +57,16 @@ def listen_fds(
     for index in range(count):
         fd = start + index
         name = names[index] if index < len(names) and names[index] else "unknown"
-        os.set_inheritable(fd, False)  # sd_listen_fds() sets FD_CLOEXEC too
+        try:
+            os.set_inheritable(fd, False)  # sd_listen_fds() sets FD_CLOEXEC too
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            # not open, or not a socket: a broken environment, not a reason to die; the socket
+            # it should have been is bound from the configuration instead
+            log.warning("listen_fd_ignored", fd=fd, name=name, error=os.strerror(exc.errno or 0))
+            continue
         key = name if name not in sockets else f"{name}:{index}"
-        sockets[key] = socket.socket(fileno=fd)
+        sockets[key] = sock
     return sockets
 
 
