@@ -26,10 +26,10 @@ def ask(path: Path, request: bytes) -> bytes:
     return ask_blocking(path, request)
 
 
-def run_to_exit(workdir: Path) -> subprocess.CompletedProcess[str]:
+def run_to_exit(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Start ``python -m spamguardd`` in *workdir* for a start that is expected to fail."""
     return subprocess.run(
-        [PYTHON, "-m", "spamguardd"],
+        [PYTHON, "-m", "spamguardd", *args],
         cwd=workdir,
         capture_output=True,
         text=True,
@@ -217,7 +217,8 @@ def test_socket_in_use_exits_1(workdir: Path) -> None:
     """A second daemon on the same socket refuses to start instead of stealing it."""
     first = Daemon(workdir)
     try:
-        result = run_to_exit(workdir)
+        # a state directory of its own: the shared one would stop it first (exit 75)
+        result = run_to_exit(workdir, "--state-dir", "other-state")
         assert result.returncode == 1
         assert "another process is listening" in result.stdout
         assert ask(first.socket, b"ping") == b"pong\n"
