@@ -29,6 +29,7 @@ from typing import Any, Final, TypeVar
 
 import attrs
 
+from spamguardd.core import lsearch
 from spamguardd.core.latency import percentiles
 from spamguardd.core.policy import Block
 from spamguardd.core.statistics import Statistics
@@ -133,6 +134,8 @@ def _user_field(verb: Verb, user: Any) -> str | None:
         )
     if len(user.encode("utf-8", "surrogateescape")) > MAX_USER or "\x00" in user:
         raise AdminRequestError(f"user key must be 1 to {MAX_USER} bytes without NUL")
+    if (problem := lsearch.too_long(user)) is not None:
+        raise AdminRequestError(problem)
     return user
 
 

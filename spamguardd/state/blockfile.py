@@ -40,6 +40,7 @@ from typing import Final
 import attrs
 
 from spamguardd.core.errors import RemoteProtocolError, StoreError
+from spamguardd.core.lsearch import quote_key
 from spamguardd.core.policy import Block
 from spamguardd.core.protocol import ENCODING, ERRORS, parse_pairs, quote
 from spamguardd.core.timestamps import format_time, parse_time
@@ -49,7 +50,6 @@ HEADER: Final = (
     b"# Written by spamguardd; change it through the daemon, not by hand (it rewrites this file).\n"
 )
 
-_KEY_ESCAPES: Final = {0x5C: b"\\\\", 0x22: b'\\"', 0x0A: b"\\n", 0x0D: b"\\r", 0x09: b"\\t"}
 _KEY_UNESCAPES: Final = {
     ord("\\"): 0x5C,
     ord('"'): 0x22,
@@ -60,19 +60,7 @@ _KEY_UNESCAPES: Final = {
 _HEX2: Final = re.compile(rb"[0-9a-fA-F]{2}")
 
 
-def encode_key(user: str) -> bytes:
-    """Quote a user key as an lsearch key."""
-    out = bytearray(b'"')
-    for byte in user.encode(ENCODING, ERRORS):
-        escaped = _KEY_ESCAPES.get(byte)
-        if escaped is not None:
-            out += escaped
-        elif byte < 0x20 or byte == 0x7F:
-            out += b"\\x%02x" % byte
-        else:
-            out.append(byte)
-    out += b'"'
-    return bytes(out)
+encode_key = quote_key
 
 
 def _decode_key(line: bytes) -> tuple[str, int]:
