@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from spamguardd.core import buckets
 from spamguardd.core.adminproto import StatsReply
 from spamguardd.core.config import Config, load_config
-from spamguardd.core.errors import StoreError
+from spamguardd.core.errors import StateLockedError, StoreError
 from spamguardd.core.latency import LatencyHistogram
 from spamguardd.core.policy import Block, PolicyStatistics
 from spamguardd.core.statistics import (
@@ -226,6 +226,30 @@ class TestDaemon:
         assert statuses[0].startswith("STATUS=BLOCK FILE NOT WRITABLE (")
         assert statuses[1].startswith("STATUS=serving; ")
         sd_notify.close()
+
+    async def test_the_state_directory_is_taken_whole(self, sock_dir: Path) -> None:
+        """A start takes the state directory's lock (a second daemon on it is refused) and
+        removes the temporary files an interrupted write left; the lock goes with the run."""
+        path = sock_dir / "c.toml"
+        write_config(path, sock_dir, "2/1h")
+        (sock_dir / "state").mkdir()
+        stale = sock_dir / "state" / ".blocked.k3j4h2.tmp"
+        stale.write_bytes(b'"auth:half')
+        with structlog.testing.capture_logs() as logs:
+            daemon = Daemon(load_config(path))
+        assert not stale.exists()
+        assert {"event": "stale_temporary_removed", "path": str(stale), "log_level": "warning"} in (
+            logs
+        )
+        with pytest.raises(StateLockedError, match=rf"pid {os.getpid()} holds"):
+            Daemon(load_config(path))
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    lambda task_status: daemon.run(handle_signals=False, task_status=task_status)
+                )
+                daemon.stop()
+        Daemon(load_config(path)).close()  # free again once the first has stopped
 
     async def test_broken_file_keeps_the_running_config(self, sock_dir: Path) -> None:
         """A reload from a bad file logs every problem and changes nothing."""
