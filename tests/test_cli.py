@@ -285,7 +285,11 @@ class TestCheckConfigState:
             assert f"{state}: the state directory cannot be written (read-only file system)" in (
                 capsys.readouterr().err
             )
-            assert main([*args, "--query-socket", str(tmp_path / "q.sock")]) == EX_CONFIG
-            assert "Read-only file system" in capsys.readouterr().err
+            result = run_to_exit(tmp_path, *args)  # a process: main() would set up logging here
+            assert result.returncode == EX_CONFIG
+            assert f"{state}: the state directory cannot be written (creating lock: " in (
+                result.stderr
+            )
+            assert "Read-only file system" in result.stderr
         finally:
             subprocess.run(["umount", str(state)], check=True)

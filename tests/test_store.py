@@ -284,7 +284,7 @@ class TestBlocksInPlace:
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         store = BlockStore(tmp_path)
-        store.open()
+        store.open(create=True)
         before = store.path.read_bytes()
         real = os.fdatasync
 
@@ -344,8 +344,9 @@ class TestStateDirectory:
         try:
             with pytest.raises(StoreError, match="Read-only file system"):
                 StateLock(state).acquire()
+            assert BlockStore(state).open() == []  # nothing to read, nothing created
             with pytest.raises(StoreError, match="cannot open for writing: Read-only file system"):
-                BlockStore(state).open()
+                BlockStore(state).open(create=True)
         finally:
             subprocess.run(["umount", str(state)], check=True)
 

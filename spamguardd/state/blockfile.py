@@ -318,9 +318,11 @@ class BlockStore:
                 removed.append(path)
         return removed
 
-    def open(self) -> list[Block]:
-        """Open the block file for writing (creating it), read and index it; return its blocks.
+    def open(self, *, create: bool = False) -> list[Block]:
+        """Open the block file for writing, read and index it; return its blocks.
 
+        A missing file is an empty list, and is created only with *create* (by the first
+        write): until someone is blocked there is no file, as Exim's ACL has always seen it.
         An append torn by a crash (never acknowledged: it was a comment until whole) is cut off.
 
         Raises:
@@ -329,9 +331,14 @@ class BlockStore:
         """
         self.close()
         self._refuse_symlink()
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
         try:
             fd = os.open(self.path, flags, 0o640)
+        except FileNotFoundError:
+            if create:
+                raise StoreError(f"{self.path}: cannot create: directory missing") from None
+            self._live, self._end, self.dead_lines = {}, 0, 0
+            return []
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 self._refuse_symlink()
@@ -404,9 +411,9 @@ class BlockStore:
         """
         changes = list(changes)
         if self._fd is None:
-            self.open()
+            self.open(create=True)
         fd = self._fd
-        assert fd is not None  # noqa: S101 - open() set it or raised
+        assert fd is not None  # noqa: S101 - open(create=True) set it or raised
         appends, kills = self._plan(changes)
         if not appends and not kills:
             return
