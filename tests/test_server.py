@@ -32,6 +32,7 @@ from spamguardd.core.policy import Block, Policy
 from spamguardd.core.protocol import Reply, Verdict, parse_reply
 from spamguardd.core.rate import Rate
 from spamguardd.daemon.listeners import bind_unix_listener
+from spamguardd.daemon.persist import BlockPersister
 from spamguardd.daemon.query_server import QueryServer
 from spamguardd.state.blockfile import BlockStore
 from tests.helpers import T0, readsocket, wire
@@ -381,3 +382,39 @@ async def test_day_of_traffic_under_mock_clock(
     assert 9 * 3600 <= frozen_at <= 9 * 3600 + 15 * 60  # type: ignore[operator]
     assert running.server.statistics().queries[("rcpt", "freeze")] == 1
     running.server.stop()
+
+
+class TestPersister:
+    async def test_a_change_nobody_named_is_still_written(self, tmp_path: Path) -> None:
+        """The executor names each changed user; a block made without it (a path that forgot)
+        does not add up with the file, so the write covers every user."""
+        store = BlockStore(tmp_path)
+        policy = Policy(FIVE, store.open())
+        persister = BlockPersister(policy, store)
+        named = policy.block("auth:named", "r", by="admin", wall_now=T0)
+        persister.changed("auth:named")
+        unnamed = policy.block("auth:unnamed", "r", by="admin", wall_now=T0)
+        assert named.needs_generation is not None
+        assert unnamed.needs_generation is not None
+        await persister.wait_durable(unnamed.needs_generation)
+        assert sorted(b.user for b in BlockStore(tmp_path).load()) == [
+            "auth:named",
+            "auth:unnamed",
+        ]
+        assert persister.writes == 1
+
+    async def test_one_write_for_a_burst_of_blocks(self, tmp_path: Path) -> None:
+        """Group commit: blocks made while a write is in flight share the next one."""
+        store = BlockStore(tmp_path)
+        policy = Policy(FIVE, store.open())
+        persister = BlockPersister(policy, store)
+        changes = []
+        for i in range(20):
+            changes.append(policy.block(f"auth:u{i}", "r", by="admin", wall_now=T0))
+            persister.changed(f"auth:u{i}")
+        async with trio.open_nursery() as nursery:
+            for change in changes:
+                assert change.needs_generation is not None
+                nursery.start_soon(persister.wait_durable, change.needs_generation)
+        assert persister.writes == 1
+        assert len(BlockStore(tmp_path).load()) == 20
