@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -385,3 +386,48 @@ class TestLongKeys:
         path.write_bytes(encode([Block(key, T0, "r")]))
         assert exim_lookup_long(key.encode(), path, tmp_path) == b"MISSING"
         assert exim_lookup_long(key[: MAX_QUOTED_KEY - 1].encode(), path, tmp_path) == b"FOUND"
+
+
+USERS = st.sampled_from(["auth:a", "auth:b", 'auth:"q"', "auth:tab\there", "ip:192.0.2.7"])
+
+
+class TestBlocksInPlaceProperties:
+    @given(
+        st.lists(
+            st.lists(st.tuples(USERS, st.booleans()), min_size=1, max_size=4),
+            max_size=12,
+        )
+    )
+    def test_any_sequence_of_writes_reads_back_as_the_model(
+        self, batches: list[list[tuple[str, bool]]]
+    ) -> None:
+        """Blocks and unblocks in any order and batching: the file says what the last write
+        of each user said, every user has at most one live line, and a fresh start (which
+        also cuts nothing that was whole) agrees."""
+        with tempfile.TemporaryDirectory() as scratch:
+            directory = Path(scratch)
+            store = BlockStore(directory)
+            store.open()
+            model: dict[str, Block] = {}
+            for number, batch in enumerate(batches):
+                changes: dict[str, Block | None] = {}
+                for user, blocked in batch:
+                    changes[user] = Block(user, T0 + number, f"r{number}") if blocked else None
+                store.apply(list(changes.items()))
+                for user, block in changes.items():
+                    if block is None:
+                        model.pop(user, None)
+                    else:
+                        model[user] = block
+                if store.wants_compaction():
+                    store.compact()
+            path = directory / "blocked"
+            data = path.read_bytes() if path.exists() else b""
+            live = [line for line in data.split(b"\n") if line.startswith(b'"')]
+            assert len(live) == len(model)
+            reopened = BlockStore(directory)
+            assert sorted(reopened.open(), key=lambda b: b.user) == sorted(
+                model.values(), key=lambda b: b.user
+            )
+            reopened.close()
+            store.close()
