@@ -16,7 +16,7 @@ import trio
 
 from spamguardd import __version__
 from spamguardd.core.config import Config, load_config, parse_inet_listen
-from spamguardd.core.errors import ConfigError, StoreError
+from spamguardd.core.errors import ConfigError, StateLockedError, StoreError
 from spamguardd.daemon.app import Daemon
 from spamguardd.daemon.fdlimit import raise_soft_limit
 from spamguardd.daemon.log import configure_logging
@@ -27,6 +27,8 @@ from spamguardd.state.blockfile import BlockStore
 EX_OK: Final = 0
 EX_FAILURE: Final = 1
 EX_USAGE: Final = 2
+#: sysexits.h EX_TEMPFAIL: another daemon holds the state directory; it may be free later.
+EX_STATE_LOCKED: Final = 75
 EX_CONFIG: Final = 78  # sysexits.h: configuration error; systemd does not restart on it
 
 
@@ -70,8 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check-config",
         action="store_true",
-        help="validate the configuration and the block file, then exit: "
-        "0 when valid, 78 with every problem listed otherwise",
+        help="validate the configuration, the state directory and the block file, then exit: "
+        "0 when valid, 78 with every problem listed otherwise; changes nothing",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
@@ -119,12 +121,14 @@ def check_config(config: Config) -> int:
             gid = grp.getgrnam(config.state.group).gr_gid
         except KeyError:
             problems.append(f"{config.source}: state.group: no such group {config.state.group!r}")
+    problems += _missing_groups(config)
     store = BlockStore(config.state.dir, group=gid)
     try:
         blocked = len(store.load())
     except StoreError as exc:
         problems.append(str(exc))
         blocked = 0
+    problems += _unwritable(config.state.dir, store.path)
     if gid is not None:
         problems += [
             problem.describe(str(config.state.group))
@@ -146,6 +150,46 @@ def check_config(config: Config) -> int:
     return EX_OK
 
 
+def _missing_groups(config: Config) -> list[str]:
+    """The socket groups the start would look up and not find."""
+    problems = []
+    for key, group in (
+        ("server.socket_group", config.server.socket_group),
+        ("admin.socket_group", config.admin.socket_group),
+    ):
+        if group is None:
+            continue
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            problems.append(f"{config.source}: {key}: no such group {group!r}")
+    return problems
+
+
+def _unwritable(state_dir: Path, block_file: Path) -> list[str]:
+    """Why the daemon could not write its state directory, without writing anything.
+
+    A directory that does not exist yet is judged by the nearest one above it (the start
+    creates it). Checked as the user running the check: run it as the daemon's user.
+    """
+    directory = state_dir
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    if not directory.is_dir():
+        return [f"{directory}: not a directory (state.dir is {state_dir})"]
+    if not os.access(directory, os.W_OK | os.X_OK):
+        reason = "read-only file system" if _read_only(directory) else "permission denied"
+        return [f"{state_dir}: the state directory cannot be written ({reason})"]
+    if block_file.exists() and not os.access(block_file, os.W_OK):
+        reason = "read-only file system" if _read_only(directory) else "permission denied"
+        return [f"{block_file}: cannot be written ({reason})"]
+    return []
+
+
+def _read_only(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``spamguardd``; returns the process exit status."""
     args = _parser().parse_args(argv)
@@ -161,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_config=lambda: build_config(args),
             watchdog_interval=watchdog_interval(os.environ),
         )
+    except StateLockedError as exc:
+        print(f"spamguardd: {exc}", file=sys.stderr)
+        return EX_STATE_LOCKED
     except (ConfigError, StoreError) as exc:
         print(f"spamguardd: {exc}".replace("\n", "\nspamguardd: "), file=sys.stderr)
         return EX_CONFIG

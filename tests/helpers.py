@@ -76,11 +76,13 @@ class Wired:
         async with trio.open_nursery() as workers:
             await workers.start(self.notices.run)
             await workers.start(self.journal.run)
+            await workers.start(self.effects.persister.run)
             async with trio.open_nursery() as serving:
                 await serving.start(self.server.serve, listeners)
                 task_status.started()
             await self.notices.aclose()
             await self.journal.flush()
+            await self.effects.persister.close()
             workers.cancel_scope.cancel()
 
 

@@ -80,13 +80,13 @@ async def test_admin_block_is_on_disk_before_the_answer(
     """No answer to block (or unblock) while the block file is still on its way to disk."""
     daemon = Daemon(make_config(sock_dir))
     gate = threading.Event()
-    save = daemon.store.save
+    apply = daemon.store.apply
 
-    def slow_save(blocks: Iterable[Block]) -> None:
+    def slow_apply(changes: Iterable[tuple[str, Block | None]]) -> None:
         gate.wait(10)
-        save(blocks)
+        apply(changes)
 
-    daemon.store.save = slow_save  # type: ignore[method-assign]
+    daemon.store.apply = slow_apply  # type: ignore[method-assign]
     await run_daemon(nursery, daemon)
     answers: list[dict[str, Any]] = []
 

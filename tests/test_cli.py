@@ -26,10 +26,10 @@ def ask(path: Path, request: bytes) -> bytes:
     return ask_blocking(path, request)
 
 
-def run_to_exit(workdir: Path) -> subprocess.CompletedProcess[str]:
+def run_to_exit(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Start ``python -m spamguardd`` in *workdir* for a start that is expected to fail."""
     return subprocess.run(
-        [PYTHON, "-m", "spamguardd"],
+        [PYTHON, "-m", "spamguardd", *args],
         cwd=workdir,
         capture_output=True,
         text=True,
@@ -237,9 +237,79 @@ def test_socket_in_use_exits_1(workdir: Path) -> None:
     """A second daemon on the same socket refuses to start instead of stealing it."""
     first = Daemon(workdir)
     try:
-        result = run_to_exit(workdir)
+        # a state directory of its own: the shared one would stop it first (exit 75)
+        result = run_to_exit(workdir, "--state-dir", "other-state")
         assert result.returncode == 1
         assert "another process is listening" in result.stdout
         assert ask(first.socket, b"ping") == b"pong\n"
     finally:
         first.stop()
+
+
+def test_second_daemon_on_the_state_directory_exits_75(workdir: Path) -> None:
+    """Two daemons on one state directory would lose each other's blocks: the second stops,
+    naming the pid of the first, with exit 75, before it touches anything."""
+    first = Daemon(workdir)
+    try:
+        result = run_to_exit(
+            workdir, "--query-socket", "other.sock", "--admin-socket", "other-admin.sock"
+        )
+        assert result.returncode == 75
+        assert f"in use by another spamguardd (pid {first.process.pid} holds" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert ask(first.socket, b"ping") == b"pong\n"
+    finally:
+        first.stop()
+
+
+def test_metrics_port_in_use_is_a_clear_error(workdir: Path) -> None:
+    """A metrics address someone else listens on: one line naming it, exit 1, no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        (workdir / "m.toml").write_text(f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+        result = run_to_exit(workdir, "--config", "m.toml")
+    assert result.returncode == 1
+    assert f"metrics.listen 127.0.0.1:{port}: cannot listen: Address already in use" in (
+        result.stdout
+    )
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+class TestCheckConfigState:
+    def test_missing_socket_group_is_reported(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A socket group that does not exist would stop the start: the check says so."""
+        path = tmp_path / "c.toml"
+        path.write_text('[server]\nsocket_group = "no-such-group-here"\n')
+        args = ["--config", str(path), "--state-dir", str(tmp_path / "s"), "--check-config"]
+        assert main(args) == EX_CONFIG
+        assert f"{path}: server.socket_group: no such group 'no-such-group-here'" in (
+            capsys.readouterr().err
+        )
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a read-only tmpfs needs root")
+    def test_read_only_state_directory(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The check reports it (and writes nothing); the daemon refuses to start on it."""
+        state = tmp_path / "ro"
+        state.mkdir()
+        mount = ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(state)]
+        subprocess.run(mount, check=True)
+        try:
+            args = ["--state-dir", str(state)]
+            assert main([*args, "--check-config"]) == EX_CONFIG
+            assert f"{state}: the state directory cannot be written (read-only file system)" in (
+                capsys.readouterr().err
+            )
+            result = run_to_exit(tmp_path, *args)  # a process: main() would set up logging here
+            assert result.returncode == EX_CONFIG
+            assert f"{state}: the state directory cannot be written (creating lock: " in (
+                result.stderr
+            )
+            assert "Read-only file system" in result.stderr
+        finally:
+            subprocess.run(["umount", str(state)], check=True)

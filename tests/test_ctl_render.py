@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 
+import attrs
 import pytest
 
 from spamguardd.core import adminproto
 from spamguardd.core.adminproto import (
     BlockCounts,
+    BlockFileInfo,
     BlockInfo,
     BlockReply,
     ErrorCounts,
@@ -146,6 +148,21 @@ def test_stats_reset_reload_metrics() -> None:
         "note: server changed; takes effect at the next start\n"
     )
     assert rendered(MetricsReply(text="m 1\n")) == "m 1\n"
+    assert "BLOCK FILE" not in text
+    failing = attrs.evolve(
+        stats,
+        block_file=BlockFileInfo(
+            ok=False,
+            failing_since="2026-11-28T00:00:05Z",
+            error="/var/lib/spamguardd/blocked: cannot write: No space left on device",
+            unsaved_users=3,
+        ),
+    )
+    assert (
+        "BLOCK FILE:     NOT WRITABLE since 2026-11-28T00:00:05Z: /var/lib/spamguardd/blocked: "
+        "cannot write: No space left on device; 3 users unsaved, block verdicts are defer, "
+        "retrying\n"
+    ) in rendered(failing)
 
 
 @pytest.mark.parametrize("kind", sorted(set(adminproto.REPLY_TYPES.values()), key=str))

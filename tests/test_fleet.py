@@ -394,6 +394,7 @@ def test_a_single_host_knows_nothing_of_fleets(sock_dir: Path) -> None:
     assert daemon.server.cluster is None
     assert daemon.statistics().cluster is None
     assert "cluster" not in daemon.render_metrics()
+    daemon.close()  # the state directory is one daemon's at a time
     # nor does it load the store's client (about half a second at every start)
     code = (
         "import sys; from pathlib import Path; "

@@ -125,6 +125,13 @@ class TestParseRequest:
         """The size limit is inclusive."""
         assert parse_request(b"check user=" + b"x" * 1024) == CheckRequest("x" * 1024)
 
+    def test_user_exim_could_not_find_in_the_block_file_is_refused(self) -> None:
+        """1024 control bytes quote to 4098 bytes, past what Exim's lsearch reads of a line:
+        the fallback would never see the block (and would match a shorter key), so refuse."""
+        with pytest.raises(RemoteProtocolError, match="4098 bytes once quoted for Exim's lsearch"):
+            parse_request(b"check user=" + b"\x01" * 1024)
+        assert parse_request(b"check user=" + b"\x01" * 1023) == CheckRequest("\x01" * 1023)
+
 
 class TestConnection:
     def test_line_ends_at_lf(self) -> None:

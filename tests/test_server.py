@@ -33,6 +33,7 @@ from spamguardd.core.policy import Block, Policy
 from spamguardd.core.protocol import Reply, Verdict, parse_reply
 from spamguardd.core.rate import Rate
 from spamguardd.daemon.listeners import bind_unix_listener
+from spamguardd.daemon.persist import BlockPersister
 from spamguardd.daemon.query_server import QueryServer
 from spamguardd.state.blockfile import BlockStore
 from tests.helpers import T0, readsocket, wire
@@ -123,9 +124,9 @@ class TestBlocking:
         gate = threading.Event()
 
         class SlowStore(BlockStore):
-            def save(self, blocks: Iterable[Block]) -> None:
+            def apply(self, changes: Iterable[tuple[str, Block | None]]) -> None:
                 gate.wait(10)
-                super().save(blocks)
+                super().apply(changes)
 
         running = await start(nursery, sock_dir, store=SlowStore(sock_dir / "state"))
         with trio.fail_after(10):
@@ -167,20 +168,65 @@ class TestBlocking:
         assert len(running.store.load()) == 1
         running.server.stop()
 
-    async def test_store_failure_still_freezes(self, nursery: trio.Nursery, sock_dir: Path) -> None:
-        """A disk that refuses the write still holds the mail, and the failure is logged."""
+    async def test_store_failure_defers_until_the_block_is_on_disk(
+        self, nursery: trio.Nursery, sock_dir: Path
+    ) -> None:
+        """A disk that refuses the block: no freeze is announced (defer holds the mail), the
+        failure is logged and counted, the block holds in memory and is written by the retry
+        once the disk takes it again; then the verdict is freeze."""
+        refusing = True
 
-        class BrokenStore(BlockStore):
-            def save(self, blocks: Iterable[Block]) -> None:
-                raise StoreError(f"{self.path}: cannot write: No space left on device")
+        class FullDisk(BlockStore):
+            def apply(self, changes: Iterable[tuple[str, Block | None]]) -> None:
+                if refusing:
+                    raise StoreError(f"{self.path}: cannot write: No space left on device")
+                super().apply(changes)
 
-        running = await start(nursery, sock_dir, store=BrokenStore(sock_dir / "state"))
-        with structlog.testing.capture_logs() as logs, trio.fail_after(10):
-            replies = [await running.ask(fail("auth:m", f"r{i}")) for i in range(5)]
-        assert replies[-1].verdict is Verdict.FREEZE
-        assert any(e["event"] == "block_not_persisted" and "No space" in e["error"] for e in logs)
-        assert running.server.effects.statistics().store_failures == 1
+        running = await start(nursery, sock_dir, store=FullDisk(sock_dir / "state"))
+        persister = running.server.effects.persister
+        persister.retry_min = persister.retry_max = 0.05  # the real clock: threads write
+        recovered = trio.Event()
+        persister.on_state = lambda error: None if error else recovered.set()
+        with structlog.testing.capture_logs() as logs:
+            with trio.fail_after(10):
+                replies = [await running.ask(fail("auth:m", f"r{i}")) for i in range(5)]
+                assert replies[-1] == Reply(
+                    Verdict.DEFER, "spamguardd cannot save its block list; try again later"
+                )
+                assert (await running.ask(b"check user=auth:m")).verdict is Verdict.DEFER
+            assert "auth:m" in running.policy.blocks
+            assert any(
+                e["event"] == "block_not_persisted" and "No space" in e["error"] for e in logs
+            )
+            assert persister.last_error is not None
+            assert running.server.effects.statistics().store_failures == 2
+            refusing = False
+            with trio.fail_after(10):
+                await recovered.wait()  # the retry, after its backoff
+            assert running.server.effects.statistics().store_error is None
+            assert [b.user for b in BlockStore(sock_dir / "state").load()] == ["auth:m"]
+            with trio.fail_after(10):
+                assert (await running.ask(b"check user=auth:m")).verdict is Verdict.FREEZE
+            assert any(e["event"] == "block_persisted_again" for e in logs)
         running.server.stop()
+
+    async def test_blocks_the_disk_refused_are_written_at_shutdown(self, sock_dir: Path) -> None:
+        """A block still unsaved when the daemon stops is written by the stop's last attempt."""
+        refusing = True
+
+        class FullDisk(BlockStore):
+            def apply(self, changes: Iterable[tuple[str, Block | None]]) -> None:
+                if refusing:
+                    raise StoreError(f"{self.path}: cannot write: No space left on device")
+                super().apply(changes)
+
+        async with trio.open_nursery() as run:
+            running = await start(run, sock_dir, store=FullDisk(sock_dir / "state"))
+            for i in range(5):
+                await running.ask(fail("auth:m", f"r{i}"))
+            refusing = False  # before the first retry is due
+            running.server.stop()
+        assert [b.user for b in BlockStore(sock_dir / "state").load()] == ["auth:m"]
 
     async def test_restart_keeps_the_block(self, nursery: trio.Nursery, sock_dir: Path) -> None:
         """A new server on the same state directory freezes the user blocked by the old one."""
@@ -432,3 +478,39 @@ async def test_day_of_traffic_under_mock_clock(
     assert 9 * 3600 <= frozen_at <= 9 * 3600 + 15 * 60  # type: ignore[operator]
     assert running.server.statistics().queries[("rcpt", "freeze")] == 1
     running.server.stop()
+
+
+class TestPersister:
+    async def test_a_change_nobody_named_is_still_written(self, tmp_path: Path) -> None:
+        """The executor names each changed user; a block made without it (a path that forgot)
+        does not add up with the file, so the write covers every user."""
+        store = BlockStore(tmp_path)
+        policy = Policy(FIVE, store.open())
+        persister = BlockPersister(policy, store)
+        named = policy.block("auth:named", "r", by="admin", wall_now=T0)
+        persister.changed("auth:named")
+        unnamed = policy.block("auth:unnamed", "r", by="admin", wall_now=T0)
+        assert named.needs_generation is not None
+        assert unnamed.needs_generation is not None
+        await persister.wait_durable(unnamed.needs_generation)
+        assert sorted(b.user for b in BlockStore(tmp_path).load()) == [
+            "auth:named",
+            "auth:unnamed",
+        ]
+        assert persister.writes == 1
+
+    async def test_one_write_for_a_burst_of_blocks(self, tmp_path: Path) -> None:
+        """Group commit: blocks made while a write is in flight share the next one."""
+        store = BlockStore(tmp_path)
+        policy = Policy(FIVE, store.open())
+        persister = BlockPersister(policy, store)
+        changes = []
+        for i in range(20):
+            changes.append(policy.block(f"auth:u{i}", "r", by="admin", wall_now=T0))
+            persister.changed(f"auth:u{i}")
+        async with trio.open_nursery() as nursery:
+            for change in changes:
+                assert change.needs_generation is not None
+                nursery.start_soon(persister.wait_durable, change.needs_generation)
+        assert persister.writes == 1
+        assert len(BlockStore(tmp_path).load()) == 20

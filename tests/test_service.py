@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,9 +18,11 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from spamguardd.core import buckets
+from spamguardd.core.adminproto import StatsReply
 from spamguardd.core.config import Config, load_config
+from spamguardd.core.errors import StateLockedError, StoreError
 from spamguardd.core.latency import LatencyHistogram
-from spamguardd.core.policy import PolicyStatistics
+from spamguardd.core.policy import Block, PolicyStatistics
 from spamguardd.core.statistics import (
     EffectStatistics,
     NoticeStatistics,
@@ -217,6 +219,81 @@ class TestDaemon:
                 daemon.stop()
             assert not query.exists()
             assert admin.exists()  # not ours any more
+
+    async def test_a_refusing_block_file_is_said_loudly_and_retried(
+        self, sock_dir: Path, notify_socket: socket.socket
+    ) -> None:
+        """Disk full: the block is answered defer, and the log, stats, the metrics and
+        systemd's status line say why; once the disk takes it, freeze again and all clear."""
+        path = sock_dir / "c.toml"
+        write_config(path, sock_dir, "2/1h")
+        sd_notify = SdNotify(notify_socket.getsockname())
+        daemon = Daemon(load_config(path), sd_notify=sd_notify)
+        apply = daemon.store.apply
+        refusing = True
+
+        def full(changes: Iterable[tuple[str, Block | None]]) -> None:
+            if refusing:
+                raise StoreError(f"{daemon.store.path}: cannot write: No space left on device")
+            apply(changes)
+
+        daemon.store.apply = full  # type: ignore[method-assign]
+        daemon.persister.retry_min = daemon.persister.retry_max = 0.05
+        recovered = trio.Event()
+        report = daemon.persister.on_state
+
+        def on_state(error: str | None) -> None:
+            report(error)
+            if error is None:
+                recovered.set()
+
+        daemon.persister.on_state = on_state
+        query = sock_dir / "q.sock"
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    lambda task_status: daemon.run(handle_signals=False, task_status=task_status)
+                )
+                await readsocket(query, fail(0))
+                assert (await readsocket(query, fail(1))).startswith(b"defer ")
+                stats = StatsReply.from_statistics(daemon.statistics())
+                assert not stats.block_file.ok
+                assert stats.block_file.unsaved_users == 1
+                assert "No space left on device" in (stats.block_file.error or "")
+                assert "spamguardd_block_file_ok 0.0" in daemon.render_metrics()
+                refusing = False
+                await recovered.wait()
+                assert (await readsocket(query, b"check user=auth:a")).startswith(b"freeze ")
+                assert "spamguardd_block_file_ok 1.0" in daemon.render_metrics()
+                daemon.stop()
+        statuses = [m for m in received(notify_socket) if m.startswith("STATUS=")]
+        assert statuses[0].startswith("STATUS=BLOCK FILE NOT WRITABLE (")
+        assert statuses[1].startswith("STATUS=serving; ")
+        sd_notify.close()
+
+    async def test_the_state_directory_is_taken_whole(self, sock_dir: Path) -> None:
+        """A start takes the state directory's lock (a second daemon on it is refused) and
+        removes the temporary files an interrupted write left; the lock goes with the run."""
+        path = sock_dir / "c.toml"
+        write_config(path, sock_dir, "2/1h")
+        (sock_dir / "state").mkdir()
+        stale = sock_dir / "state" / ".blocked.k3j4h2.tmp"
+        stale.write_bytes(b'"auth:half')
+        with structlog.testing.capture_logs() as logs:
+            daemon = Daemon(load_config(path))
+        assert not stale.exists()
+        assert {"event": "stale_temporary_removed", "path": str(stale), "log_level": "warning"} in (
+            logs
+        )
+        with pytest.raises(StateLockedError, match=rf"pid {os.getpid()} holds"):
+            Daemon(load_config(path))
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    lambda task_status: daemon.run(handle_signals=False, task_status=task_status)
+                )
+                daemon.stop()
+        Daemon(load_config(path)).close()  # free again once the first has stopped
 
     async def test_broken_file_keeps_the_running_config(self, sock_dir: Path) -> None:
         """A reload from a bad file logs every problem and changes nothing."""

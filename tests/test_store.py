@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import grp
+import os
 import shutil
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spamguardd.core.errors import StoreError
+from spamguardd.core.errors import StateLockedError, StoreError
+from spamguardd.core.lsearch import MAX_QUOTED_KEY, too_long
 from spamguardd.core.policy import Block
-from spamguardd.state.blockfile import BlockStore, decode, encode, encode_key
+from spamguardd.state.blockfile import (
+    COMPACT_MIN_DEAD,
+    HEADER,
+    BlockStore,
+    decode,
+    encode,
+    encode_key,
+)
+from spamguardd.state.statelock import StateLock, holder
 from tests.helpers import T0
 from tests.strategies import blocks
 
@@ -187,3 +198,236 @@ class TestStateDirectoryGroup:
         BlockStore(existing, group=grp.getgrnam("Debian-exim").gr_gid).prepare()
         after = existing.stat()
         assert (after.st_gid, after.st_mode) == (before.st_gid, before.st_mode)
+
+
+class TestBlocksInPlace:
+    """A block appends a line, an unblock kills one in place: no rewrite of the whole file."""
+
+    def test_a_block_appends_and_leaves_the_rest_alone(self, tmp_path: Path) -> None:
+        store = BlockStore(tmp_path)
+        assert store.open() == []
+        store.apply([("auth:a", Block("auth:a", T0, "r"))])
+        before = store.path.read_bytes()
+        store.apply([("auth:b", Block("auth:b", T0, "r"))])
+        after = store.path.read_bytes()
+        assert after.startswith(before)
+        line = b'"auth:b": blocked_at=2026-11-28T00:00:00Z reason=r by=auto\n'
+        assert after[len(before) :] == line
+        assert BlockStore(tmp_path).load() == [Block("auth:a", T0, "r"), Block("auth:b", T0, "r")]
+
+    def test_an_unblocked_key_no_longer_matches_in_exim(self, tmp_path: Path) -> None:
+        """The unblock turns the line into a comment; the file keeps its size; others stay."""
+        store = BlockStore(tmp_path)
+        store.open()
+        store.apply([(u, Block(u, T0, "r")) for u in ("auth:a", "auth:b", "auth:c")])
+        size = store.path.stat().st_size
+        store.apply([("auth:b", None)])
+        assert store.path.stat().st_size == size
+        assert exim_lookup(b"auth:b", store.path) == b"MISSING"
+        assert exim_lookup(b"auth:a", store.path).startswith(b"FOUND")
+        assert exim_lookup(b"auth:c", store.path).startswith(b"FOUND")
+        assert [b.user for b in BlockStore(tmp_path).load()] == ["auth:a", "auth:c"]
+
+    def test_a_block_after_an_unblock_is_the_one_live_line(self, tmp_path: Path) -> None:
+        store = BlockStore(tmp_path)
+        store.open()
+        store.apply([("auth:a", Block("auth:a", T0, "first"))])
+        store.apply([("auth:a", None)])
+        store.apply([("auth:a", Block("auth:a", T0 + 60, "second"))])
+        assert BlockStore(tmp_path).load() == [Block("auth:a", T0 + 60, "second")]
+        assert exim_lookup(b"auth:a", store.path) == (
+            b"FOUND blocked_at=2026-11-28T00:01:00Z reason=second by=auto"
+        )
+        assert store.dead_lines == 1
+
+    def test_a_torn_line_would_match_a_wrong_key_so_appends_start_as_comments(
+        self, tmp_path: Path
+    ) -> None:
+        """lsearch reads an unterminated quoted key to the end of what it has, so a line torn
+        after ``"auth:alice`` matches the key ``auth:alice``. Every append is a comment until
+        it is whole, and a start cuts a torn one off."""
+        path = tmp_path / "blocked"
+        path.write_bytes(HEADER + b'"auth:alice')
+        assert exim_lookup(b"auth:alice", path) == b"FOUND"  # the danger, in real Exim
+        path.write_bytes(HEADER + b'#"auth:alice')  # what a crash mid-append leaves
+        assert exim_lookup(b"auth:alice", path) == b"MISSING"
+        store = BlockStore(tmp_path)
+        assert store.open() == []
+        assert path.read_bytes() == HEADER
+        store.apply([("auth:alice@example.com", Block("auth:alice@example.com", T0, "r"))])
+        assert [b.user for b in BlockStore(tmp_path).load()] == ["auth:alice@example.com"]
+
+    def test_a_hand_written_last_line_without_newline_is_kept(self, tmp_path: Path) -> None:
+        path = tmp_path / "blocked"
+        path.write_bytes(b'"auth:a": blocked_at=2026-11-28T00:00:00Z')
+        store = BlockStore(tmp_path)
+        assert [b.user for b in store.open()] == ["auth:a"]
+        store.apply([("auth:b", Block("auth:b", T0, "r"))])
+        assert [b.user for b in BlockStore(tmp_path).load()] == ["auth:a", "auth:b"]
+
+    def test_dead_lines_are_compacted_away_when_they_outnumber_the_live(
+        self, tmp_path: Path
+    ) -> None:
+        store = BlockStore(tmp_path)
+        store.open()
+        users = [f"auth:u{i}" for i in range(COMPACT_MIN_DEAD + 10)]
+        store.apply([(u, Block(u, T0, "r")) for u in [*users, "auth:keep"]])
+        store.apply([(u, None) for u in users])
+        assert store.wants_compaction()
+        store.compact()
+        assert store.dead_lines == 0
+        assert store.path.read_bytes() == encode([Block("auth:keep", T0, "r")])
+        store.apply([("auth:keep", None), ("auth:new", Block("auth:new", T0, "r"))])
+        assert [b.user for b in BlockStore(tmp_path).load()] == ["auth:new"]
+        assert [p.name for p in tmp_path.iterdir()] == ["blocked"]
+
+    def test_a_refused_append_is_cut_off_and_completed_by_the_retry(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        store = BlockStore(tmp_path)
+        store.open(create=True)
+        before = store.path.read_bytes()
+        real = os.fdatasync
+
+        def full(fd: int) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "fdatasync", full)
+        with pytest.raises(StoreError, match="blocked: cannot write: No space left on device"):
+            store.apply([("auth:a", Block("auth:a", T0, "r"))])
+        assert store.path.read_bytes() == before
+        monkeypatch.setattr(os, "fdatasync", real)
+        store.apply([("auth:a", Block("auth:a", T0, "r"))])
+        assert [b.user for b in BlockStore(tmp_path).load()] == ["auth:a"]
+
+
+class TestStateDirectory:
+    def test_a_dangling_symlink_is_refused_not_read_as_empty(self, tmp_path: Path) -> None:
+        (tmp_path / "blocked").symlink_to(tmp_path / "nowhere")
+        for attempt in (BlockStore(tmp_path).load, BlockStore(tmp_path).open):
+            with pytest.raises(StoreError, match="blocked: is a symbolic link"):
+                attempt()
+        assert (tmp_path / "blocked").is_symlink()  # left as it is
+
+    def test_a_symlink_to_a_real_file_is_refused_too(self, tmp_path: Path) -> None:
+        """A rename would replace the link, not the file it points to."""
+        (tmp_path / "real").write_bytes(encode([Block("auth:a", T0, "r")]))
+        (tmp_path / "blocked").symlink_to(tmp_path / "real")
+        with pytest.raises(StoreError, match="symbolic link"):
+            BlockStore(tmp_path).open()
+
+    def test_stale_temporary_files_are_removed(self, tmp_path: Path) -> None:
+        (tmp_path / ".blocked.abc123.tmp").write_bytes(b"half a file")
+        (tmp_path / "keep.tmp").write_bytes(b"not ours")
+        store = BlockStore(tmp_path)
+        assert store.remove_stale_temporaries() == [tmp_path / ".blocked.abc123.tmp"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.tmp"]
+
+    def test_the_lock_refuses_a_second_holder_and_names_the_first(self, tmp_path: Path) -> None:
+        first = StateLock(tmp_path)
+        first.acquire()
+        assert (tmp_path / "lock").read_text() == f"{os.getpid()}\n"
+        assert holder(tmp_path) == os.getpid()
+        with pytest.raises(StateLockedError, match=rf"pid {os.getpid()} holds .*lock"):
+            StateLock(tmp_path).acquire()
+        first.release()
+        assert holder(tmp_path) is None
+        second = StateLock(tmp_path)
+        second.acquire()
+        second.release()
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a read-only tmpfs needs root")
+    def test_a_read_only_state_directory_is_refused(self, tmp_path: Path) -> None:
+        state = tmp_path / "ro"
+        state.mkdir()
+        mount = ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(state)]
+        subprocess.run(mount, check=True)
+        try:
+            with pytest.raises(StoreError, match="Read-only file system"):
+                StateLock(state).acquire()
+            assert BlockStore(state).open() == []  # nothing to read, nothing created
+            with pytest.raises(StoreError, match="cannot open for writing: Read-only file system"):
+                BlockStore(state).open(create=True)
+        finally:
+            subprocess.run(["umount", str(state)], check=True)
+
+
+def exim_lookup_long(key: bytes, file: Path, scratch: Path) -> bytes:
+    """Like :func:`exim_lookup`, for keys too long for Exim's command line: read from a file."""
+    (scratch / "key").write_bytes(key)
+    read = f"${{readfile{{{scratch / 'key'}}}}}"
+    expansion = f"${{lookup{{{read}}}lsearch{{{file}}}{{FOUND}}{{MISSING}}}}"
+    result = subprocess.run([exim(), "-be", expansion], capture_output=True, check=True, timeout=30)
+    return result.stdout.strip()
+
+
+class TestLongKeys:
+    """Exim's lsearch reads a line's first 4095 bytes; the quoted key must end within them."""
+
+    def test_the_longest_key_is_found_and_one_more_byte_is_refused(self, tmp_path: Path) -> None:
+        longest = "auth:" + "\x01" * ((MAX_QUOTED_KEY - 2 - 5) // 4)
+        assert len(encode_key(longest)) == MAX_QUOTED_KEY
+        path = tmp_path / "blocked"
+        path.write_bytes(encode([Block(longest, T0, "r")]))
+        raw = longest.encode()
+        assert exim_lookup_long(raw, path, tmp_path) == b"FOUND"
+        assert too_long(longest) is None
+        assert too_long(longest + "a") == (
+            "user key is 4096 bytes once quoted for Exim's lsearch, which reads at most 4095 "
+            "(Exim could not find it in the block file)"
+        )
+
+    def test_past_the_limit_exim_misses_the_key_and_matches_a_wrong_one(
+        self, tmp_path: Path
+    ) -> None:
+        """Why such keys are refused: the fallback would miss the user and hit another."""
+        key = "a" * (MAX_QUOTED_KEY)  # quoted: 4097 bytes
+        path = tmp_path / "blocked"
+        path.write_bytes(encode([Block(key, T0, "r")]))
+        assert exim_lookup_long(key.encode(), path, tmp_path) == b"MISSING"
+        assert exim_lookup_long(key[: MAX_QUOTED_KEY - 1].encode(), path, tmp_path) == b"FOUND"
+
+
+USERS = st.sampled_from(["auth:a", "auth:b", 'auth:"q"', "auth:tab\there", "ip:192.0.2.7"])
+
+
+class TestBlocksInPlaceProperties:
+    @given(
+        st.lists(
+            st.lists(st.tuples(USERS, st.booleans()), min_size=1, max_size=4),
+            max_size=12,
+        )
+    )
+    def test_any_sequence_of_writes_reads_back_as_the_model(
+        self, batches: list[list[tuple[str, bool]]]
+    ) -> None:
+        """Blocks and unblocks in any order and batching: the file says what the last write
+        of each user said, every user has at most one live line, and a fresh start (which
+        also cuts nothing that was whole) agrees."""
+        with tempfile.TemporaryDirectory() as scratch:
+            directory = Path(scratch)
+            store = BlockStore(directory)
+            store.open()
+            model: dict[str, Block] = {}
+            for number, batch in enumerate(batches):
+                changes: dict[str, Block | None] = {}
+                for user, blocked in batch:
+                    changes[user] = Block(user, T0 + number, f"r{number}") if blocked else None
+                store.apply(list(changes.items()))
+                for user, block in changes.items():
+                    if block is None:
+                        model.pop(user, None)
+                    else:
+                        model[user] = block
+                if store.wants_compaction():
+                    store.compact()
+            path = directory / "blocked"
+            data = path.read_bytes() if path.exists() else b""
+            live = [line for line in data.split(b"\n") if line.startswith(b'"')]
+            assert len(live) == len(model)
+            reopened = BlockStore(directory)
+            assert sorted(reopened.open(), key=lambda b: b.user) == sorted(
+                model.values(), key=lambda b: b.user
+            )
+            reopened.close()
+            store.close()

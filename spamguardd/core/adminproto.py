@@ -29,6 +29,7 @@ from typing import Any, Final, TypeVar
 
 import attrs
 
+from spamguardd.core import lsearch
 from spamguardd.core.latency import percentiles
 from spamguardd.core.policy import Block
 from spamguardd.core.statistics import Statistics
@@ -133,6 +134,8 @@ def _user_field(verb: Verb, user: Any) -> str | None:
         )
     if len(user.encode("utf-8", "surrogateescape")) > MAX_USER or "\x00" in user:
         raise AdminRequestError(f"user key must be 1 to {MAX_USER} bytes without NUL")
+    if (problem := lsearch.too_long(user)) is not None:
+        raise AdminRequestError(problem)
     return user
 
 
@@ -303,6 +306,19 @@ class ErrorCounts:
 
 
 @attrs.frozen(kw_only=True)
+class BlockFileInfo:
+    """Whether the block file takes writes (docs/operations.md): while it does not, block
+    verdicts are ``defer`` and the daemon retries."""
+
+    ok: bool = True
+    #: Since when writes fail, and the last error, while they do.
+    failing_since: str | None = None
+    error: str | None = None
+    #: Users whose block or unblock is in memory only.
+    unsaved_users: int = 0
+
+
+@attrs.frozen(kw_only=True)
 class ClusterInfo:
     """Fleet mode, as ``stats`` shows it (docs/fleet.md)."""
 
@@ -341,6 +357,7 @@ class StatsReply:
     errors: ErrorCounts
     #: Percentiles in ms (``p50``...``p99_9``); None past the last bucket; empty before a query.
     latency_ms: Mapping[str, float | None]
+    block_file: BlockFileInfo = BlockFileInfo()
     #: Fleet mode only (absent for a single host).
     cluster: ClusterInfo | None = attrs.field(default=None, metadata={"omit_none": True})
 
@@ -389,6 +406,14 @@ class StatsReply:
                 admin=stats.admin_errors + stats.effects.journal_failures,
             ),
             latency_ms=percentiles(stats.latency.bounds, stats.latency.counts),
+            block_file=BlockFileInfo(
+                ok=stats.effects.store_error is None,
+                failing_since=None
+                if stats.effects.store_failing_since is None
+                else format_time(stats.effects.store_failing_since),
+                error=stats.effects.store_error,
+                unsaved_users=stats.effects.unsaved_users,
+            ),
             cluster=cluster,
         )
 

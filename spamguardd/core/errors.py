@@ -38,3 +38,11 @@ class StoreError(SpamguardError):
 
 class NotifyError(SpamguardError):
     """A notice could not be handed over (mail system or hook); the dispatcher retries it."""
+
+
+class StateLockedError(SpamguardError):
+    """Another process holds the state directory's lock: this daemon must not start (exit 75).
+
+    Two daemons on one state directory would each rewrite the block file from their own view
+    and lose the other's blocks.
+    """

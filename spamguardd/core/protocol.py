@@ -27,6 +27,7 @@ from typing import Final
 
 import attrs
 
+from spamguardd.core import lsearch
 from spamguardd.core.errors import RemoteProtocolError
 
 #: Largest request accepted, terminator included. Exim's readsocket request is one short line
@@ -288,6 +289,8 @@ def _user(fields: dict[str, str]) -> str:
         raise RemoteProtocolError(f"user must be at most {MAX_USER_SIZE} bytes (got {size})")
     if "\x00" in user:
         raise RemoteProtocolError("user must not contain a NUL byte")
+    if (problem := lsearch.too_long(user)) is not None:
+        raise RemoteProtocolError(problem)
     return user
 
 

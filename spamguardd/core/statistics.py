@@ -42,6 +42,11 @@ class EffectStatistics:
     store_failures: int
     #: Journal entries that could not be written (the change itself stands).
     journal_failures: int
+    #: Users whose block or unblock is in memory but not yet in the block file.
+    unsaved_users: int = 0
+    #: While block-file writes fail: the last error, and the wall-clock time they began to.
+    store_error: str | None = None
+    store_failing_since: float | None = None
 
 
 @attrs.frozen

@@ -152,6 +152,12 @@ def _(reply: StatsReply, out: TextIO) -> None:
         f"errors:         {errors.admin} admin, {errors.busy} busy, {errors.internal} internal, "
         f"{errors.protocol} protocol, {errors.store} store\n"
     )
+    block_file = reply.block_file
+    if not block_file.ok:
+        out.write(
+            f"BLOCK FILE:     NOT WRITABLE since {block_file.failing_since}: {block_file.error}; "
+            f"{block_file.unsaved_users} users unsaved, block verdicts are defer, retrying\n"
+        )
     fleet = reply.cluster
     if fleet is not None:
         state = "up" if fleet.up else f"DOWN since {fleet.down_since}, counting locally"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import grp
 import os
 import platform
@@ -32,7 +33,7 @@ from spamguardd.daemon.listeners import (
     socket_file_identity,
 )
 from spamguardd.daemon.metrics import render_metrics
-from spamguardd.daemon.metrics_http import serve_metrics
+from spamguardd.daemon.metrics_http import bind_metrics, serve_metrics
 from spamguardd.daemon.notices import NoticeQueue
 from spamguardd.daemon.persist import BlockPersister
 from spamguardd.daemon.query_server import QueryServer
@@ -42,6 +43,7 @@ from spamguardd.state.blockfile import BlockStore
 from spamguardd.state.journal import FILENAME as JOURNAL_FILENAME
 from spamguardd.state.journal import Journal
 from spamguardd.state.snapshot import SnapshotStore
+from spamguardd.state.statelock import StateLock
 
 if TYPE_CHECKING:
     from spamguardd.daemon.cluster import Cluster
@@ -49,12 +51,14 @@ if TYPE_CHECKING:
 log = structlog.get_logger("spamguardd")
 
 
-def load_policy(config: Config) -> tuple[Policy, BlockStore]:
-    """Read the block list and build the policy from it.
+def load_policy(config: Config, lock: StateLock | None = None) -> tuple[Policy, BlockStore]:
+    """Take the state directory (its *lock*), read the block list, build the policy from it.
 
     Raises:
         ConfigError: the state group does not exist.
-        StoreError: the state directory cannot be created or the block file is damaged.
+        StateLockedError: another daemon holds the state directory.
+        StoreError: the state directory cannot be created or written, or the block file is
+            damaged or not a regular file.
     """
     gid = None
     if config.state.group is not None:
@@ -66,7 +70,16 @@ def load_policy(config: Config) -> tuple[Policy, BlockStore]:
             ) from None
     store = BlockStore(config.state.dir, group=gid)
     store.prepare()
-    policy = Policy(config.policy, store.load())
+    if lock is not None:
+        lock.acquire()  # before anything is read, removed or written
+    try:
+        for path in store.remove_stale_temporaries():
+            log.warning("stale_temporary_removed", path=str(path))
+        policy = Policy(config.policy, store.open())
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     if gid is not None:
         ensure_exim_access(store.path, gid, group=str(config.state.group))
     return policy, store
@@ -141,7 +154,9 @@ class Daemon:
         self.watchdog_interval = watchdog_interval
         self._load_config = load_config or (lambda: self.config)
         self.snapshots = SnapshotStore(config.state.dir)
-        self.policy, self.store = load_policy(config)
+        #: Held from here until run() ends: one daemon per state directory.
+        self.lock = StateLock(config.state.dir)
+        self.policy, self.store = load_policy(config, self.lock)
         self.counters = CounterKeeper(
             self.policy,
             self.snapshots,
@@ -150,9 +165,11 @@ class Daemon:
         )
         self.journal = JournalWriter(Journal(config.state.dir / JOURNAL_FILENAME))
         self.notices = NoticeQueue(config.notify, record=self.journal.record, wall_clock=wall_clock)
+        self.persister = BlockPersister(self.policy, self.store, wall_clock=wall_clock)
+        self.persister.on_state = self._block_file_state
         self.effects = EffectExecutor(
             self.policy,
-            BlockPersister(self.policy, self.store),
+            self.persister,
             self.journal,
             self.notices,
             wall_clock=wall_clock,
@@ -289,7 +306,26 @@ class Daemon:
 
     def _status(self) -> str:
         stats = self.policy.statistics()
-        return f"serving; {stats.tracked_users} users counted, {stats.blocked_users} blocked"
+        status = f"serving; {stats.tracked_users} users counted, {stats.blocked_users} blocked"
+        error = self.persister.last_error
+        if error is not None:
+            status = (
+                f"BLOCK FILE NOT WRITABLE ({error}); block verdicts are defer, "
+                f"{self.persister.pending} users unsaved, retrying; {status}"
+            )
+        return status
+
+    def _block_file_state(self, error: str | None) -> None:
+        """The block file began to refuse writes (*error*), or takes them again (None): say so
+        in systemd's status line (``systemctl status``), as well as in the log."""
+        log.info("status_changed", block_file="ok" if error is None else "failing")
+        if self.sd_notify is not None:
+            self.sd_notify.status(self._status())
+
+    def close(self) -> None:
+        """Let go of the state directory (the block file and the lock); run() does it at exit."""
+        self.store.close()
+        self.lock.release()
 
     async def run(
         self,
@@ -297,12 +333,21 @@ class Daemon:
         handle_signals: bool = True,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Bind the query socket and serve until stopped (SIGTERM/SIGINT, or :meth:`stop`).
+        """Bind the query socket and serve until stopped (SIGTERM/SIGINT, or :meth:`stop`);
+        then let go of the state directory.
 
         Raises:
-            OSError: the socket cannot be bound (another daemon, a non-socket at the path, ...).
+            OSError: a socket cannot be bound (another daemon, a non-socket at the path, the
+                metrics address in use, ...).
             LookupError: the socket group does not exist.
         """
+        try:
+            await self._run(handle_signals=handle_signals, task_status=task_status)
+        finally:
+            self.close()
+        log.info("stopped")
+
+    async def _run(self, *, handle_signals: bool, task_status: trio.TaskStatus[None]) -> None:
         server_config = self.config.server
         sock = adopt_or_bind(
             self.inherited,
@@ -331,10 +376,15 @@ class Daemon:
                 group=admin_config.socket_group,
                 backlog=64,
             )
+            listeners.append(admin_sock)
+            listen = self.config.metrics.listen
+            # bound here, not in its task: a port in use is a clear error, not a traceback
+            metrics = None if listen is None else await bind_metrics(listen[0], listen[1])
         except BaseException:
             for listener in listeners:
                 listener.close()
             raise
+        listeners.pop()  # the admin socket is the admin server's
         # the socket files bound here (not systemd's), removed when serving stops
         bound = {"query": server_config.query_socket, "admin": admin_config.socket}
         owned = [
@@ -349,11 +399,15 @@ class Daemon:
             await nursery.start(self.counters.run)
             if self.watchdog_interval is not None:
                 nursery.start_soon(self._watchdog, self.watchdog_interval)
-            listen = self.config.metrics.listen
             if listen is not None:
-                await nursery.start(serve_metrics, listen[0], listen[1], self.render_metrics)
+                await nursery.start(
+                    functools.partial(
+                        serve_metrics, listen[0], listen[1], self.render_metrics, listeners=metrics
+                    )
+                )
             await nursery.start(self.notices.run)
             await nursery.start(self.journal.run)
+            await nursery.start(self.persister.run)
             if self.cluster is not None:
                 await nursery.start(self.cluster.run)
             async with trio.open_nursery() as serving:
@@ -366,13 +420,13 @@ class Daemon:
             # serve() has returned: stop() was called and in-flight answers went out
             for path, identity in owned:
                 remove_socket_file(path, identity)
+            await self.persister.close()  # blocks the disk refused so far: a last attempt
             await self.notices.aclose()  # queued notices get the shutdown grace period
             await self.journal.flush()  # what the notices left, and everything before it
             # the final snapshot, still under the signal handler: a second SIGTERM waits too
             await self.counters.stop()
             await self.counters.save_final()
             nursery.cancel_scope.cancel()
-        log.info("stopped")
 
     def _log_started(self, query_socket: str) -> None:
         log.info(

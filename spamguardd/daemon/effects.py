@@ -64,6 +64,9 @@ class EffectExecutor:
             would_blocks=self._would_blocks,
             store_failures=self._store_failures,
             journal_failures=self.journal.failures,
+            unsaved_users=self.persister.pending,
+            store_error=self.persister.last_error,
+            store_failing_since=self.persister.failing_since,
         )
 
     def carry_out(self, effects: Sequence[Effect], *, relay: str | None = None) -> None:
@@ -74,6 +77,8 @@ class EffectExecutor:
         """
         verdict = self.policy.config.verdict
         for effect in effects:
+            if isinstance(effect, (Blocked, Unblocked)):
+                self.persister.changed(effect.block.user)
             entry = entry_for(effect)
             if relay is not None:
                 self._log_remote(effect, relay)
@@ -91,14 +96,13 @@ class EffectExecutor:
         """Return once the block list of *generation* (or a later one) is on disk.
 
         Raises:
-            StoreError: it could not be written (logged and counted here); the change holds in
-                memory and the next write tries again.
+            StoreError: it could not be written (counted here, logged by the persister); the
+                change holds in memory and the persister retries with backoff.
         """
         try:
             await self.persister.wait_durable(generation)
-        except StoreError as exc:
-            self._store_failures += 1
-            log.error("block_not_persisted", error=str(exc))
+        except StoreError:
+            self._store_failures += 1  # the persister logs each failed write, not each waiter
             raise
 
     async def apply(self, change: Change, *, relay: str | None = None) -> None:

@@ -76,7 +76,10 @@ class _Collector(Collector):
             ("busy", "Waiting connections shed with defer.", stats.server.busy),
             (
                 "store_failures",
-                "Block-list writes that failed (the block held in memory).",
+                (
+                    "Block verdicts deferred and admin changes refused because the block file "
+                    "could not be written (the change held in memory)."
+                ),
                 stats.effects.store_failures,
             ),
             (
@@ -94,6 +97,16 @@ class _Collector(Collector):
                 "open_connections",
                 "Connections waiting for their request or for the disk.",
                 stats.server.open_connections,
+            ),
+            (
+                "block_file_ok",
+                "1 while the block file takes writes; 0 while it refuses (block verdicts defer).",
+                int(stats.effects.store_error is None),
+            ),
+            (
+                "unsaved_users",
+                "Users whose block or unblock is in memory but not yet in the block file.",
+                stats.effects.unsaved_users,
             ),
         )
         for name, documentation, value in gauges:

@@ -50,19 +50,36 @@ async def _handle(stream: trio.SocketStream, render: Callable[[], str]) -> None:
             await stream.send_all(response)
 
 
+async def bind_metrics(host: str, port: int) -> list[trio.SocketListener]:
+    """The metrics listeners, bound before the daemon starts serving.
+
+    Raises:
+        OSError: the address cannot be bound; the message names ``metrics.listen``.
+    """
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise OSError(
+            exc.errno, f"metrics.listen {host}:{port}: cannot listen: {exc.strerror}"
+        ) from exc
+
+
 async def serve_metrics(
     host: str,
     port: int,
     render: Callable[[], str],
     *,
+    listeners: list[trio.SocketListener] | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``GET /metrics`` on *host*:*port* until cancelled.
+    """Serve ``GET /metrics`` on *host*:*port* (or on *listeners* already bound) until
+    cancelled.
 
     Raises:
         OSError: the address cannot be bound.
     """
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    if listeners is None:
+        listeners = await bind_metrics(host, port)
     log.info("metrics_listening", address=f"{host}:{port}")
 
     async def handler(stream: trio.SocketStream) -> None:

@@ -68,6 +68,9 @@ log = structlog.get_logger("spamguardd.daemon.query_server")
 
 BUSY: Final = Reply(Verdict.DEFER, "spamguardd busy: too many connections")
 INTERNAL_ERROR: Final = Reply(Verdict.ERROR, "internal error in spamguardd; see its log")
+#: The answer to a block verdict while the block file cannot be written: nothing is accepted,
+#: nothing is lost (Exim answers 4xx and the client retries), and the block holds in memory.
+NOT_SAVED: Final = Reply(Verdict.DEFER, "spamguardd cannot save its block list; try again later")
 TIMEOUT_MESSAGE: Final = "no complete request line before the read timeout"
 _TIMEOUT_REPLY: Final = Reply(Verdict.ERROR, TIMEOUT_MESSAGE).to_bytes()
 _BUSY_REPLY: Final = BUSY.to_bytes()
@@ -359,10 +362,13 @@ class QueryServer:
     ) -> None:
         """A decided request whose reply waits for the disk (or a full buffer, or the store)."""
         if generation is not None:
-            # The block holds in memory even when the disk refuses it, and so does the verdict
-            # (holding mail is the safe side); the next block or admin change retries the write.
-            with contextlib.suppress(StoreError):  # logged and counted by the executor
+            # A block verdict goes out only once the block is on disk. While the disk refuses,
+            # the block holds in memory and the answer is defer: the mail is held either way,
+            # and no restart can lose a block that was announced (the persister retries).
+            try:
                 await self.effects.wait_durable(generation)
+            except StoreError:  # logged and counted by the persister and the executor
+                reply = NOT_SAVED
         with contextlib.suppress(OSError):  # the client gave up; nothing to tell it
             await _send_all(conn, reply.to_bytes())
         self.latency.observe(trio.current_time() - started)
