@@ -67,6 +67,10 @@ _TOKENS: Final = 4
 #: Largest fingerprint: 52 bits, exact as a double.
 _FINGERPRINT_MAX: Final = float((1 << 52) - 1)
 _EMPTY: Final = 0.0
+#: The fingerprint of the early-warning mark (:func:`check_warning`), kept in the table like a
+#: recipient so the snapshot, a reload and a merge carry it without a format of their own. A real
+#: recipient has this fingerprint with a probability of 2**-52.
+WARNED: Final = _FINGERPRINT_MAX
 _DOUBLE: Final = struct.Struct("d")
 _TOKEN_LAYOUTS: dict[int, struct.Struct] = {}
 
@@ -295,6 +299,64 @@ def count_failure(
         view.release()
 
 
+def check_warning(  # noqa: PLR0913 - the state, its limits, the times and the mark, all needed
+    state: UserState,
+    rates: Sequence[Rate],
+    before: Sequence[float],
+    now: float,
+    *,
+    warn_at: float,
+    limit: int,
+) -> Rate | None:
+    """Whether the failure just counted at *now* takes a window past the warning mark.
+
+    A window is *warned* once its bucket has ``warn_at`` of its tokens used; *before* are the
+    levels just before the failure (refilled to *now*). A warned window is not warned again
+    until its bucket has refilled to half the mark (``warn_at / 2`` used): without that margin,
+    a user failing at about the refill rate would cross the mark on every failure. The mark is
+    the table entry :data:`WARNED`, its time per window the last failure seen while warned
+    (never: not warned); a mark older than the window's period has lapsed, since the bucket
+    has refilled whole since.
+
+    Returns:
+        The first window warned by this failure, or None.
+    """
+    w = len(rates)
+    view = _view(state)
+    try:
+        found, free = _probe(view, WARNED, w)
+        if found < 0:
+            if free < 0 or 2 * (view[_ENTRIES] + 1) > (len(view) - _TOKENS - w) // (1 + w):
+                view.release()
+                _rebuild(state, rates, now, limit)
+                view = _view(state)
+                free = _probe(view, WARNED, w)[1]
+            found = _insert(view, free, WARNED, w)
+        warned: Rate | None = None
+        for index, rate in enumerate(rates):
+            at = found + 1 + index
+            marked = now - view[at] < rate.period
+            if marked and before[index] >= rate.count * (1.0 - warn_at / 2) - _SLACK:
+                marked = False  # refilled to half the mark: warn again next time
+            if not marked and view[_TOKENS + index] <= rate.count * (1.0 - warn_at) + _SLACK:
+                marked = True
+                warned = warned or rate
+            view[at] = now if marked else _NEVER
+        return warned
+    finally:
+        view.release()
+
+
+def warned_windows(state: UserState, rates: Sequence[Rate], now: float) -> tuple[bool, ...]:
+    """Per window, whether *state* carries a warning mark still in force at *now*."""
+    w = len(rates)
+    with _view(state) as view:
+        found = _probe(view, WARNED, w)[0]
+        if found < 0:
+            return (False,) * w
+        return tuple(now - view[found + 1 + i] < rate.period for i, rate in enumerate(rates))
+
+
 def _insert(view: _Doubles, at: int, mark: float, w: int) -> int:
     """Put a recipient never counted into the empty slot at *at*."""
     view[at] = mark
@@ -426,7 +488,7 @@ def window_counts(state: UserState, rates: Sequence[Rate], now: float) -> tuple[
     with _view(state) as view:
         entries = _entries(view, len(rates))
     return tuple(
-        sum(1 for entry in entries if now - entry[1 + index] < rate.period)
+        sum(1 for entry in entries if now - entry[1 + index] < rate.period and entry[0] != WARNED)
         for index, rate in enumerate(rates)
     )
 

@@ -129,6 +129,11 @@ def _check_rates(rates: tuple[Rate, ...]) -> None:
         raise ValueError(f"two rates with the same period (got {', '.join(map(str, rates))})")
 
 
+def _fraction_below_one(_inst: object, _attr: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None and not 0 < value < 1:
+        raise ValueError(f"must be a fraction between 0 and 1, both excluded (got {value})")
+
+
 def _rates_distinct(_inst: object, _attr: attrs.Attribute[Any], value: tuple[Rate, ...]) -> None:
     _check_rates(value)
 
@@ -176,6 +181,12 @@ def _int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"expected an integer (got {_kind(value)})")
     return value
+
+
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a fraction such as 0.5 (got {_kind(value)})")
+    return float(value)
 
 
 def _seconds(value: Any) -> float:
@@ -567,6 +578,11 @@ class PolicyConfig:
         validator=_rates_distinct,
     )
     count_defer: bool = setting(key="limits.count_defer", parse=_bool, default=False)
+    #: The fraction of a bucket used at which one warning goes out (per user and window); None
+    #: for no warnings (docs/notices.md).
+    warn_at: float | None = setting(
+        key="limits.warn_at", parse=_fraction, validator=_fraction_below_one
+    )
     #: Users counted at once, bounding memory (~200 bytes each). At the cap, the user counted
     #: first is forgotten to make room for a new one (blocks are never dropped).
     max_tracked_users: int = setting(
@@ -701,6 +717,11 @@ class Config:
         """
         reader = _Reader(raw, source)
         config = reader.build(cls)
+        if config.cluster.enabled and config.policy.warn_at is not None:
+            reader.problem(
+                "limits.warn_at",
+                "not available in fleet mode (cluster.url is set): the store does the counting",
+            )
         if reader.problems:
             raise ConfigError(reader.problems)
         return attrs.evolve(config, source=source)

@@ -98,6 +98,18 @@ class WouldBlock:
 
 
 @attrs.frozen
+class Warned:
+    """Effect: *user* has used ``warn_at`` of *rate*'s bucket (*used* of its tokens) at wall-clock
+    time *at*; nothing is blocked. Once per user and window (:func:`buckets.check_warning`)."""
+
+    user: str
+    rate: Rate
+    used: int
+    at: float
+    samples: tuple[FailureSample, ...] = ()
+
+
+@attrs.frozen
 class Unblocked:
     """Effect: *block* was lifted by *by* at wall-clock time *at*; the user counts afresh."""
 
@@ -115,7 +127,7 @@ class Reset:
     at: float
 
 
-Effect = Blocked | WouldBlock | Unblocked | Reset
+Effect = Blocked | WouldBlock | Warned | Unblocked | Reset
 
 
 @attrs.frozen
@@ -199,6 +211,8 @@ class UserView:
     windows: tuple[WindowView, ...]
     #: The user's most recent counted failures still in the sample ring, newest first.
     samples: tuple[FailureSample, ...]
+    #: The windows in which the user has been warned (``limits.warn_at``) and not re-armed.
+    warned: tuple[Rate, ...] = ()
 
 
 @attrs.frozen
@@ -287,6 +301,11 @@ class Policy:
         else:
             self._fit(state, rates)
             users.mark(user)
+        warn_at = self.config.warn_at
+        before: tuple[float, ...] = ()
+        if warn_at is not None:  # the levels before this failure, for the warning mark
+            buckets.refill(state, rates, now)
+            before = buckets.tokens_left(state, rates)
         counted, tripped = buckets.count_failure(
             state, rates, request.rcpt, now, _recent_limit(rates)
         )
@@ -295,6 +314,8 @@ class Policy:
         if counted:
             self._samples.append(FailureSample(user, request.rcpt, request.ip, wall_now))
         if tripped is None:
+            if warn_at is not None and counted:
+                return self._warning(request, rates, before, warn_at, now=now, wall_now=wall_now)
             return Decision(ACCEPT, counted=counted, tokens_left=tokens_left)
         reason = f"{tripped.count} failed recipients within {format_duration(tripped.period)}"
         evidence = tuple(reversed(self.failure_samples(user, EVIDENCE_SAMPLES)))
@@ -317,6 +338,32 @@ class Policy:
             tokens_left=tokens_left,
             needs_generation=self.generation,
         )
+
+    def _warning(  # noqa: PLR0913 - the request, its limits and levels, the mark, the times
+        self,
+        request: RcptRequest,
+        rates: tuple[Rate, ...],
+        before: tuple[float, ...],
+        warn_at: float,
+        *,
+        now: float,
+        wall_now: float,
+    ) -> Decision:
+        """The accept for a counted failure that emptied no bucket, with a warning if it took
+        a window past ``limits.warn_at`` for the first time (since its bucket refilled)."""
+        user = request.user
+        state = self._users.get(user)
+        assert state is not None  # noqa: S101 - counted just now
+        warned = buckets.check_warning(
+            state, rates, before, now, warn_at=warn_at, limit=_recent_limit(rates)
+        )
+        tokens_left = buckets.tokens_left(state, rates)
+        if warned is None:
+            return Decision(ACCEPT, counted=True, tokens_left=tokens_left)
+        level = tokens_left[rates.index(warned)]
+        evidence = tuple(reversed(self.failure_samples(user, EVIDENCE_SAMPLES)))
+        effect = Warned(user, warned, round(warned.count - level), wall_now, evidence)
+        return Decision(ACCEPT, (effect,), counted=True, tokens_left=tokens_left)
 
     def _add_block(self, block: Block) -> None:
         self.blocks[block.user] = block
@@ -451,6 +498,7 @@ class Policy:
         if state is None:
             levels = tuple(float(rate.count) for rate in rates)
             counted = (0,) * len(rates)
+            marks = (False,) * len(rates)
         else:
             elapsed = now - buckets.updated(state)
             levels = tuple(
@@ -458,6 +506,7 @@ class Policy:
                 for tokens, rate in zip(buckets.tokens_left(state, rates), rates, strict=True)
             )
             counted = buckets.window_counts(state, rates, now)
+            marks = buckets.warned_windows(state, rates, now)
         windows = tuple(
             WindowView(
                 rate=rate,
@@ -475,6 +524,7 @@ class Policy:
             exempt=user in self.config.exempt_users,
             windows=windows,
             samples=tuple(self.failure_samples(user)),
+            warned=tuple(rate for rate, mark in zip(rates, marks, strict=True) if mark),
         )
 
     # -- housekeeping ---------------------------------------------------------------------
