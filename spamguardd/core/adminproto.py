@@ -198,6 +198,8 @@ class WindowInfo:
     tokens_left: float
     #: When the bucket is full again; None when it is full now.
     clears_at: str | None
+    #: Whether the user has been warned in this window (``limits.warn_at``) and not re-armed.
+    warned: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -334,6 +336,8 @@ class StatsReply:
     queries_total: int
     blocks: BlockCounts
     unblocks: int
+    #: Early warnings given (``limits.warn_at``).
+    warnings: int = 0
     tracked_users: int
     blocked_users: int
     would_block_users: int
@@ -377,6 +381,7 @@ class StatsReply:
             queries_total=sum(stats.server.queries.values()),
             blocks=BlockCounts(auto=stats.effects.auto_blocks, admin=stats.effects.admin_blocks),
             unblocks=stats.effects.unblocks,
+            warnings=stats.effects.warnings,
             tracked_users=stats.policy.tracked_users,
             blocked_users=stats.policy.blocked_users,
             would_block_users=stats.policy.would_block_users,

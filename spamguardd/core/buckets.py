@@ -310,10 +310,12 @@ def check_warning(  # noqa: PLR0913 - the state, its limits, the times and the m
 ) -> Rate | None:
     """Whether the failure just counted at *now* takes a window past the warning mark.
 
-    A window is *warned* once its bucket has ``warn_at`` of its tokens used; *before* are the
-    levels just before the failure (refilled to *now*). A warned window is not warned again
-    until its bucket has refilled to half the mark (``warn_at / 2`` used): without that margin,
-    a user failing at about the refill rate would cross the mark on every failure. The mark is
+    The *mark* of a window of ``N`` tokens is ``M = ceil(warn_at * N)`` used: the failure that
+    uses the Mth token warns (as with a block, the fraction of a token earned since the first
+    failure of a burst does not put it off). *before* are the levels just before the failure
+    (refilled to *now*). A warned window is not warned again until its bucket has refilled to
+    half the mark (``M / 2`` used): without that margin, a user failing at about the refill
+    rate would cross the mark on every failure. The mark is
     the table entry :data:`WARNED`, its time per window the last failure seen while warned
     (never: not warned); a mark older than the window's period has lapsed, since the bucket
     has refilled whole since.
@@ -335,10 +337,11 @@ def check_warning(  # noqa: PLR0913 - the state, its limits, the times and the m
         warned: Rate | None = None
         for index, rate in enumerate(rates):
             at = found + 1 + index
+            mark = math.ceil(warn_at * rate.count - _SLACK)
             marked = now - view[at] < rate.period
-            if marked and before[index] >= rate.count * (1.0 - warn_at / 2) - _SLACK:
+            if marked and before[index] >= rate.count - mark / 2 - _SLACK:
                 marked = False  # refilled to half the mark: warn again next time
-            if not marked and view[_TOKENS + index] <= rate.count * (1.0 - warn_at) + _SLACK:
+            if not marked and view[_TOKENS + index] < rate.count - mark + 1 - _SLACK:
                 marked = True
                 warned = warned or rate
             view[at] = now if marked else _NEVER

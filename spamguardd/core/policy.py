@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import collections
 import enum
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Final
 
@@ -362,7 +363,10 @@ class Policy:
             return Decision(ACCEPT, counted=True, tokens_left=tokens_left)
         level = tokens_left[rates.index(warned)]
         evidence = tuple(reversed(self.failure_samples(user, EVIDENCE_SAMPLES)))
-        effect = Warned(user, warned, round(warned.count - level), wall_now, evidence)
+        # tokens used, counting the one just taken whole (a fraction earned back meanwhile
+        # does not make "5 of 10" read "4 of 10")
+        used = math.ceil(warned.count - level - 1e-9)
+        effect = Warned(user, warned, used, wall_now, evidence)
         return Decision(ACCEPT, (effect,), counted=True, tokens_left=tokens_left)
 
     def _add_block(self, block: Block) -> None:

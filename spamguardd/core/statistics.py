@@ -42,6 +42,8 @@ class EffectStatistics:
     store_failures: int
     #: Journal entries that could not be written (the change itself stands).
     journal_failures: int
+    #: Early warnings (``limits.warn_at``) given.
+    warnings: int = 0
 
 
 @attrs.frozen

@@ -278,6 +278,7 @@ class AdminServer:
                     clears_at=None
                     if window.clears_at is None
                     else format_time(window.clears_at + 0.999),
+                    warned=window.rate in view.warned,
                 )
                 for window in view.windows
             ),

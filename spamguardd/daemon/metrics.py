@@ -46,6 +46,11 @@ class _Collector(Collector):
             ("blocks", "Users blocked by the policy.", stats.effects.auto_blocks),
             ("admin_blocks", "Users blocked by an admin.", stats.effects.admin_blocks),
             ("unblocks", "Blocks lifted (by an admin).", stats.effects.unblocks),
+            (
+                "warnings",
+                "Early warnings given (limits.warn_at), once per user and window.",
+                stats.effects.warnings,
+            ),
             ("notices_sent", "Abuse notices delivered.", stats.notices.sent),
             (
                 "notices_failed",
