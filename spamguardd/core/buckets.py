@@ -299,6 +299,22 @@ def count_failure(
         view.release()
 
 
+def take(state: UserState, rates: Sequence[Rate], now: float) -> Rate | None:
+    """Take one token at *now* from every window, with no de-duplication (the volume guard:
+    each accepted recipient counts). Returns the first rate whose bucket it emptied."""
+    tripped: Rate | None = None
+    with _view(state) as view:
+        elapsed = now - view[_UPDATED]
+        if elapsed > 0:
+            view[_UPDATED] = now
+        for index, rate in enumerate(rates, start=_TOKENS):
+            level = max(0.0, refilled(view[index], elapsed, rate) - 1.0)
+            view[index] = level
+            if tripped is None and is_empty(level):
+                tripped = rate
+    return tripped
+
+
 def check_warning(  # noqa: PLR0913 - the state, its limits, the times and the mark, all needed
     state: UserState,
     rates: Sequence[Rate],
@@ -324,30 +340,33 @@ def check_warning(  # noqa: PLR0913 - the state, its limits, the times and the m
         The first window warned by this failure, or None.
     """
     w = len(rates)
-    view = _view(state)
-    try:
+    with _view(state) as view:
         found, free = _probe(view, WARNED, w)
-        if found < 0:
-            if free < 0 or 2 * (view[_ENTRIES] + 1) > (len(view) - _TOKENS - w) // (1 + w):
-                view.release()
-                _rebuild(state, rates, now, limit)
-                view = _view(state)
-                free = _probe(view, WARNED, w)[1]
-            found = _insert(view, free, WARNED, w)
+        marks: list[bool] = []
         warned: Rate | None = None
         for index, rate in enumerate(rates):
-            at = found + 1 + index
             mark = math.ceil(warn_at * rate.count - _SLACK)
-            marked = now - view[at] < rate.period
+            marked = found >= 0 and now - view[found + 1 + index] < rate.period
             if marked and before[index] >= rate.count - mark / 2 - _SLACK:
                 marked = False  # refilled to half the mark: warn again next time
             if not marked and view[_TOKENS + index] < rate.count - mark + 1 - _SLACK:
                 marked = True
                 warned = warned or rate
-            view[at] = now if marked else _NEVER
-        return warned
-    finally:
-        view.release()
+            marks.append(marked)
+        if found >= 0:
+            for index, marked in enumerate(marks):
+                view[found + 1 + index] = now if marked else _NEVER
+            return warned
+        if warned is None:
+            return None  # no mark to keep: the table is left alone
+        roomy = free >= 0 and 2 * (view[_ENTRIES] + 1) <= (len(view) - _TOKENS - w) // (1 + w)
+    if not roomy:
+        _rebuild(state, rates, now, limit)
+    with _view(state) as view:
+        found = _insert(view, _probe(view, WARNED, w)[1], WARNED, w)
+        for index, marked in enumerate(marks):
+            view[found + 1 + index] = now if marked else _NEVER
+    return warned
 
 
 def warned_windows(state: UserState, rates: Sequence[Rate], now: float) -> tuple[bool, ...]:

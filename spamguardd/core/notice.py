@@ -59,6 +59,8 @@ class Notice:
     samples: tuple[FailureSample, ...] = ()
     #: Who acted: ``auto`` for the policy, ``admin`` (or ``admin:UID``) for an admin.
     by: str = "auto"
+    #: What *rate* counts: failed recipients, or accepted ones (the volume guard).
+    counted: str = "failed recipients"
 
     @classmethod
     def from_effect(cls, effect: Effect, *, verdict: Verdict, when: float) -> Notice | None:
@@ -80,6 +82,7 @@ class Notice:
                 rate=effect.rate,
                 samples=effect.samples,
                 by=block.by,
+                counted=effect.counted,
             )
         if isinstance(effect, WouldBlock):
             rate = effect.rate
@@ -87,10 +90,11 @@ class Notice:
                 NoticeEvent.WOULD_BLOCK,
                 effect.user,
                 when,
-                f"{rate.count} failed recipients within {_period(rate)}",
+                f"{rate.count} {effect.counted} within {_period(rate)}",
                 verdict,
                 rate=rate,
                 samples=effect.samples,
+                counted=effect.counted,
             )
         if isinstance(effect, Warned):
             rate = effect.rate
@@ -98,10 +102,11 @@ class Notice:
                 NoticeEvent.WARNING,
                 effect.user,
                 effect.at,
-                f"{effect.used} of {rate.count} failed recipients within {_period(rate)}",
+                f"{effect.used} of {rate.count} {effect.counted} within {_period(rate)}",
                 verdict,
                 rate=rate,
                 samples=effect.samples,
+                counted=effect.counted,
             )
         if isinstance(effect, Unblocked):
             return cls(
@@ -214,7 +219,7 @@ def _body(notice: Notice) -> str:
     add(f"Event:      {notice.event.value} (by {printable(notice.by)})")
     add(f"Reason:     {printable(notice.reason)}")
     if notice.rate is not None:
-        add(f"Window:     {notice.rate.count} failed recipients in {_period(notice.rate)}")
+        add(f"Window:     {notice.rate.count} {notice.counted} in {_period(notice.rate)}")
     add(f"Verdict:    {_verdict_line(notice)}")
     add(f"Client IPs: {', '.join(notice.client_ips) or '(none recorded)'}")
     if notice.samples:

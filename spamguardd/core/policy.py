@@ -27,7 +27,7 @@ import attrs
 
 from spamguardd.core import buckets
 from spamguardd.core.buckets import UserState
-from spamguardd.core.config import Mode, PolicyConfig
+from spamguardd.core.config import ACCEPTED_SUFFIX, NO_VOLUME_GUARD, Mode, PolicyConfig
 from spamguardd.core.counters import CountedUsers
 from spamguardd.core.protocol import (
     CheckRequest,
@@ -50,6 +50,8 @@ EVIDENCE_SAMPLES: Final = 10
 
 ACCEPT: Final = Reply(Verdict.ACCEPT)
 PONG: Final = Reply(Verdict.PONG)
+#: What the volume guard counts, as its reasons and notices say.
+_VOLUME: Final = "accepted recipients"
 
 
 @attrs.frozen
@@ -87,6 +89,8 @@ class Blocked:
     block: Block
     rate: Rate | None = None
     samples: tuple[FailureSample, ...] = ()
+    #: What *rate* counts: failed recipients, or accepted ones (the volume guard).
+    counted: str = "failed recipients"
 
 
 @attrs.frozen
@@ -96,6 +100,7 @@ class WouldBlock:
     user: str
     rate: Rate
     samples: tuple[FailureSample, ...] = ()
+    counted: str = "failed recipients"
 
 
 @attrs.frozen
@@ -108,6 +113,7 @@ class Warned:
     used: int
     at: float
     samples: tuple[FailureSample, ...] = ()
+    counted: str = "failed recipients"
 
 
 @attrs.frozen
@@ -190,6 +196,10 @@ class Decision:
     needs_generation: int | None = None
 
 
+#: The decision for a recipient that verified, when the volume guard has nothing to say.
+ACCEPTED: Final = Decision(ACCEPT)
+
+
 @attrs.frozen
 class WindowView:
     """One window of one user, as ``show`` presents it."""
@@ -231,6 +241,7 @@ class Policy:
 
     def __init__(self, config: PolicyConfig, blocks: Iterable[Block] = ()) -> None:
         self.config = config
+        self._volume_guard = config.volume_guard
         self.blocks: dict[str, Block] = {block.user: block for block in blocks}
         self.generation = 0
         self._users = CountedUsers()
@@ -276,13 +287,78 @@ class Policy:
         blocked = self._blocked_decision(request.user)
         if blocked is not None:
             return blocked
-        if request.verify is Verify.OK or (
-            request.verify is Verify.DEFER and not self.config.count_defer
-        ):
+        if request.verify is Verify.OK:
+            if not self._volume_guard:
+                return ACCEPTED
+            return self._count_accepted(request, now=now, wall_now=wall_now)
+        if request.verify is Verify.DEFER and not self.config.count_defer:
             return Decision(ACCEPT)
         if self._is_exempt(request):
             return Decision(ACCEPT)
         return self._count_failure(request, now=now, wall_now=wall_now)
+
+    def _count_accepted(self, request: RcptRequest, *, now: float, wall_now: float) -> Decision:
+        """The volume guard: count an accepted recipient, under the user's key with
+        :data:`ACCEPTED_SUFFIX` (so the snapshot, the sweep and a reload carry it like any)."""
+        if self._is_exempt(request):
+            return ACCEPTED
+        key = request.user + ACCEPTED_SUFFIX
+        rates = self.config.limits_for(key)
+        if rates == NO_VOLUME_GUARD:  # this user's guard is off (an override elsewhere)
+            return ACCEPTED
+        state = self._counted_state(key, rates, now)
+        warn_at = self.config.warn_at
+        before: tuple[float, ...] = ()
+        if warn_at is not None:
+            buckets.refill(state, rates, now)
+            before = buckets.tokens_left(state, rates)
+        tripped = buckets.take(state, rates, now)
+        self._users.file(key, state, buckets.updated(state) + self._idle_after(rates))
+        if tripped is not None:
+            return self._volume_block(request.user, tripped, wall_now=wall_now)
+        if warn_at is None:
+            return ACCEPTED
+        warned = buckets.check_warning(
+            state, rates, before, now, warn_at=warn_at, limit=_recent_limit(rates)
+        )
+        if warned is None:
+            return ACCEPTED
+        level = buckets.tokens_left(state, rates)[rates.index(warned)]
+        used = math.ceil(warned.count - level - 1e-9)
+        return Decision(ACCEPT, (Warned(request.user, warned, used, wall_now, (), _VOLUME),))
+
+    def _volume_block(self, user: str, tripped: Rate, *, wall_now: float) -> Decision:
+        """The block (or, in monitor mode, the would-block) for a volume guard's empty bucket."""
+        if self.config.mode is Mode.MONITOR:
+            if user in self._would_block:
+                return ACCEPTED
+            self._would_block.add(user)
+            return Decision(ACCEPT, (WouldBlock(user, tripped, (), _VOLUME),))
+        reason = f"{tripped.count} {_VOLUME} within {format_duration(tripped.period)}"
+        block = Block(user=user, blocked_at=float(int(wall_now)), reason=reason, by="auto")
+        self._add_block(block)
+        return Decision(
+            Reply(self.config.verdict, reason),
+            (Blocked(block, tripped, (), _VOLUME),),
+            needs_generation=self.generation,
+        )
+
+    def _counted_state(self, key: str, rates: tuple[Rate, ...], now: float) -> UserState:
+        """The counting state of *key*, made (room made at the cap) or carried to *rates*."""
+        users = self._users
+        state = users.get(key)
+        if state is None:
+            if len(users) >= self.config.max_tracked_users:
+                oldest = users.first()
+                if oldest is not None:
+                    users.pop(oldest)
+                    self.evicted_users += 1
+            state = buckets.new_state(rates, now, self._tag(rates))
+            users.put(key, state)
+        else:
+            self._fit(state, rates)
+            users.mark(key)
+        return state
 
     def _count_failure(self, request: RcptRequest, *, now: float, wall_now: float) -> Decision:
         user = request.user
@@ -372,6 +448,7 @@ class Policy:
     def _add_block(self, block: Block) -> None:
         self.blocks[block.user] = block
         self._users.pop(block.user, None)
+        self._users.pop(block.user + ACCEPTED_SUFFIX, None)
         self.generation += 1
 
     # -- fleet mode: the shared store counts, the policy decides -----------------------------
@@ -486,6 +563,7 @@ class Policy:
         to forget.
         """
         had_counters = self._users.pop(user, None) is not None
+        had_counters |= self._users.pop(user + ACCEPTED_SUFFIX, None) is not None
         was_marked = user in self._would_block
         self._would_block.discard(user)
         if not (had_counters or was_marked):
@@ -607,6 +685,7 @@ class Policy:
         """
         old = self.config
         self.config = config
+        self._volume_guard = config.volume_guard
         tracked = self._users
         special = set(old.overrides) | set(config.overrides)
         changed = 0
@@ -732,7 +811,7 @@ class Policy:
         Returns:
             Whether the user is now counted with the snapshot's state.
         """
-        if user in self.blocks:
+        if user in self.blocks or user.removesuffix(ACCEPTED_SUFFIX) in self.blocks:
             return False
         current = self.config.limits_for(user)
         tag = self._tag(current)
