@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+import io
+import json
+from pathlib import Path
+from typing import Any
+
 import attrs
 import pytest
+import trio
 
 from spamguardd.core import buckets
-from spamguardd.core.config import ACCEPTED_SUFFIX, Config, Mode, PolicyConfig
+from spamguardd.core.adminproto import JournalNotes, ShowReply, WindowInfo
+from spamguardd.core.config import (
+    ACCEPTED_SUFFIX,
+    AdminConfig,
+    Config,
+    Mode,
+    NotifyConfig,
+    PolicyConfig,
+    ServerConfig,
+    StateConfig,
+)
 from spamguardd.core.errors import ConfigError
 from spamguardd.core.policy import Blocked, Decision, Policy, Reset, Warned, WouldBlock
-from spamguardd.core.protocol import RcptRequest, Verdict, Verify
+from spamguardd.core.protocol import RcptRequest, Verdict, Verify, quote
 from spamguardd.core.rate import Rate
-from tests.helpers import T0
+from spamguardd.ctl.render import render
+from spamguardd.daemon.app import Daemon
+from tests.helpers import T0, ask_blocking, readsocket
+from tests.test_notify import TO, body_of, fake_sendmail, mails, parse
 
 FIVE = Rate(5, 3600)
 GUARDED = PolicyConfig(failed_recipients=(Rate(100, 3600),), accepted_recipients=(FIVE,))
@@ -195,3 +214,85 @@ def test_bad_settings_are_named(raw: dict[str, object], problem: str) -> None:
     with pytest.raises(ConfigError) as caught:
         Config.from_dict(raw, source="t.toml")
     assert problem in caught.value.problems
+
+
+# -- through the daemon -----------------------------------------------------------------------
+
+
+def ok(user: str, rcpt: str) -> bytes:
+    return b"rcpt user=" + quote(user) + b" rcpt=" + quote(rcpt) + b" verify=ok ip=192.0.2.7"
+
+
+async def test_the_daemon_blocks_mails_shows_and_counts(sock_dir: Path) -> None:
+    """Through the sockets: the 3rd accepted recipient under 3/1h is frozen, the notice names
+    the accepted recipients, ``show`` lists the guard's window, ``stats`` counts the block."""
+    program = fake_sendmail(sock_dir / "mail")
+    config = Config(
+        policy=PolicyConfig(accepted_recipients=(Rate(3, 3600),), warn_at=0.5),
+        server=ServerConfig(query_socket=sock_dir / "q.sock"),
+        state=StateConfig(dir=sock_dir / "state"),
+        admin=AdminConfig(socket=sock_dir / "admin.sock"),
+        notify=NotifyConfig(to=TO, sendmail=(str(program),)),
+    )
+    daemon = Daemon(config)
+
+    async def admin(command: str, **fields: str) -> dict[str, Any]:
+        line = json.dumps({"command": command, **fields}).encode() + b"\n"
+        answer = await trio.to_thread.run_sync(ask_blocking, sock_dir / "admin.sock", line)
+        reply: dict[str, Any] = json.loads(answer.split(b"\n", 1)[0])
+        assert reply["ok"], reply
+        return reply
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: daemon.run(handle_signals=False, task_status=task_status)
+            )
+            first = [
+                await readsocket(sock_dir / "q.sock", ok("auth:vol", f"r{i}")) for i in range(2)
+            ]
+            shown = await admin("show", user="auth:vol")
+            third = await readsocket(sock_dir / "q.sock", ok("auth:vol", "r2"))
+            stats = await admin("stats")
+            daemon.stop()
+    assert first == [b"accept\n"] * 2
+    assert third == b'freeze reason="3 accepted recipients within 1h"\n'
+    assert shown["accepted_windows"] == [
+        {
+            "limit": "3/1h",
+            "counted": 2,
+            "tokens_left": 1.0,
+            "clears_at": shown["accepted_windows"][0]["clears_at"],
+            "warned": True,
+        }
+    ]
+    assert stats["blocks"] == {"auto": 1, "admin": 0, "volume": 1}
+    assert stats["warnings"] == 1
+    subjects = [parse(data)["Subject"] for data in mails(sock_dir / "mail")]
+    assert subjects == [
+        "[spamguardd] WARNING auth:vol: 2 of 3 accepted recipients within 1h",
+        "[spamguardd] blocked auth:vol: 3 accepted recipients within 1h",
+    ]
+    assert "Window:     3 accepted recipients in 1h" in body_of(parse(mails(sock_dir / "mail")[1]))
+
+
+def test_show_renders_the_guard_window() -> None:
+    window = WindowInfo(limit="3/1h", counted=2, tokens_left=1.0, clears_at="2026-11-28T01:00:00Z")
+    reply = ShowReply(
+        user="auth:vol",
+        blocked=False,
+        block=None,
+        exempt=False,
+        mode="enforce",
+        windows=(),
+        accepted_windows=(window,),
+        recent_failures=(),
+        history=(),
+        journal=JournalNotes(truncated_line=None, damaged_lines=()),
+    )
+    out = io.StringIO()
+    render(reply, out)
+    assert out.getvalue().endswith(
+        "ACCEPTED LIMIT  TOKENS LEFT  CLEARS AT\n"
+        "3/1h            1.00         2026-11-28T01:00:00Z\n"
+    )

@@ -230,6 +230,8 @@ class ShowReply:
     exempt: bool
     mode: str
     windows: tuple[WindowInfo, ...]
+    #: The volume guard's windows (``limits.accepted_recipients``); empty while it is off.
+    accepted_windows: tuple[WindowInfo, ...] = ()
     recent_failures: tuple[FailureInfo, ...]
     #: The user's journal entries, as written (see docs/admin.md).
     history: tuple[Mapping[str, Any], ...]
@@ -291,6 +293,8 @@ class BlockCounts:
 
     auto: int
     admin: int
+    #: Of the automatic blocks, those made by the volume guard (accepted recipients).
+    volume: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -379,7 +383,11 @@ class StatsReply:
             mode=stats.mode,
             queries=queries,
             queries_total=sum(stats.server.queries.values()),
-            blocks=BlockCounts(auto=stats.effects.auto_blocks, admin=stats.effects.admin_blocks),
+            blocks=BlockCounts(
+                auto=stats.effects.auto_blocks,
+                admin=stats.effects.admin_blocks,
+                volume=stats.effects.volume_blocks,
+            ),
             unblocks=stats.effects.unblocks,
             warnings=stats.effects.warnings,
             tracked_users=stats.policy.tracked_users,

@@ -224,6 +224,8 @@ class UserView:
     samples: tuple[FailureSample, ...]
     #: The windows in which the user has been warned (``limits.warn_at``) and not re-armed.
     warned: tuple[Rate, ...] = ()
+    #: The volume guard's windows (accepted recipients), when it is on for the user.
+    accepted: UserView | None = None
 
 
 @attrs.frozen
@@ -575,6 +577,14 @@ class Policy:
 
         Pure reading: the stored state is not brought forward or changed.
         """
+        view = self._inspect(user, now=now, wall_now=wall_now)
+        key = user + ACCEPTED_SUFFIX
+        if not self._volume_guard or self.config.limits_for(key) == NO_VOLUME_GUARD:
+            return view
+        accepted = self._inspect(key, now=now, wall_now=wall_now)
+        return attrs.evolve(view, accepted=attrs.evolve(accepted, user=user, samples=()))
+
+    def _inspect(self, user: str, *, now: float, wall_now: float) -> UserView:
         rates = self.config.limits_for(user)
         state = self.user_state(user)
         if state is None:

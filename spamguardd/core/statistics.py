@@ -44,6 +44,8 @@ class EffectStatistics:
     journal_failures: int
     #: Early warnings (``limits.warn_at``) given.
     warnings: int = 0
+    #: Of the automatic blocks, those made by the volume guard.
+    volume_blocks: int = 0
 
 
 @attrs.frozen

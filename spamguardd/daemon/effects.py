@@ -62,7 +62,7 @@ class EffectExecutor:
         self.wall_clock = wall_clock
         self._auto_blocks = self._admin_blocks = self._unblocks = self._resets = 0
         self._would_blocks = self._store_failures = 0
-        self._warnings = 0
+        self._warnings = self._volume_blocks = 0
 
     def statistics(self) -> EffectStatistics:
         """Current counters."""
@@ -75,6 +75,7 @@ class EffectExecutor:
             store_failures=self._store_failures,
             journal_failures=self.journal.failures,
             warnings=self._warnings,
+            volume_blocks=self._volume_blocks,
         )
 
     def carry_out(self, effects: Sequence[Effect], *, relay: str | None = None) -> None:
@@ -160,6 +161,7 @@ class EffectExecutor:
                 self._admin_blocks += 1
             else:
                 self._auto_blocks += 1
+                self._volume_blocks += effect.counted != "failed recipients"
         elif isinstance(effect, WouldBlock):
             self._would_blocks += 1
             log.warning("user_would_block", user=effect.user, limit=str(effect.rate))

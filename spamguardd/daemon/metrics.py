@@ -45,6 +45,11 @@ class _Collector(Collector):
         counters = (
             ("blocks", "Users blocked by the policy.", stats.effects.auto_blocks),
             ("admin_blocks", "Users blocked by an admin.", stats.effects.admin_blocks),
+            (
+                "volume_blocks",
+                "Users blocked by the volume guard (accepted recipients), of the blocks.",
+                stats.effects.volume_blocks,
+            ),
             ("unblocks", "Blocks lifted (by an admin).", stats.effects.unblocks),
             (
                 "warnings",
