@@ -5,7 +5,9 @@ for each case below before its engine was split up and sped up; any change to th
 case shows here as a diff. The cases cover the captured Exim logs (``tests/data/exim/``), and
 two generated logs in the same line formats (``tests/data/replay/``, written by
 ``bench/generated_logs.py``): everyday traffic and a spam wave, also rotated, gzipped, with
-their reject log, with ``+millisec +pid`` fields and with damaged lines.
+their reject log, with ``+millisec +pid`` fields and with damaged lines; and a small
+hand-written log of local senders (``local-senders.log``: a PHP script's ``sendmail -t``, a
+``sendmail -bs`` session, the daemon's own notices, Exim's bounces).
 
 When an output is meant to change, regenerate the files and review the diff:
 ``SPAMGUARDD_WRITE_GOLDEN=1 pytest tests/test_replay_golden.py``.
@@ -139,6 +141,18 @@ CASES = [
         ("html",),
     ),
     Case("spam-wave-damaged", _damaged, ("--limit", "30/1h", *GENERATED_NETS), ("table", "json")),
+    Case(
+        "local-senders",
+        _given(GENERATED / "local-senders.log"),
+        ("--limit", "5/1h"),
+        ("table", "json"),
+    ),
+    Case(
+        "local-senders-left-out",
+        _given(GENERATED / "local-senders.log"),
+        ("--limit", "5/1h", "--no-local"),
+        ("table",),
+    ),
 ]
 
 

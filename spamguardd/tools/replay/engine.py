@@ -171,7 +171,7 @@ class Replayer:
         if event.null_sender:
             return  # bounces are neither verified nor counted by the shipped ACL
         if event.verify_failed and (not event.temporary or self.count_defer):
-            user = self.keys.key(event.auth_id, event.host)
+            user = self.keys.key(event.auth_id, event.host, event.local)
             if user is not None:
                 verify = Verify.DEFER if event.temporary else Verify.FAIL
                 self._failure(user, event.rcpt, event.host, event.at, verify)
@@ -187,7 +187,7 @@ class Replayer:
             self._failure(user, event.rcpt, host, event.at, Verify.FAIL)
 
     def _arrival(self, event: Arrival, messages: _Messages) -> None:
-        user = None if event.null_sender else self.keys.key(event.auth_id, event.host)
+        user = None if event.null_sender else self.keys.key(event.auth_id, event.host, event.local)
         if user is None:
             return
         frozen = (
