@@ -78,6 +78,17 @@ def _damaged(tmp: Path) -> list[Path]:
     return [path]
 
 
+def _without_for_lists(tmp: Path) -> list[Path]:
+    """The everyday log as Exim writes it without ``+received_recipients``: no ``for`` lists."""
+    path = tmp / "mainlog"
+    lines = _lines("ordinary.log.gz")
+    path.write_text(
+        "".join(x.split(" for ", 1)[0] + "\n" if " <= " in x else x for x in lines),
+        encoding="utf-8",
+    )
+    return [path]
+
+
 def _given(*paths: Path) -> Callable[[Path], list[Path]]:
     return lambda _tmp: list(paths)
 
@@ -141,6 +152,18 @@ CASES = [
         ("html",),
     ),
     Case("spam-wave-damaged", _damaged, ("--limit", "30/1h", *GENERATED_NETS), ("table", "json")),
+    Case(
+        "ordinary-guard",
+        _given(GENERATED / "ordinary.log.gz"),
+        ("--config", str(GENERATED / "guard.toml"), *GENERATED_NETS),
+        ("table", "json"),
+    ),
+    Case(
+        "ordinary-guard-without-for-lists",
+        _without_for_lists,
+        ("--config", str(GENERATED / "guard.toml"), *GENERATED_NETS),
+        ("table",),
+    ),
     Case(
         "local-senders",
         _given(GENERATED / "local-senders.log"),

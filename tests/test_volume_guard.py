@@ -29,6 +29,7 @@ from spamguardd.core.protocol import RcptRequest, Verdict, Verify, quote
 from spamguardd.core.rate import Rate
 from spamguardd.ctl.render import render
 from spamguardd.daemon.app import Daemon
+from spamguardd.tools.eximlog import Arrival, parse_line
 from tests.helpers import T0, ask_blocking, readsocket
 from tests.test_notify import TO, body_of, fake_sendmail, mails, parse
 
@@ -292,7 +293,21 @@ def test_show_renders_the_guard_window() -> None:
     )
     out = io.StringIO()
     render(reply, out)
-    assert out.getvalue().endswith(
-        "ACCEPTED LIMIT  TOKENS LEFT  CLEARS AT\n"
-        "3/1h            1.00         2026-11-28T01:00:00Z\n"
+    head = "ACCEPTED LIMIT  TOKENS LEFT  CLEARS AT\n"
+    table = head + "3/1h            1.00         2026-11-28T01:00:00Z\n"
+    assert table in out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("tail", "recipients"),
+    [("", 0), (" for a@x.test", 1), (" for a@x.test b@y.test c@z.test", 3)],
+)
+def test_the_arrival_line_gives_the_accepted_recipients(tail: str, recipients: int) -> None:
+    """The ``for`` list of ``+received_recipients`` is what the replay's guard counts."""
+    line = (
+        "2026-11-28 02:43:50 1xX810-000000-0q <= s@example.com H=(c) [203.0.113.9] P=esmtpa "
+        "A=plain_server:u@example.com S=3234" + tail
     )
+    event = parse_line(line)
+    assert isinstance(event, Arrival)
+    assert event.recipients == recipients

@@ -90,6 +90,9 @@ class Arrival(NamedTuple):
     null_sender: bool = False
     #: The login of the local user who submitted it (``U=``), for a message without a client.
     local: str | None = None
+    #: Its recipients as the ``for`` list gives them (``log_selector = +received_recipients``);
+    #: 0 without that list.
+    recipients: int = 0
 
 
 class Rejection(NamedTuple):
@@ -269,8 +272,12 @@ def _arrival(at: float, message_id: str, body: str) -> Arrival:
         if start >= 0:
             end = body.find(" ", start + 3)
             local = body[start + 3 : end if end >= 0 else len(body)] or None
+    recipients = 0
+    listed = body.find(" for ", protocol)
+    if listed >= 0:  # "... S=232 for a@x b@y": the accepted recipients, at the end of the line
+        recipients = body.count(" ", listed + 5) + 1 - body.endswith(" ")
     # positional arguments: faster than keywords
-    return Arrival(at, message_id, auth_id, host, body.startswith("<> "), local)
+    return Arrival(at, message_id, auth_id, host, body.startswith("<> "), local, recipients)
 
 
 def _rejection(at: float, line: str, start: int, marker: int) -> Rejection | Unparsed:

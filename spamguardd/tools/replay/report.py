@@ -21,21 +21,34 @@ def to_json(report: Report) -> dict[str, object]:
     limits = []
     for result in report.results:
         blocked = sorted(result.blocked.values(), key=lambda b: (b.at, b.user))
-        limits.append(
-            {
-                "limit": result.candidate.label,
-                "blocked": [
-                    {
-                        "user": b.user,
-                        "at": _iso(b.at, zoned=report.zoned),
-                        "failures": b.failures,
-                        "frozen_after": b.frozen_after,
-                        "reason": b.reason,
-                    }
-                    for b in blocked
-                ],
-            }
-        )
+        entry: dict[str, object] = {
+            "limit": result.candidate.label,
+            "blocked": [
+                {
+                    "user": b.user,
+                    "at": _iso(b.at, zoned=report.zoned),
+                    "failures": b.failures,
+                    "frozen_after": b.frozen_after,
+                    "reason": b.reason,
+                }
+                for b in blocked
+            ],
+        }
+        if report.warn:  # only with limits.warn_at: today's documents stay as they were
+            entry["warned"] = [
+                {
+                    "user": w.user,
+                    "at": _iso(w.at, zoned=report.zoned),
+                    "limit": w.limit,
+                    "counted": w.counted,
+                    "warnings": w.warnings,
+                }
+                for w in sorted(result.warned.values(), key=lambda w: (w.at, w.user))
+            ]
+        limits.append(entry)
+    extra: dict[str, object] = {}
+    if report.volume:
+        extra["accepted"] = report.accepted
     return {
         "limits": limits,
         "peaks": {
@@ -58,6 +71,7 @@ def to_json(report: Report) -> dict[str, object]:
             ),
         },
         "failures": report.failures,
+        **extra,
     }
 
 
@@ -69,6 +83,8 @@ def to_table(report: Report) -> str:
             f"failed recipients counted: {report.failures:,}"
         )
     ]
+    if report.volume:
+        out[0] += f", accepted recipients counted: {report.accepted:,}"
     out.extend(
         f"  relay {relay.name}: {relay.lines:,} lines read, {relay.unparsed:,} unparsed"
         for relay in report.relays
@@ -82,6 +98,12 @@ def to_table(report: Report) -> str:
             for b in sorted(result.blocked.values(), key=lambda b: (b.at, b.user)):
                 at = _iso(b.at, zoned=report.zoned)
                 out.append(f"  {b.user:<40} {at:<20} {b.failures:>8} {b.frozen_after:>12}")
+        if report.warn:
+            out.append(f"  {len(result.warned)} user(s) warned (limits.warn_at)")
+            out.extend(
+                f"    {w.user:<38} {_iso(w.at, zoned=report.zoned):<20} {w.limit} {w.counted}"
+                for w in sorted(result.warned.values(), key=lambda w: (w.at, w.user))
+            )
     if report.peaks:
         out.append("")
         heads = " ".join(f"{format_duration(p):>8}" for p in report.windows)
