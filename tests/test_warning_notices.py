@@ -189,3 +189,54 @@ def test_show_and_stats_render_the_warning() -> None:
     out = io.StringIO()
     render(stats, out)
     assert "warnings:       2 (limits.warn_at)\n" in out.getvalue()
+
+
+def test_real_process_keeps_the_mark_and_takes_the_guard_at_sighup(sock_dir: Path) -> None:
+    """A SIGHUP to 12/1h (same period) does not warn again a user warned under 10/1h; a
+    second one turns the volume guard on, which then blocks."""
+    program = fake_sendmail(sock_dir / "mail")
+    config = sock_dir / "spamguardd.toml"
+    notify = f"[notify]\nto = {json.dumps(list(TO))}\nsendmail = {json.dumps([str(program)])}\n"
+    config.write_text('[limits]\nfailed_recipients = "10/1h"\nwarn_at = 0.5\n' + notify)
+    query = sock_dir / "run" / "spamguardd.sock"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "spamguardd", "--config", str(config)],
+        cwd=sock_dir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def reload(text: str) -> None:
+        config.write_text(text + notify)
+        process.send_signal(signal.SIGHUP)
+        assert process.stdout is not None
+        while '"event": "reloaded"' not in process.stdout.readline():
+            pass
+
+    try:
+        assert process.stdout is not None
+        assert '"event": "started"' in process.stdout.readline()
+        for i in range(6):
+            assert ask_blocking(query, fail("auth:leak", f"r{i}")) == b"accept\n"
+        reload('[limits]\nfailed_recipients = "12/1h"\nwarn_at = 0.5\n')
+        for i in range(6, 9):
+            assert ask_blocking(query, fail("auth:leak", f"r{i}")) == b"accept\n"
+        reload(
+            '[limits]\nfailed_recipients = "12/1h"\nwarn_at = 0.5\naccepted_recipients = "2/1h"\n'
+        )
+        ok = b"rcpt user=auth:vol rcpt=a@x.test verify=ok ip=192.0.2.7\n"
+        replies = [ask_blocking(query, ok) for _ in range(2)]
+        stats = admin(sock_dir / "run" / "admin.sock", "stats")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    assert replies == [b"accept\n", b'freeze reason="2 accepted recipients within 1h"\n']
+    assert stats["warnings"] == 2  # auth:leak once, auth:vol at its first accepted recipient
+    subjects = sorted(parse(data)["Subject"] for data in mails(sock_dir / "mail"))
+    assert subjects == [
+        "[spamguardd] WARNING auth:leak: 5 of 10 failed recipients within 1h",
+        "[spamguardd] WARNING auth:vol: 1 of 2 accepted recipients within 1h",
+        "[spamguardd] blocked auth:vol: 2 accepted recipients within 1h",
+    ]
