@@ -156,7 +156,6 @@ CASES = [
         "ordinary-guard",
         _given(GENERATED / "ordinary.log.gz"),
         ("--config", str(GENERATED / "guard.toml"), *GENERATED_NETS),
-        ("table", "json"),
     ),
     Case(
         "ordinary-guard-without-for-lists",

@@ -127,7 +127,9 @@ def to_html(report: Report) -> str:
         "<h1>spamguardd replay</h1>",
         (
             f"<p>{report.lines_read:,} lines read, {report.unparsed:,} unparsed, "
-            f"{report.failures:,} failed recipients.</p>"
+            f"{report.failures:,} failed recipients"
+            + (f", {report.accepted:,} accepted recipients" if report.volume else "")
+            + ".</p>"
         ),
     ]
     if report.relays:
@@ -143,6 +145,15 @@ def to_html(report: Report) -> str:
                 f"after {b.failures} failures; {b.frozen_after} later recipients frozen</p>"
             )
             parts.append(_timeline_svg(times, b.at, zoned=report.zoned))
+        if report.warn:  # only with limits.warn_at: today's pages stay as they were
+            warned = sorted(result.warned.values(), key=lambda w: (w.at, w.user))
+            parts.append(f"<h3>{len(warned)} warned (limits.warn_at)</h3><ul>")
+            parts.extend(
+                f"<li>{esc(w.user)}: {esc(_iso(w.at, zoned=report.zoned))}, "
+                f"{esc(w.limit)} {esc(w.counted)}</li>"
+                for w in warned
+            )
+            parts.append("</ul>")
         parts.append(_peaks_svg(report, result.candidate))
     parts.append("</body></html>\n")
     return "".join(parts)
