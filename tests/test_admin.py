@@ -141,7 +141,7 @@ class TestCommands:
             assert len(shown["recent_failures"]) == 5
             stats = ctl_json(sock_dir, "stats")
             assert stats["queries"]["rcpt"] == {"accept": 4, "freeze": 1}
-            assert stats["blocks"] == {"auto": 1, "admin": 0, "volume": 0}
+            assert stats["blocks"] == {"auto": 1, "admin": 0}
             assert (stats["blocked_users"], stats["tracked_users"]) == (1, 0)
             assert set(stats["latency_ms"]) == {"p50", "p90", "p99", "p99_9"}
             assert ctl(sock_dir, "stats").stdout.startswith("version:")

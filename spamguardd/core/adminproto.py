@@ -293,8 +293,9 @@ class BlockCounts:
 
     auto: int
     admin: int
-    #: Of the automatic blocks, those made by the volume guard (accepted recipients).
-    volume: int = 0
+    #: Of the automatic blocks, those made by the volume guard (accepted recipients); left out
+    #: (None) while it has made none, so the reply is as it was for those who do not use it.
+    volume: int | None = attrs.field(default=None, metadata=_OMIT_NONE)
 
 
 @attrs.frozen(kw_only=True)
@@ -386,7 +387,7 @@ class StatsReply:
             blocks=BlockCounts(
                 auto=stats.effects.auto_blocks,
                 admin=stats.effects.admin_blocks,
-                volume=stats.effects.volume_blocks,
+                volume=stats.effects.volume_blocks or None,
             ),
             unblocks=stats.effects.unblocks,
             warnings=stats.effects.warnings,
