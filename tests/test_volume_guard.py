@@ -311,3 +311,18 @@ def test_the_arrival_line_gives_the_accepted_recipients(tail: str, recipients: i
     event = parse_line(line)
     assert isinstance(event, Arrival)
     assert event.recipients == recipients
+
+
+def test_a_reload_of_the_guard_alone_refills_at_the_old_rate_until_then() -> None:
+    """Only accepted_recipients changes: until the reload its bucket refilled at the old rate
+    (2/1h: none in 10 minutes), after it at the new one."""
+    policy = Policy(attrs.evolve(GUARDED, accepted_recipients=(Rate(2, 3600),)))
+    ask(policy, "a", 0.0)  # 1 of 2 used
+    policy.reconfigure(attrs.evolve(GUARDED, accepted_recipients=(Rate(2000, 3600),)), 600.0)
+    state = policy.saved_form("auth:a" + ACCEPTED_SUFFIX)
+    assert state is not None
+    ask(policy, "b", 600.0)
+    view = policy.inspect("auth:a", now=600.0, wall_now=T0)
+    assert view.accepted is not None
+    # 1 used at the old rate, 1/3 of a token back in 10 minutes at 2/1h, then the new count
+    assert view.accepted.windows[0].tokens_left == pytest.approx(2000 - 2 + 1 / 3, abs=1e-6)

@@ -706,7 +706,8 @@ class Policy:
             for user in special
             if user in tracked and old.limits_for(user) != config.limits_for(user)
         )
-        if changed:
+        # the volume guard's states are carried over too: record the reload for them as well
+        if changed or old.accepted_recipients != config.accepted_recipients:
             self._reloads.append(now)
         return changed
 
