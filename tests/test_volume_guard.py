@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from spamguardd.core.protocol import RcptRequest, Verdict, Verify, quote
 from spamguardd.core.rate import Rate
 from spamguardd.ctl.render import render
 from spamguardd.daemon.app import Daemon
+from spamguardd.state import snapshot_format
 from spamguardd.tools.eximlog import Arrival, parse_line
 from tests.helpers import T0, ask_blocking, readsocket
 from tests.test_notify import TO, body_of, fake_sendmail, mails, parse
@@ -326,3 +330,51 @@ def test_a_reload_of_the_guard_alone_refills_at_the_old_rate_until_then() -> Non
     assert view.accepted is not None
     # 1 used at the old rate, 1/3 of a token back in 10 minutes at 2/1h, then the new count
     assert view.accepted.windows[0].tokens_left == pytest.approx(2000 - 2 + 1 / 3, abs=1e-6)
+
+
+def test_the_snapshot_format_takes_the_guard_key_and_only_it() -> None:
+    """``USER NUL accepted`` is written and read back; any other key with a NUL is damage."""
+    key = "auth:a" + ACCEPTED_SUFFIX
+    header = snapshot_format.header(base=False)
+    data = header + snapshot_format.encode_record(
+        snapshot_format.Kind.STATE, key, (FIVE,), [0.0, 3.0]
+    )
+    (record,) = snapshot_format.decode(data, source="f", shift=0.0, latest=1.0)
+    assert isinstance(record, snapshot_format.Record)
+    assert record.user == key
+    forged = data.replace(b"auth:a\x00accepted", b"auth:a\x00acceptex")
+    assert all(
+        isinstance(found, snapshot_format.Problem)
+        for found in snapshot_format.decode(forged, source="f", shift=0.0, latest=1.0)
+    )
+
+
+def test_real_process_keeps_the_guard_counters_across_a_restart(sock_dir: Path) -> None:
+    """Two of three accepted recipients before a restart, the third after it: blocked."""
+    config = sock_dir / "spamguardd.toml"
+    config.write_text('[limits]\naccepted_recipients = "3/1h"\n')
+    query = sock_dir / "run" / "spamguardd.sock"
+    request = b"rcpt user=auth:vol rcpt=a@x.test verify=ok ip=192.0.2.7\n"
+
+    def run(count: int, *, loaded: bool) -> list[bytes]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "spamguardd", "--config", str(config)],
+            cwd=sock_dir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert process.stdout is not None
+            assert '"event": "started"' in process.stdout.readline()
+            while loaded and '"event": "snapshot_loaded"' not in process.stdout.readline():
+                pass
+            return [ask_blocking(query, request) for _ in range(count)]
+        finally:
+            process.send_signal(signal.SIGTERM)
+            out, err = process.communicate(timeout=30)
+            assert process.returncode == 0, err
+            assert "snapshot_damaged" not in out
+
+    assert run(2, loaded=False) == [b"accept\n"] * 2
+    assert run(1, loaded=True) == [b'freeze reason="3 accepted recipients within 1h"\n']
