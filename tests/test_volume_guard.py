@@ -237,7 +237,7 @@ async def test_the_daemon_blocks_mails_shows_and_counts(sock_dir: Path) -> None:
         server=ServerConfig(query_socket=sock_dir / "q.sock"),
         state=StateConfig(dir=sock_dir / "state"),
         admin=AdminConfig(socket=sock_dir / "admin.sock"),
-        notify=NotifyConfig(to=TO, sendmail=(str(program),)),
+        notify=NotifyConfig(to=TO, sendmail=(str(program),), shutdown_grace=60),
     )
     daemon = Daemon(config)
 

@@ -76,7 +76,8 @@ async def test_warning_then_block_through_the_query_socket(
     ``warning``, the 10th blocks; in that order, once each."""
     program = fake_sendmail(sock_dir / "mail")
     hook = fake_hook(sock_dir / "hook")
-    notify = NotifyConfig(to=TO, sendmail=(str(program),), hook=(str(hook),))
+    # four child processes to run at the stop: a loaded machine needs more than the default
+    notify = NotifyConfig(to=TO, sendmail=(str(program),), hook=(str(hook),), shutdown_grace=60)
     running = await start(nursery, sock_dir, notify, TEN_WARN_HALF)
     with trio.fail_after(20):
         replies = [await running.ask(fail("auth:leak", f"r{i}@x.test")) for i in range(12)]
@@ -108,7 +109,7 @@ def test_real_process_warns_once_across_a_restart(sock_dir: Path) -> None:
     config.write_text(
         '[limits]\nfailed_recipients = "10/1h"\nwarn_at = 0.5\n'
         f"[notify]\nto = {json.dumps(list(TO))}\nsendmail = {json.dumps([str(program), '-t'])}\n"
-        f"hook = {json.dumps([str(hook)])}\n"
+        f'hook = {json.dumps([str(hook)])}\nshutdown_grace = "60s"\n'
     )
     query = sock_dir / "run" / "spamguardd.sock"
     admin_socket = sock_dir / "run" / "admin.sock"
@@ -196,7 +197,10 @@ def test_real_process_keeps_the_mark_and_takes_the_guard_at_sighup(sock_dir: Pat
     second one turns the volume guard on, which then blocks."""
     program = fake_sendmail(sock_dir / "mail")
     config = sock_dir / "spamguardd.toml"
-    notify = f"[notify]\nto = {json.dumps(list(TO))}\nsendmail = {json.dumps([str(program)])}\n"
+    notify = (
+        f"[notify]\nto = {json.dumps(list(TO))}\nsendmail = {json.dumps([str(program)])}\n"
+        'shutdown_grace = "60s"\n'
+    )
     config.write_text('[limits]\nfailed_recipients = "10/1h"\nwarn_at = 0.5\n' + notify)
     query = sock_dir / "run" / "spamguardd.sock"
     process = subprocess.Popen(
