@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 import attrs
 import trio
@@ -107,3 +108,18 @@ def wire(  # noqa: PLR0913 - one keyword per part a test may want to change
     )
     server = QueryServer(config, policy, effects, wall_clock=wall, fd_budget=fd_budget)
     return Wired(server, effects, notices, journal)
+
+
+def wait_started(stdout: IO[str]) -> list[str]:
+    """Read a daemon's JSON log lines up to its ``started`` line, which comes once the sockets
+    accept (after the start's own lines, such as ``fd_limit``); returns the lines before it.
+
+    Raises:
+        AssertionError: the output ended (the daemon exited) before ``started``.
+    """
+    before: list[str] = []
+    for line in stdout:
+        if '"event": "started"' in line:
+            return before
+        before.append(line)
+    raise AssertionError(f"the daemon exited before it started: {before}")

@@ -127,7 +127,8 @@ class TestErrors:
             f"{path}: mode: expected enforce | monitor (got 'enforc')",
             (
                 f"{path}: limits.count_defr: unknown key "
-                "(known: count_defer, failed_recipients, max_tracked_users)"
+                "(known: accepted_recipients, count_defer, failed_recipients, "
+                "max_tracked_users, warn_at)"
             ),
             f"{path}: limits.failed_recipients[1]: expected a rate such as 100/1h (got '1x')",
             f"{path}: block.verdict: expected freeze | reject | defer (got 'accept')",

@@ -65,7 +65,7 @@ from spamguardd.daemon.notices import NoticeQueue
 from spamguardd.daemon.query_server import QueryServer
 from spamguardd.daemon.transports import HookCommand, SendmailTransport, SmtpTransport
 from spamguardd.state.blockfile import BlockStore
-from tests.helpers import T0, ask_blocking, readsocket, wire
+from tests.helpers import T0, ask_blocking, readsocket, wait_started, wire
 
 FIVE = PolicyConfig(failed_recipients=(Rate(5, 3600),))
 ONE = PolicyConfig(failed_recipients=(Rate(1, 3600),))
@@ -866,7 +866,7 @@ def test_real_process_mails_the_block_and_exits_cleanly_on_sigterm(sock_dir: Pat
     )
     try:
         assert process.stdout is not None
-        assert '"event": "started"' in process.stdout.readline()
+        wait_started(process.stdout)
         replies = [
             ask_blocking(sock_dir / "run" / "spamguardd.sock", fail("auth:proc", f"r{i}"))
             for i in range(4)

@@ -5,7 +5,9 @@ for each case below before its engine was split up and sped up; any change to th
 case shows here as a diff. The cases cover the captured Exim logs (``tests/data/exim/``), and
 two generated logs in the same line formats (``tests/data/replay/``, written by
 ``bench/generated_logs.py``): everyday traffic and a spam wave, also rotated, gzipped, with
-their reject log, with ``+millisec +pid`` fields and with damaged lines.
+their reject log, with ``+millisec +pid`` fields and with damaged lines; and a small
+hand-written log of local senders (``local-senders.log``: a PHP script's ``sendmail -t``, a
+``sendmail -bs`` session, the daemon's own notices, Exim's bounces).
 
 When an output is meant to change, regenerate the files and review the diff:
 ``SPAMGUARDD_WRITE_GOLDEN=1 pytest tests/test_replay_golden.py``.
@@ -76,6 +78,17 @@ def _damaged(tmp: Path) -> list[Path]:
     return [path]
 
 
+def _without_for_lists(tmp: Path) -> list[Path]:
+    """The everyday log as Exim writes it without ``+received_recipients``: no ``for`` lists."""
+    path = tmp / "mainlog"
+    lines = _lines("ordinary.log.gz")
+    path.write_text(
+        "".join(x.split(" for ", 1)[0] + "\n" if " <= " in x else x for x in lines),
+        encoding="utf-8",
+    )
+    return [path]
+
+
 def _given(*paths: Path) -> Callable[[Path], list[Path]]:
     return lambda _tmp: list(paths)
 
@@ -139,6 +152,29 @@ CASES = [
         ("html",),
     ),
     Case("spam-wave-damaged", _damaged, ("--limit", "30/1h", *GENERATED_NETS), ("table", "json")),
+    Case(
+        "ordinary-guard",
+        _given(GENERATED / "ordinary.log.gz"),
+        ("--config", str(GENERATED / "guard.toml"), *GENERATED_NETS),
+    ),
+    Case(
+        "ordinary-guard-without-for-lists",
+        _without_for_lists,
+        ("--config", str(GENERATED / "guard.toml"), *GENERATED_NETS),
+        ("table",),
+    ),
+    Case(
+        "local-senders",
+        _given(GENERATED / "local-senders.log"),
+        ("--limit", "5/1h"),
+        ("table", "json"),
+    ),
+    Case(
+        "local-senders-left-out",
+        _given(GENERATED / "local-senders.log"),
+        ("--limit", "5/1h", "--no-local"),
+        ("table",),
+    ),
 ]
 
 

@@ -201,6 +201,8 @@ class WindowInfo:
     tokens_left: float
     #: When the bucket is full again; None when it is full now.
     clears_at: str | None
+    #: Whether the user has been warned in this window (``limits.warn_at``) and not re-armed.
+    warned: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -231,6 +233,8 @@ class ShowReply:
     exempt: bool
     mode: str
     windows: tuple[WindowInfo, ...]
+    #: The volume guard's windows (``limits.accepted_recipients``); empty while it is off.
+    accepted_windows: tuple[WindowInfo, ...] = ()
     recent_failures: tuple[FailureInfo, ...]
     #: The user's journal entries, as written (see docs/admin.md).
     history: tuple[Mapping[str, Any], ...]
@@ -292,6 +296,9 @@ class BlockCounts:
 
     auto: int
     admin: int
+    #: Of the automatic blocks, those made by the volume guard (accepted recipients); left out
+    #: (None) while it has made none, so the reply is as it was for those who do not use it.
+    volume: int | None = attrs.field(default=None, metadata=_OMIT_NONE)
 
 
 @attrs.frozen(kw_only=True)
@@ -350,6 +357,8 @@ class StatsReply:
     queries_total: int
     blocks: BlockCounts
     unblocks: int
+    #: Early warnings given (``limits.warn_at``).
+    warnings: int = 0
     tracked_users: int
     blocked_users: int
     would_block_users: int
@@ -392,8 +401,13 @@ class StatsReply:
             mode=stats.mode,
             queries=queries,
             queries_total=sum(stats.server.queries.values()),
-            blocks=BlockCounts(auto=stats.effects.auto_blocks, admin=stats.effects.admin_blocks),
+            blocks=BlockCounts(
+                auto=stats.effects.auto_blocks,
+                admin=stats.effects.admin_blocks,
+                volume=stats.effects.volume_blocks or None,
+            ),
             unblocks=stats.effects.unblocks,
+            warnings=stats.effects.warnings,
             tracked_users=stats.policy.tracked_users,
             blocked_users=stats.policy.blocked_users,
             would_block_users=stats.policy.would_block_users,

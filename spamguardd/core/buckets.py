@@ -67,6 +67,10 @@ _TOKENS: Final = 4
 #: Largest fingerprint: 52 bits, exact as a double.
 _FINGERPRINT_MAX: Final = float((1 << 52) - 1)
 _EMPTY: Final = 0.0
+#: The fingerprint of the early-warning mark (:func:`check_warning`), kept in the table like a
+#: recipient so the snapshot, a reload and a merge carry it without a format of their own. A real
+#: recipient has this fingerprint with a probability of 2**-52.
+WARNED: Final = _FINGERPRINT_MAX
 _DOUBLE: Final = struct.Struct("d")
 _TOKEN_LAYOUTS: dict[int, struct.Struct] = {}
 
@@ -295,6 +299,86 @@ def count_failure(
         view.release()
 
 
+def take(state: UserState, rates: Sequence[Rate], now: float) -> Rate | None:
+    """Take one token at *now* from every window, with no de-duplication (the volume guard:
+    each accepted recipient counts). Returns the first rate whose bucket it emptied."""
+    tripped: Rate | None = None
+    with _view(state) as view:
+        elapsed = now - view[_UPDATED]
+        if elapsed > 0:
+            view[_UPDATED] = now
+        for index, rate in enumerate(rates, start=_TOKENS):
+            level = max(0.0, refilled(view[index], elapsed, rate) - 1.0)
+            view[index] = level
+            if tripped is None and is_empty(level):
+                tripped = rate
+    return tripped
+
+
+def check_warning(  # noqa: PLR0913 - the state, its limits, the times and the mark, all needed
+    state: UserState,
+    rates: Sequence[Rate],
+    before: Sequence[float],
+    now: float,
+    *,
+    warn_at: float,
+    limit: int,
+) -> Rate | None:
+    """Whether the failure just counted at *now* takes a window past the warning mark.
+
+    The *mark* of a window of ``N`` tokens is ``M = ceil(warn_at * N)`` used: the failure that
+    uses the Mth token warns (as with a block, the fraction of a token earned since the first
+    failure of a burst does not put it off). *before* are the levels just before the failure
+    (refilled to *now*). A warned window is not warned again until its bucket has refilled to
+    half the mark (``M / 2`` used): without that margin, a user failing at about the refill
+    rate would cross the mark on every failure. The mark is
+    the table entry :data:`WARNED`, its time per window the last failure seen while warned
+    (never: not warned); a mark older than the window's period has lapsed, since the bucket
+    has refilled whole since.
+
+    Returns:
+        The first window warned by this failure, or None.
+    """
+    w = len(rates)
+    with _view(state) as view:
+        found, free = _probe(view, WARNED, w)
+        marks: list[bool] = []
+        warned: Rate | None = None
+        for index, rate in enumerate(rates):
+            mark = math.ceil(warn_at * rate.count - _SLACK)
+            marked = found >= 0 and now - view[found + 1 + index] < rate.period
+            if marked and before[index] >= rate.count - mark / 2 - _SLACK:
+                marked = False  # refilled to half the mark: warn again next time
+            if not marked and view[_TOKENS + index] < rate.count - mark + 1 - _SLACK:
+                marked = True
+                warned = warned or rate
+            marks.append(marked)
+        if found >= 0:
+            for index, marked in enumerate(marks):
+                view[found + 1 + index] = now if marked else _NEVER
+            return warned
+        if warned is None:
+            return None  # no mark to keep: the table is left alone
+        roomy = free >= 0 and 2 * (view[_ENTRIES] + 1) <= (len(view) - _TOKENS - w) // (1 + w)
+    if not roomy:
+        _rebuild(state, rates, now, limit)
+    with _view(state) as view:
+        found = _insert(view, _probe(view, WARNED, w)[1], WARNED, w)
+        for index, marked in enumerate(marks):
+            view[found + 1 + index] = now if marked else _NEVER
+    return warned
+
+
+def warned_windows(state: UserState, rates: Sequence[Rate], now: float) -> tuple[bool, ...]:
+    """Per window, whether *state* carries a warning mark still in force at *now*."""
+    w = len(rates)
+    with _view(state) as view:
+        found = _probe(view, WARNED, w)[0]
+        if found < 0:
+            return (False,) * w
+        return tuple(now - view[found + 1 + i] < rate.period for i, rate in enumerate(rates))
+
+
 def _insert(view: _Doubles, at: int, mark: float, w: int) -> int:
     """Put a recipient never counted into the empty slot at *at*."""
     view[at] = mark
@@ -426,7 +510,7 @@ def window_counts(state: UserState, rates: Sequence[Rate], now: float) -> tuple[
     with _view(state) as view:
         entries = _entries(view, len(rates))
     return tuple(
-        sum(1 for entry in entries if now - entry[1 + index] < rate.period)
+        sum(1 for entry in entries if now - entry[1 + index] < rate.period and entry[0] != WARNED)
         for index, rate in enumerate(rates)
     )
 

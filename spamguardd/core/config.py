@@ -56,6 +56,12 @@ class LogFormat(enum.StrEnum):
 BLOCK_VERDICTS: Final = (Verdict.FREEZE, Verdict.REJECT, Verdict.DEFER)
 DEFAULT_LIMITS: Final = (Rate(count=100, period=3600),)
 DEFAULT_SENDMAIL: Final = ("/usr/sbin/sendmail", "-t", "-oi")
+#: What ends the key under which the volume guard counts a user's accepted recipients, beside
+#: its failures: no user key holds a NUL (the protocol refuses it), so none can collide.
+ACCEPTED_SUFFIX: Final = "\x00accepted"
+#: The limits of a volume-guard key while the guard is off: one that is idle a second after
+#: its last count, so the idle sweep forgets it.
+NO_VOLUME_GUARD: Final = (Rate(count=1, period=1),)
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 #: A relay's name in the fleet: what logs, journals and the shared store show as "where".
 _RELAY_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -129,6 +135,11 @@ def _check_rates(rates: tuple[Rate, ...]) -> None:
         raise ValueError(f"two rates with the same period (got {', '.join(map(str, rates))})")
 
 
+def _fraction_below_one(_inst: object, _attr: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None and not 0 < value < 1:
+        raise ValueError(f"must be a fraction between 0 and 1, both excluded (got {value})")
+
+
 def _rates_distinct(_inst: object, _attr: attrs.Attribute[Any], value: tuple[Rate, ...]) -> None:
     _check_rates(value)
 
@@ -176,6 +187,12 @@ def _int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"expected an integer (got {_kind(value)})")
     return value
+
+
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a fraction such as 0.5 (got {_kind(value)})")
+    return float(value)
 
 
 def _seconds(value: Any) -> float:
@@ -286,36 +303,60 @@ def _networks(value: Any) -> tuple[Network, ...]:
     return _items(value, _network, what="a network")
 
 
+_OVERRIDE_KEYS: Final = ("accepted_recipients", "failed_recipients", "user")
+
+
+def _override(entry: Mapping[str, Any], where: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """One ``[[override]]`` table: its parsed ``user`` and ``failed_recipients``, and problems.
+
+    ``failed_recipients`` may be left out when ``accepted_recipients`` is there.
+    """
+    problems = [
+        (f"{where}.{key}", f"unknown key (known: {', '.join(_OVERRIDE_KEYS)})")
+        for key in sorted(set(entry) - set(_OVERRIDE_KEYS))
+    ]
+    parsed: dict[str, Any] = {}
+    volume_only = "accepted_recipients" in entry and "failed_recipients" not in entry
+    for key, parse in (
+        ("user", _user_key),
+        ("failed_recipients", _rates),
+        ("accepted_recipients", _rates),
+    ):
+        if key not in entry:
+            if key == "user" or (key == "failed_recipients" and not volume_only):
+                problems.append((f"{where}.{key}", "missing required key"))
+            continue
+        try:
+            parsed[key] = parse(entry[key])
+        except (TypeError, ValueError) as exc:
+            problems.append(_glued(f"{where}.{key}", str(exc)))
+    return parsed, problems
+
+
 def _overrides(value: Any) -> dict[str, tuple[Rate, ...]]:
     """``[[override]]`` tables: each names a user and its own limits."""
     if not isinstance(value, list):
         raise TypeError(f"expected an array of tables [[override]] (got {_kind(value)})")
     overrides: dict[str, tuple[Rate, ...]] = {}
     problems: list[tuple[str, str]] = []
-    known = ("failed_recipients", "user")
+    users: set[str] = set()
     for index, entry in enumerate(value):
         where = f"[{index}]"
         if not isinstance(entry, Mapping):
             problems.append((where, f"expected a table (got {_kind(entry)})"))
             continue
-        problems += [
-            (f"{where}.{key}", f"unknown key (known: {', '.join(known)})")
-            for key in sorted(set(entry) - set(known))
-        ]
-        parsed: dict[str, Any] = {}
-        for key, parse in (("user", _user_key), ("failed_recipients", _rates)):
-            if key not in entry:
-                problems.append((f"{where}.{key}", "missing required key"))
-                continue
-            try:
-                parsed[key] = parse(entry[key])
-            except (TypeError, ValueError) as exc:
-                problems.append(_glued(f"{where}.{key}", str(exc)))
-        if len(parsed) == len(known):
-            user = parsed["user"]
-            if user in overrides:
-                problems.append((f"{where}.user", f"{user!r} already has an override"))
+        parsed, found = _override(entry, where)
+        problems += found
+        user = parsed.get("user")
+        if user is None:
+            continue
+        if user in users:
+            problems.append((f"{where}.user", f"{user!r} already has an override"))
+        users.add(user)
+        if "failed_recipients" in parsed:
             overrides[user] = parsed["failed_recipients"]
+        if "accepted_recipients" in parsed:  # the volume guard's key of the user
+            overrides[user + ACCEPTED_SUFFIX] = parsed["accepted_recipients"]
     if problems:
         raise _Problems(problems)
     return overrides
@@ -568,6 +609,15 @@ class PolicyConfig:
         validator=_rates_distinct,
     )
     count_defer: bool = setting(key="limits.count_defer", parse=_bool, default=False)
+    #: The volume guard: limits on accepted recipients per user; None (the default) for none.
+    accepted_recipients: tuple[Rate, ...] | None = setting(
+        key="limits.accepted_recipients", parse=_rates
+    )
+    #: The fraction of a bucket used at which one warning goes out (per user and window); None
+    #: for no warnings (docs/notices.md).
+    warn_at: float | None = setting(
+        key="limits.warn_at", parse=_fraction, validator=_fraction_below_one
+    )
     #: Users counted at once, bounding memory (~200 bytes each). At the cap, the user counted
     #: first is forgotten to make room for a new one (blocks are never dropped).
     max_tracked_users: int = setting(
@@ -590,8 +640,24 @@ class PolicyConfig:
     )
 
     def limits_for(self, user: str) -> tuple[Rate, ...]:
-        """The windows that apply to *user*: its override, else the defaults."""
-        return self.overrides.get(user, self.failed_recipients)
+        """The windows that apply to *user*: its override, else the defaults.
+
+        For a volume-guard key (:data:`ACCEPTED_SUFFIX`), the limits on accepted recipients;
+        while the guard is off, :data:`NO_VOLUME_GUARD`.
+        """
+        found = self.overrides.get(user)
+        if found is not None:
+            return found
+        if user.endswith(ACCEPTED_SUFFIX):
+            return self.accepted_recipients or NO_VOLUME_GUARD
+        return self.failed_recipients
+
+    @property
+    def volume_guard(self) -> bool:
+        """Whether accepted recipients are counted for anyone (default or override)."""
+        return self.accepted_recipients is not None or any(
+            user.endswith(ACCEPTED_SUFFIX) for user in self.overrides
+        )
 
 
 @attrs.frozen(kw_only=True)
@@ -702,6 +768,17 @@ class Config:
         """
         reader = _Reader(raw, source)
         config = reader.build(cls)
+        if config.cluster.enabled and config.policy.volume_guard:
+            reader.problem(
+                "limits.accepted_recipients",
+                "not available in fleet mode (cluster.url is set): each relay would count "
+                "alone and its blocks would not reach the store",
+            )
+        if config.cluster.enabled and config.policy.warn_at is not None:
+            reader.problem(
+                "limits.warn_at",
+                "not available in fleet mode (cluster.url is set): the store does the counting",
+            )
         if reader.problems:
             raise ConfigError(reader.problems)
         return attrs.evolve(config, source=source)

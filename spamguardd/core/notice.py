@@ -20,7 +20,7 @@ from typing import Final
 import attrs
 
 from spamguardd.core.config import NotifyConfig
-from spamguardd.core.policy import Blocked, Effect, FailureSample, Unblocked, WouldBlock
+from spamguardd.core.policy import Blocked, Effect, FailureSample, Unblocked, Warned, WouldBlock
 from spamguardd.core.protocol import Verdict
 from spamguardd.core.rate import Rate
 from spamguardd.core.timestamps import format_time
@@ -36,6 +36,7 @@ class NoticeEvent(enum.StrEnum):
 
     BLOCKED = "blocked"
     WOULD_BLOCK = "would_block"
+    WARNING = "warning"
     ADMIN_BLOCK = "admin_block"
     UNBLOCK = "unblock"
 
@@ -58,6 +59,8 @@ class Notice:
     samples: tuple[FailureSample, ...] = ()
     #: Who acted: ``auto`` for the policy, ``admin`` (or ``admin:UID``) for an admin.
     by: str = "auto"
+    #: What *rate* counts: failed recipients, or accepted ones (the volume guard).
+    counted: str = "failed recipients"
 
     @classmethod
     def from_effect(cls, effect: Effect, *, verdict: Verdict, when: float) -> Notice | None:
@@ -79,6 +82,7 @@ class Notice:
                 rate=effect.rate,
                 samples=effect.samples,
                 by=block.by,
+                counted=effect.counted,
             )
         if isinstance(effect, WouldBlock):
             rate = effect.rate
@@ -86,10 +90,23 @@ class Notice:
                 NoticeEvent.WOULD_BLOCK,
                 effect.user,
                 when,
-                f"{rate.count} failed recipients within {_period(rate)}",
+                f"{rate.count} {effect.counted} within {_period(rate)}",
                 verdict,
                 rate=rate,
                 samples=effect.samples,
+                counted=effect.counted,
+            )
+        if isinstance(effect, Warned):
+            rate = effect.rate
+            return cls(
+                NoticeEvent.WARNING,
+                effect.user,
+                effect.at,
+                f"{effect.used} of {rate.count} {effect.counted} within {_period(rate)}",
+                verdict,
+                rate=rate,
+                samples=effect.samples,
+                counted=effect.counted,
             )
         if isinstance(effect, Unblocked):
             return cls(
@@ -135,6 +152,7 @@ def build_message(
     titles = {
         NoticeEvent.BLOCKED: f"blocked {user}: {notice.reason}",
         NoticeEvent.WOULD_BLOCK: f"WOULD BLOCK {user} (monitor mode): {notice.reason}",
+        NoticeEvent.WARNING: f"WARNING {user}: {notice.reason}",
         NoticeEvent.ADMIN_BLOCK: f"admin blocked {user}: {printable(notice.reason)}",
         NoticeEvent.UNBLOCK: f"unblocked {user}",
     }
@@ -154,31 +172,56 @@ def build_message(
     return message
 
 
+_HEADLINES: Final = {
+    NoticeEvent.WOULD_BLOCK: (
+        "MONITOR MODE: nothing was blocked. spamguardd WOULD HAVE BLOCKED this user."
+    ),
+    NoticeEvent.WARNING: (
+        "WARNING: nothing was blocked. This user is on its way to a block by spamguardd."
+    ),
+    NoticeEvent.UNBLOCK: "spamguardd lifted the block of this user; its mail is accepted again.",
+}
+
+
+def _verdict_line(notice: Notice) -> str:
+    verdict = notice.verdict
+    if notice.event is NoticeEvent.WOULD_BLOCK:
+        return f'accept (in enforce mode it would be "{verdict}")'
+    if notice.event is NoticeEvent.WARNING:
+        return f'accept (at the limit it becomes "{verdict}")'
+    if notice.event is NoticeEvent.UNBLOCK:
+        return "accept (counting starts afresh)"
+    return f'{verdict} (every further recipient of this user is answered "{verdict}")'
+
+
+def _next_steps(notice: Notice, word: str) -> list[str]:
+    if notice.event in {NoticeEvent.BLOCKED, NoticeEvent.ADMIN_BLOCK}:
+        return [
+            "Undo (lift the block and thaw the mail frozen meanwhile; Exim sends it at its next",
+            "queue run, or at once with exim -M ID for each id the command prints):",
+            f"  spamguardctl unblock {word} --release",
+        ]
+    if notice.event is NoticeEvent.WOULD_BLOCK:
+        return ['To block such users, set mode = "enforce" in the configuration.']
+    if notice.event is NoticeEvent.WARNING:
+        return ["Block now (its mail is then frozen):", f"  spamguardctl block {word}"]
+    return []
+
+
 def _body(notice: Notice) -> str:
     user = printable(notice.user)
     word = shell_word(notice.user)
     lines: list[str] = []
     add = lines.append
-    if notice.event is NoticeEvent.WOULD_BLOCK:
-        add("MONITOR MODE: nothing was blocked. spamguardd WOULD HAVE BLOCKED this user.")
-    elif notice.event is NoticeEvent.UNBLOCK:
-        add("spamguardd lifted the block of this user; its mail is accepted again.")
-    else:
-        add("spamguardd blocked this user's outgoing mail.")
+    add(_HEADLINES.get(notice.event, "spamguardd blocked this user's outgoing mail."))
     add("")
     add(f"User:       {user}")
     add(f"When:       {format_time(notice.when)}")
     add(f"Event:      {notice.event.value} (by {printable(notice.by)})")
     add(f"Reason:     {printable(notice.reason)}")
     if notice.rate is not None:
-        add(f"Window:     {notice.rate.count} failed recipients in {_period(notice.rate)}")
-    if notice.event is NoticeEvent.WOULD_BLOCK:
-        add(f'Verdict:    accept (in enforce mode it would be "{notice.verdict}")')
-    elif notice.event is NoticeEvent.UNBLOCK:
-        add("Verdict:    accept (counting starts afresh)")
-    else:
-        verdict = notice.verdict
-        add(f'Verdict:    {verdict} (every further recipient of this user is answered "{verdict}")')
+        add(f"Window:     {notice.rate.count} {notice.counted} in {_period(notice.rate)}")
+    add(f"Verdict:    {_verdict_line(notice)}")
     add(f"Client IPs: {', '.join(notice.client_ips) or '(none recorded)'}")
     if notice.samples:
         add("")
@@ -190,12 +233,7 @@ def _body(notice: Notice) -> str:
     add("")
     add("Inspect:")
     add(f"  spamguardctl show {word}")
-    if notice.event in {NoticeEvent.BLOCKED, NoticeEvent.ADMIN_BLOCK}:
-        add("Undo (lift the block and thaw the mail frozen meanwhile; Exim sends it at its next")
-        add("queue run, or at once with exim -M ID for each id the command prints):")
-        add(f"  spamguardctl unblock {word} --release")
-    elif notice.event is NoticeEvent.WOULD_BLOCK:
-        add('To block such users, set mode = "enforce" in the configuration.')
+    lines.extend(_next_steps(notice, word))
     add("")
     add("-- ")
     add("spamguardd (automatic notice; replies are not read)")

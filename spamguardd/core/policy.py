@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import collections
 import enum
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Final
 
@@ -26,7 +27,7 @@ import attrs
 
 from spamguardd.core import buckets
 from spamguardd.core.buckets import UserState
-from spamguardd.core.config import Mode, PolicyConfig
+from spamguardd.core.config import ACCEPTED_SUFFIX, NO_VOLUME_GUARD, Mode, PolicyConfig
 from spamguardd.core.counters import CountedUsers
 from spamguardd.core.protocol import (
     CheckRequest,
@@ -49,6 +50,8 @@ EVIDENCE_SAMPLES: Final = 10
 
 ACCEPT: Final = Reply(Verdict.ACCEPT)
 PONG: Final = Reply(Verdict.PONG)
+#: What the volume guard counts, as its reasons and notices say.
+_VOLUME: Final = "accepted recipients"
 
 
 @attrs.frozen
@@ -86,6 +89,8 @@ class Blocked:
     block: Block
     rate: Rate | None = None
     samples: tuple[FailureSample, ...] = ()
+    #: What *rate* counts: failed recipients, or accepted ones (the volume guard).
+    counted: str = "failed recipients"
 
 
 @attrs.frozen
@@ -95,6 +100,20 @@ class WouldBlock:
     user: str
     rate: Rate
     samples: tuple[FailureSample, ...] = ()
+    counted: str = "failed recipients"
+
+
+@attrs.frozen
+class Warned:
+    """Effect: *user* has used ``warn_at`` of *rate*'s bucket (*used* of its tokens) at wall-clock
+    time *at*; nothing is blocked. Once per user and window (:func:`buckets.check_warning`)."""
+
+    user: str
+    rate: Rate
+    used: int
+    at: float
+    samples: tuple[FailureSample, ...] = ()
+    counted: str = "failed recipients"
 
 
 @attrs.frozen
@@ -115,7 +134,7 @@ class Reset:
     at: float
 
 
-Effect = Blocked | WouldBlock | Unblocked | Reset
+Effect = Blocked | WouldBlock | Warned | Unblocked | Reset
 
 
 @attrs.frozen
@@ -177,6 +196,10 @@ class Decision:
     needs_generation: int | None = None
 
 
+#: The decision for a recipient that verified, when the volume guard has nothing to say.
+ACCEPTED: Final = Decision(ACCEPT)
+
+
 @attrs.frozen
 class WindowView:
     """One window of one user, as ``show`` presents it."""
@@ -199,6 +222,10 @@ class UserView:
     windows: tuple[WindowView, ...]
     #: The user's most recent counted failures still in the sample ring, newest first.
     samples: tuple[FailureSample, ...]
+    #: The windows in which the user has been warned (``limits.warn_at``) and not re-armed.
+    warned: tuple[Rate, ...] = ()
+    #: The volume guard's windows (accepted recipients), when it is on for the user.
+    accepted: UserView | None = None
 
 
 @attrs.frozen
@@ -216,6 +243,7 @@ class Policy:
 
     def __init__(self, config: PolicyConfig, blocks: Iterable[Block] = ()) -> None:
         self.config = config
+        self._volume_guard = config.volume_guard
         self.blocks: dict[str, Block] = {block.user: block for block in blocks}
         self.generation = 0
         self._users = CountedUsers()
@@ -261,13 +289,78 @@ class Policy:
         blocked = self._blocked_decision(request.user)
         if blocked is not None:
             return blocked
-        if request.verify is Verify.OK or (
-            request.verify is Verify.DEFER and not self.config.count_defer
-        ):
+        if request.verify is Verify.OK:
+            if not self._volume_guard:
+                return ACCEPTED
+            return self._count_accepted(request, now=now, wall_now=wall_now)
+        if request.verify is Verify.DEFER and not self.config.count_defer:
             return Decision(ACCEPT)
         if self._is_exempt(request):
             return Decision(ACCEPT)
         return self._count_failure(request, now=now, wall_now=wall_now)
+
+    def _count_accepted(self, request: RcptRequest, *, now: float, wall_now: float) -> Decision:
+        """The volume guard: count an accepted recipient, under the user's key with
+        :data:`ACCEPTED_SUFFIX` (so the snapshot, the sweep and a reload carry it like any)."""
+        if self._is_exempt(request):
+            return ACCEPTED
+        key = request.user + ACCEPTED_SUFFIX
+        rates = self.config.limits_for(key)
+        if rates == NO_VOLUME_GUARD:  # this user's guard is off (an override elsewhere)
+            return ACCEPTED
+        state = self._counted_state(key, rates, now)
+        warn_at = self.config.warn_at
+        before: tuple[float, ...] = ()
+        if warn_at is not None:
+            buckets.refill(state, rates, now)
+            before = buckets.tokens_left(state, rates)
+        tripped = buckets.take(state, rates, now)
+        self._users.file(key, state, buckets.updated(state) + self._idle_after(rates))
+        if tripped is not None:
+            return self._volume_block(request.user, tripped, wall_now=wall_now)
+        if warn_at is None:
+            return ACCEPTED
+        warned = buckets.check_warning(
+            state, rates, before, now, warn_at=warn_at, limit=_recent_limit(rates)
+        )
+        if warned is None:
+            return ACCEPTED
+        level = buckets.tokens_left(state, rates)[rates.index(warned)]
+        used = math.ceil(warned.count - level - 1e-9)
+        return Decision(ACCEPT, (Warned(request.user, warned, used, wall_now, (), _VOLUME),))
+
+    def _volume_block(self, user: str, tripped: Rate, *, wall_now: float) -> Decision:
+        """The block (or, in monitor mode, the would-block) for a volume guard's empty bucket."""
+        if self.config.mode is Mode.MONITOR:
+            if user in self._would_block:
+                return ACCEPTED
+            self._would_block.add(user)
+            return Decision(ACCEPT, (WouldBlock(user, tripped, (), _VOLUME),))
+        reason = f"{tripped.count} {_VOLUME} within {format_duration(tripped.period)}"
+        block = Block(user=user, blocked_at=float(int(wall_now)), reason=reason, by="auto")
+        self._add_block(block)
+        return Decision(
+            Reply(self.config.verdict, reason),
+            (Blocked(block, tripped, (), _VOLUME),),
+            needs_generation=self.generation,
+        )
+
+    def _counted_state(self, key: str, rates: tuple[Rate, ...], now: float) -> UserState:
+        """The counting state of *key*, made (room made at the cap) or carried to *rates*."""
+        users = self._users
+        state = users.get(key)
+        if state is None:
+            if len(users) >= self.config.max_tracked_users:
+                oldest = users.first()
+                if oldest is not None:
+                    users.pop(oldest)
+                    self.evicted_users += 1
+            state = buckets.new_state(rates, now, self._tag(rates))
+            users.put(key, state)
+        else:
+            self._fit(state, rates)
+            users.mark(key)
+        return state
 
     def _count_failure(self, request: RcptRequest, *, now: float, wall_now: float) -> Decision:
         user = request.user
@@ -287,6 +380,11 @@ class Policy:
         else:
             self._fit(state, rates)
             users.mark(user)
+        warn_at = self.config.warn_at
+        before: tuple[float, ...] = ()
+        if warn_at is not None:  # the levels before this failure, for the warning mark
+            buckets.refill(state, rates, now)
+            before = buckets.tokens_left(state, rates)
         counted, tripped = buckets.count_failure(
             state, rates, request.rcpt, now, _recent_limit(rates)
         )
@@ -295,6 +393,8 @@ class Policy:
         if counted:
             self._samples.append(FailureSample(user, request.rcpt, request.ip, wall_now))
         if tripped is None:
+            if warn_at is not None and counted:
+                return self._warning(request, rates, before, warn_at, now=now, wall_now=wall_now)
             return Decision(ACCEPT, counted=counted, tokens_left=tokens_left)
         reason = f"{tripped.count} failed recipients within {format_duration(tripped.period)}"
         evidence = tuple(reversed(self.failure_samples(user, EVIDENCE_SAMPLES)))
@@ -318,9 +418,39 @@ class Policy:
             needs_generation=self.generation,
         )
 
+    def _warning(  # noqa: PLR0913 - the request, its limits and levels, the mark, the times
+        self,
+        request: RcptRequest,
+        rates: tuple[Rate, ...],
+        before: tuple[float, ...],
+        warn_at: float,
+        *,
+        now: float,
+        wall_now: float,
+    ) -> Decision:
+        """The accept for a counted failure that emptied no bucket, with a warning if it took
+        a window past ``limits.warn_at`` for the first time (since its bucket refilled)."""
+        user = request.user
+        state = self._users.get(user)
+        assert state is not None  # noqa: S101 - counted just now
+        warned = buckets.check_warning(
+            state, rates, before, now, warn_at=warn_at, limit=_recent_limit(rates)
+        )
+        tokens_left = buckets.tokens_left(state, rates)
+        if warned is None:
+            return Decision(ACCEPT, counted=True, tokens_left=tokens_left)
+        level = tokens_left[rates.index(warned)]
+        evidence = tuple(reversed(self.failure_samples(user, EVIDENCE_SAMPLES)))
+        # tokens used, counting the one just taken whole (a fraction earned back meanwhile
+        # does not make "5 of 10" read "4 of 10")
+        used = math.ceil(warned.count - level - 1e-9)
+        effect = Warned(user, warned, used, wall_now, evidence)
+        return Decision(ACCEPT, (effect,), counted=True, tokens_left=tokens_left)
+
     def _add_block(self, block: Block) -> None:
         self.blocks[block.user] = block
         self._users.pop(block.user, None)
+        self._users.pop(block.user + ACCEPTED_SUFFIX, None)
         self.generation += 1
 
     # -- fleet mode: the shared store counts, the policy decides -----------------------------
@@ -435,6 +565,7 @@ class Policy:
         to forget.
         """
         had_counters = self._users.pop(user, None) is not None
+        had_counters |= self._users.pop(user + ACCEPTED_SUFFIX, None) is not None
         was_marked = user in self._would_block
         self._would_block.discard(user)
         if not (had_counters or was_marked):
@@ -446,11 +577,20 @@ class Policy:
 
         Pure reading: the stored state is not brought forward or changed.
         """
+        view = self._inspect(user, now=now, wall_now=wall_now)
+        key = user + ACCEPTED_SUFFIX
+        if not self._volume_guard or self.config.limits_for(key) == NO_VOLUME_GUARD:
+            return view
+        accepted = self._inspect(key, now=now, wall_now=wall_now)
+        return attrs.evolve(view, accepted=attrs.evolve(accepted, user=user, samples=()))
+
+    def _inspect(self, user: str, *, now: float, wall_now: float) -> UserView:
         rates = self.config.limits_for(user)
         state = self.user_state(user)
         if state is None:
             levels = tuple(float(rate.count) for rate in rates)
             counted = (0,) * len(rates)
+            marks = (False,) * len(rates)
         else:
             elapsed = now - buckets.updated(state)
             levels = tuple(
@@ -458,6 +598,7 @@ class Policy:
                 for tokens, rate in zip(buckets.tokens_left(state, rates), rates, strict=True)
             )
             counted = buckets.window_counts(state, rates, now)
+            marks = buckets.warned_windows(state, rates, now)
         windows = tuple(
             WindowView(
                 rate=rate,
@@ -475,6 +616,7 @@ class Policy:
             exempt=user in self.config.exempt_users,
             windows=windows,
             samples=tuple(self.failure_samples(user)),
+            warned=tuple(rate for rate, mark in zip(rates, marks, strict=True) if mark),
         )
 
     # -- housekeeping ---------------------------------------------------------------------
@@ -553,6 +695,7 @@ class Policy:
         """
         old = self.config
         self.config = config
+        self._volume_guard = config.volume_guard
         tracked = self._users
         special = set(old.overrides) | set(config.overrides)
         changed = 0
@@ -563,7 +706,8 @@ class Policy:
             for user in special
             if user in tracked and old.limits_for(user) != config.limits_for(user)
         )
-        if changed:
+        # the volume guard's states are carried over too: record the reload for them as well
+        if changed or old.accepted_recipients != config.accepted_recipients:
             self._reloads.append(now)
         return changed
 
@@ -678,7 +822,7 @@ class Policy:
         Returns:
             Whether the user is now counted with the snapshot's state.
         """
-        if user in self.blocks:
+        if user in self.blocks or user.removesuffix(ACCEPTED_SUFFIX) in self.blocks:
             return False
         current = self.config.limits_for(user)
         tag = self._tag(current)

@@ -47,6 +47,10 @@ class EffectStatistics:
     #: While block-file writes fail: the last error, and the wall-clock time they began to.
     store_error: str | None = None
     store_failing_since: float | None = None
+    #: Early warnings (``limits.warn_at``) given.
+    warnings: int = 0
+    #: Of the automatic blocks, those made by the volume guard.
+    volume_blocks: int = 0
 
 
 @attrs.frozen

@@ -71,6 +71,17 @@ def _(reply: ShowReply, out: TextIO) -> None:
         for w in reply.windows
     ]
     _table(rows, out)
+    if reply.accepted_windows:
+        out.write("\n")
+        rows = [("ACCEPTED LIMIT", "TOKENS LEFT", "CLEARS AT")]
+        rows += [
+            (w.limit, f"{w.tokens_left:.2f}", w.clears_at or "full now")
+            for w in reply.accepted_windows
+        ]
+        _table(rows, out)
+    warned = [w.limit for w in (*reply.windows, *reply.accepted_windows) if w.warned]
+    if warned:
+        out.write(f"warned:   {', '.join(warned)} (limits.warn_at reached; nothing blocked)\n")
     out.write("\nrecent failed recipients (newest first):\n")
     if reply.recent_failures:
         _table(
@@ -147,6 +158,9 @@ def _(reply: StatsReply, out: TextIO) -> None:
         f"blocks made:    {reply.blocks.auto} automatic, {reply.blocks.admin} by admins; "
         f"{reply.unblocks} unblocks\n"
     )
+    if reply.blocks.volume:
+        out.write(f"volume guard:   {reply.blocks.volume} of the automatic blocks\n")
+    out.write(f"warnings:       {reply.warnings} (limits.warn_at)\n")
     errors = reply.errors
     out.write(
         f"errors:         {errors.admin} admin, {errors.busy} busy, {errors.internal} internal, "

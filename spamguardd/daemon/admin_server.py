@@ -278,8 +278,24 @@ class AdminServer:
                     clears_at=None
                     if window.clears_at is None
                     else format_time(window.clears_at + 0.999),
+                    warned=window.rate in view.warned,
                 )
                 for window in view.windows
+            ),
+            accepted_windows=()
+            if view.accepted is None
+            else tuple(
+                WindowInfo(
+                    limit=str(window.rate),
+                    # accepted recipients are not remembered one by one: the tokens used
+                    counted=round(window.rate.count - window.tokens_left),
+                    tokens_left=round(window.tokens_left, 3),
+                    clears_at=None
+                    if window.clears_at is None
+                    else format_time(window.clears_at + 0.999),
+                    warned=window.rate in view.accepted.warned,
+                )
+                for window in view.accepted.windows
             ),
             recent_failures=tuple(
                 FailureInfo(

@@ -23,7 +23,16 @@ import structlog
 
 from spamguardd.core.errors import StoreError
 from spamguardd.core.notice import Notice
-from spamguardd.core.policy import Blocked, Change, Effect, Policy, Reset, Unblocked, WouldBlock
+from spamguardd.core.policy import (
+    Blocked,
+    Change,
+    Effect,
+    Policy,
+    Reset,
+    Unblocked,
+    Warned,
+    WouldBlock,
+)
 from spamguardd.core.statistics import EffectStatistics
 from spamguardd.core.timestamps import format_time
 from spamguardd.daemon.journal_writer import JournalWriter
@@ -53,6 +62,7 @@ class EffectExecutor:
         self.wall_clock = wall_clock
         self._auto_blocks = self._admin_blocks = self._unblocks = self._resets = 0
         self._would_blocks = self._store_failures = 0
+        self._warnings = self._volume_blocks = 0
 
     def statistics(self) -> EffectStatistics:
         """Current counters."""
@@ -67,6 +77,8 @@ class EffectExecutor:
             unsaved_users=self.persister.pending,
             store_error=self.persister.last_error,
             store_failing_since=self.persister.failing_since,
+            warnings=self._warnings,
+            volume_blocks=self._volume_blocks,
         )
 
     def carry_out(self, effects: Sequence[Effect], *, relay: str | None = None) -> None:
@@ -153,9 +165,13 @@ class EffectExecutor:
                 self._admin_blocks += 1
             else:
                 self._auto_blocks += 1
+                self._volume_blocks += effect.counted != "failed recipients"
         elif isinstance(effect, WouldBlock):
             self._would_blocks += 1
             log.warning("user_would_block", user=effect.user, limit=str(effect.rate))
+        elif isinstance(effect, Warned):
+            self._warnings += 1
+            log.warning("user_warned", user=effect.user, limit=str(effect.rate), used=effect.used)
         elif isinstance(effect, Unblocked):
             self._unblocks += 1
             log.warning("user_unblocked", user=effect.block.user, by=effect.by)

@@ -45,7 +45,17 @@ class _Collector(Collector):
         counters = (
             ("blocks", "Users blocked by the policy.", stats.effects.auto_blocks),
             ("admin_blocks", "Users blocked by an admin.", stats.effects.admin_blocks),
+            (
+                "volume_blocks",
+                "Users blocked by the volume guard (accepted recipients), of the blocks.",
+                stats.effects.volume_blocks,
+            ),
             ("unblocks", "Blocks lifted (by an admin).", stats.effects.unblocks),
+            (
+                "warnings",
+                "Early warnings given (limits.warn_at), once per user and window.",
+                stats.effects.warnings,
+            ),
             ("notices_sent", "Abuse notices delivered.", stats.notices.sent),
             (
                 "notices_failed",

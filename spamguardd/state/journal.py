@@ -21,7 +21,7 @@ from typing import Any, Final
 import attrs
 
 from spamguardd.core.errors import StoreError
-from spamguardd.core.policy import Blocked, Effect, Reset, Unblocked, WouldBlock
+from spamguardd.core.policy import Blocked, Effect, Reset, Unblocked, Warned, WouldBlock
 from spamguardd.core.timestamps import format_time
 
 FILENAME: Final = "journal"
@@ -66,8 +66,8 @@ def entry_for(effect: Effect) -> dict[str, Any] | None:
             "user": effect.user,
             "actor": effect.by,
         }
-    if isinstance(effect, WouldBlock):
-        return None  # monitor mode logs and mails these; the history is of what was done
+    if isinstance(effect, WouldBlock | Warned):
+        return None  # logged and mailed; the history is of what was done
     raise TypeError(f"not an effect: {effect!r}")  # pragma: no cover - exhaustive above
 
 

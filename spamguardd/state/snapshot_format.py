@@ -17,7 +17,9 @@ Then records, each self-contained and checked on its own::
 Kinds: ``STATE`` (the user's counters, replacing any earlier record), ``FORGET`` (the user is no
 longer counted: blocked, reset, evicted) and ``MERGE`` (counters counted from full buckets while
 the earlier records were not loaded yet: added to them). A key is the user key's bytes exactly
-(``surrogateescape``, like the query protocol), so any key round-trips byte for byte.
+(``surrogateescape``, like the query protocol), so any key round-trips byte for byte; the
+volume guard's state of a user has the user's key followed by ``NUL accepted``, the one place
+a NUL may appear.
 
 A damaged record (bad mark, length, checksum, kind, key, limits or state) is reported as
 ``FILE:RECORD: problem`` and skipped; decoding resumes at the next sync mark whose record checks
@@ -39,6 +41,7 @@ import attrs
 
 from spamguardd.core import buckets
 from spamguardd.core.buckets import UserState
+from spamguardd.core.config import ACCEPTED_SUFFIX
 from spamguardd.core.protocol import ENCODING, ERRORS, MAX_USER_SIZE
 from spamguardd.core.rate import Rate
 
@@ -49,6 +52,8 @@ SYNC: Final = b"\xc5\x4b"
 #: Longest payload accepted: a key, limits, and a state of MAX_RECENT failures in 8 windows.
 MAX_PAYLOAD: Final = 1 + 2 + MAX_USER_SIZE + 1 + 255 + 8 * (9 + 2 * buckets.MAX_RECENT * 9)
 
+#: What ends the key of a user's volume-guard state (``config.ACCEPTED_SUFFIX``).
+_ACCEPTED: Final = ACCEPTED_SUFFIX.encode(ENCODING, ERRORS)
 _HEAD: Final = struct.Struct("<2sI")
 _CRC: Final = struct.Struct("<I")
 _KEY: Final = struct.Struct("<BH")
@@ -105,8 +110,9 @@ def encode_record(
         key = user.encode(ENCODING, ERRORS)
     except UnicodeEncodeError as exc:
         raise KeyNotWritableError(f"user key {user!r} has no byte form: {exc.reason}") from None
-    if not 0 < len(key) <= MAX_USER_SIZE:
-        raise ValueError(f"user key of {len(key)} bytes (at most {MAX_USER_SIZE})")
+    owner = key.removesuffix(_ACCEPTED)
+    if not 0 < len(owner) <= MAX_USER_SIZE:
+        raise ValueError(f"user key of {len(owner)} bytes (at most {MAX_USER_SIZE})")
     parts = [_KEY.pack(kind, len(key)), key]
     if kind is not Kind.FORGET:
         limits = _limits_text(tuple(rates))
@@ -237,7 +243,8 @@ def _content(
         raise ValueError(f"unknown record kind {kind_number}")
     at = _KEY.size + key_length
     key = bytes(payload[_KEY.size : at])
-    if len(key) != key_length or not key or b"\x00" in key:
+    owner = key.removesuffix(_ACCEPTED)  # the volume guard's state of that user
+    if len(key) != key_length or not owner or b"\x00" in owner:
         raise ValueError("user key: expected 1 to 1024 bytes, no NUL")
     user = key.decode(ENCODING, ERRORS)
     if kind is Kind.FORGET:

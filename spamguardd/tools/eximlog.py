@@ -33,7 +33,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final, NamedTuple
 
-from spamguardd.core.userkey import IPV6_GROUP_PREFIX, exim_mask, fold_auth_id
+from spamguardd.core.userkey import IPV6_GROUP_PREFIX, UID, exim_mask, fold_auth_id
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -74,7 +74,7 @@ _CALLOUT_REFUSAL: Final = "SMTP error from remote mail server after RCPT TO:"
 #: sender). Both are emptied when full, so they stay bounded on any log.
 _CACHE_SIZE: Final = 65_536
 _reasons: dict[str, bool] = {}
-_rejection_fields: dict[str, tuple[str | None, str | None, bool, bool]] = {}
+_rejection_fields: dict[str, tuple[str | None, str | None, bool, bool, str | None]] = {}
 
 
 class Arrival(NamedTuple):
@@ -88,6 +88,11 @@ class Arrival(NamedTuple):
     host: str | None
     #: A bounce (``<= <>``): the shipped ACL counts nothing for the null sender.
     null_sender: bool = False
+    #: The login of the local user who submitted it (``U=``), for a message without a client.
+    local: str | None = None
+    #: Its recipients as the ``for`` list gives them (``log_selector = +received_recipients``);
+    #: 0 without that list.
+    recipients: int = 0
 
 
 class Rejection(NamedTuple):
@@ -104,6 +109,8 @@ class Rejection(NamedTuple):
     temporary: bool
     #: ``F=<>``: a bounce, which the shipped ACL does not verify or count.
     null_sender: bool = False
+    #: The login of the local user (``U=``) of an SMTP session without a client (``-bs``).
+    local: str | None = None
 
 
 class Delivery(NamedTuple):
@@ -259,7 +266,18 @@ def _arrival(at: float, message_id: str, body: str) -> Arrival:
                 auth_id = body[colon + 1 : end] if end >= 0 else body[colon + 1 :]
     # The sender comes first and is the client's to choose: take the last H= before P=.
     host = _host(body, body.rfind(" H=", 0, protocol))
-    return Arrival(at, message_id, auth_id, host, body.startswith("<> "))  # positional: faster
+    local = None
+    if host is None:  # a local submission: U= is the login of the user who ran Exim
+        start = body.rfind(" U=", 0, protocol)
+        if start >= 0:
+            end = body.find(" ", start + 3)
+            local = body[start + 3 : end if end >= 0 else len(body)] or None
+    recipients = 0
+    listed = body.find(" for ", protocol)
+    if listed >= 0:  # "... S=232 for a@x b@y": the accepted recipients, at the end of the line
+        recipients = body.count(" ", listed + 5) + 1 - body.endswith(" ")
+    # positional arguments: faster than keywords
+    return Arrival(at, message_id, auth_id, host, body.startswith("<> "), local, recipients)
 
 
 def _rejection(at: float, line: str, start: int, marker: int) -> Rejection | Unparsed:
@@ -277,24 +295,31 @@ def _rejection(at: float, line: str, start: int, marker: int) -> Rejection | Unp
         if len(_rejection_fields) >= _CACHE_SIZE:
             _rejection_fields.clear()
         known = _rejection_fields[fields] = _read_rejection_fields(fields)
-    auth_id, host, null_sender, temporary = known
+    auth_id, host, null_sender, temporary, local = known
     reason = line[close + 3 :].rstrip("\r\n")
     rcpt = line[rcpt_start:close]
     # positional: a keyword argument costs as much as building the tuple
     return Rejection(
-        at, rcpt, auth_id, host, reason, _verify_failed(reason), temporary, null_sender
+        at, rcpt, auth_id, host, reason, _verify_failed(reason), temporary, null_sender, local
     )
 
 
-def _read_rejection_fields(fields: str) -> tuple[str | None, str | None, bool, bool]:
-    """From the fields before `` rejected RCPT <``: id, client address, null sender, 4xx."""
+def _read_rejection_fields(
+    fields: str,
+) -> tuple[str | None, str | None, bool, bool, str | None]:
+    """From the fields before `` rejected RCPT <``: id, client address, null sender, 4xx, and
+    the local user (``U=LOGIN`` first, as Exim starts a session without a client)."""
     prefix = fields.removesuffix(" temporarily")
     # The last A= before the marker: the sender (F=<...>) comes earlier and is the client's to
     # choose, so a sender holding " A=" cannot forge the id.
     field = prefix.rfind(" A=")
     auth_id = None if field < 0 else _auth_id(prefix[field + 3 :])
     null_sender = " F=<> " in prefix or prefix.endswith(" F=<>")
-    return auth_id, _host(prefix, prefix.find("H=")), null_sender, len(prefix) < len(fields)
+    host = _host(prefix, prefix.find("H="))
+    local = None
+    if host is None and prefix.startswith("U="):
+        local = prefix[2:].partition(" ")[0] or None
+    return auth_id, host, null_sender, len(prefix) < len(fields), local
 
 
 def _verify_failed(reason: str) -> bool:
@@ -468,24 +493,40 @@ def _auth_key(auth_id: str) -> str:
     return "auth:" + fold_auth_id(auth_id)
 
 
+#: Keys the shipped ACL never counts, asks about or freezes: its default
+#: ``SPAMGUARD_EXEMPT_USERS``, the daemon's own notices.
+ACL_EXEMPT_USERS: Final = frozenset({"uid:spamguardd"})
+
+
 class UserKeys:
     """Computes the user key of a log line exactly as the shipped ACL computes it.
 
     ``auth:${lc:$authenticated_id}``; else, for clients in the relay networks, ``ip:`` + the
     client address (IPv4) or its /64 as ``${mask:$sender_host_address/64}`` writes it
-    (``ip:2001.0db8.0001.0002.0000.0000.0000.0000/64``); else None: such mail is not counted.
-    This is ``contrib/exim/acl_spamguardd_rcpt``'s ``acl_m_sg_user``.
+    (``ip:2001.0db8.0001.0002.0000.0000.0000.0000/64``); else, for mail without a client
+    address (a local program, ``sendmail -bs``), ``uid:`` + the login Exim logs as ``U=``
+    (``contrib/exim/spamguardd-not-smtp.conf``), unless *local_senders* is False; else None:
+    such mail is not counted. The keys of :data:`ACL_EXEMPT_USERS` are never counted. This is
+    ``contrib/exim/acl_spamguardd_rcpt``'s ``acl_m_sg_user``.
     """
 
-    def __init__(self, relay_networks: Sequence[Network] = ()) -> None:
+    def __init__(
+        self, relay_networks: Sequence[Network] = (), *, local_senders: bool = True
+    ) -> None:
         self.relay_networks = tuple(relay_networks)
+        self.local_senders = local_senders
         self._host_key = functools.lru_cache(maxsize=65536)(self._compute_host_key)
 
-    def key(self, auth_id: str | None, host: str | None) -> str | None:
-        """The user key for a line with this authenticated id and client address."""
+    def key(self, auth_id: str | None, host: str | None, local: str | None = None) -> str | None:
+        """The user key for a line with this authenticated id, client address and local user."""
         if auth_id is not None:
             return _auth_key(auth_id)
-        if host is None or not self.relay_networks:
+        if host is None:
+            if local is None or not self.local_senders:
+                return None
+            key = UID + local
+            return None if key in ACL_EXEMPT_USERS else key
+        if not self.relay_networks:
             return None
         return self._host_key(host)
 

@@ -1,7 +1,7 @@
 """``spamguardctl replay``: the command line of the replay (docs/tuning.md).
 
-``spamguardctl replay [--config FILE] [--limit RATE ...] [--relay-net CIDR ...] [--json]
-[--html REPORT.html] LOGFILE...``, or, for a fleet, ``--relay NAME LOGFILE...`` per relay
+``spamguardctl replay [--config FILE] [--limit RATE ...] [--relay-net CIDR ...] [--no-local]
+[--json] [--html REPORT.html] LOGFILE...``, or, for a fleet, ``--relay NAME LOGFILE...`` per relay
 instead of the plain ``LOGFILE...``.
 """
 
@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="CIDR",
         help="networks whose unauthenticated clients are counted by address; repeatable",
+    )
+    parser.add_argument(
+        "--no-local",
+        dest="local",
+        action="store_false",
+        help="leave out mail of local programs (uid:LOGIN), counted by default",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--html", type=Path, metavar="REPORT.html", help="write an HTML report")
@@ -95,9 +101,10 @@ def replay_main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     sources = _sources(parser, args)
+    keys = UserKeys(networks, local_senders=args.local)
     progress = sys.stderr if sys.stderr.isatty() else None
     try:
-        report = replay(sources, config.policy, candidates, UserKeys(networks), progress=progress)
+        report = replay(sources, config.policy, candidates, keys, progress=progress)
     except OSError as exc:
         print(f"spamguardctl replay: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1

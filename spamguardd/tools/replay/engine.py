@@ -20,8 +20,8 @@ from typing import Final
 
 import attrs
 
-from spamguardd.core.config import Mode, PolicyConfig
-from spamguardd.core.policy import Blocked, Policy
+from spamguardd.core.config import ACCEPTED_SUFFIX, Mode, PolicyConfig
+from spamguardd.core.policy import Blocked, Effect, Policy, Warned
 from spamguardd.core.protocol import IPAddress, RcptRequest, Verify
 from spamguardd.core.rate import Rate
 from spamguardd.tools.eximlog import Arrival, Delivery, Event, Rejection, SkipTest, UserKeys
@@ -71,12 +71,25 @@ class BlockRecord:
 
 
 @attrs.define
+class WarningRecord:
+    """A user the candidate would have warned (``limits.warn_at``): the first warning."""
+
+    user: str
+    at: float
+    limit: str
+    counted: str
+    #: Warnings in all, one per window and crossing.
+    warnings: int = 1
+
+
+@attrs.define
 class CandidateResult:
     """What one candidate limit would have done."""
 
     candidate: Candidate
     policy: Policy
     blocked: dict[str, BlockRecord] = attrs.field(factory=dict)
+    warned: dict[str, WarningRecord] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -106,6 +119,12 @@ class Report:
     zoned: bool = False
     #: The relays of a fleet, in the order given; empty for the logs of one unnamed relay.
     relays: list[RelayLines] = attrs.field(factory=list)
+    #: Whether ``limits.warn_at`` was set (the report then lists warnings).
+    warn: bool = False
+    #: Whether the volume guard was on (the report then counts accepted recipients).
+    volume: bool = False
+    #: Accepted recipients fed to the volume guard.
+    accepted: int = 0
 
 
 class Replayer:
@@ -132,8 +151,18 @@ class Replayer:
             for c in candidates
         ]
         periods = {rate.period for c in candidates for rate in c.rates}
-        periods.update(rate.period for rates in config.overrides.values() for rate in rates)
-        self.report = Report(results=results, windows=tuple(sorted(periods)))
+        periods.update(
+            rate.period
+            for user, rates in config.overrides.items()
+            if not user.endswith(ACCEPTED_SUFFIX)  # the volume guard's: no failure windows
+            for rate in rates
+        )
+        self.report = Report(
+            results=results,
+            windows=tuple(sorted(periods)),
+            warn=config.warn_at is not None,
+            volume=config.volume_guard,
+        )
         self._relays = [_Messages(results) for _ in range(relays)]
         self._users: dict[str, _User] = {}
         self._next_sweep = -float("inf")
@@ -171,7 +200,7 @@ class Replayer:
         if event.null_sender:
             return  # bounces are neither verified nor counted by the shipped ACL
         if event.verify_failed and (not event.temporary or self.count_defer):
-            user = self.keys.key(event.auth_id, event.host)
+            user = self.keys.key(event.auth_id, event.host, event.local)
             if user is not None:
                 verify = Verify.DEFER if event.temporary else Verify.FAIL
                 self._failure(user, event.rcpt, event.host, event.at, verify)
@@ -183,11 +212,13 @@ class Replayer:
         user, host, frozen = known
         if any(frozen):
             messages.count_frozen(event.message_id)
+        if event.message_id in messages.by_delivery:  # no "for" list: its deliveries count
+            self._accepted(user, host, event.at, 1)
         if event.by_transport:  # what the shipped event_action reports (msg:fail:delivery)
             self._failure(user, event.rcpt, host, event.at, Verify.FAIL)
 
     def _arrival(self, event: Arrival, messages: _Messages) -> None:
-        user = None if event.null_sender else self.keys.key(event.auth_id, event.host)
+        user = None if event.null_sender else self.keys.key(event.auth_id, event.host, event.local)
         if user is None:
             return
         frozen = (
@@ -196,6 +227,46 @@ class Replayer:
             else self._never_frozen
         )
         messages.add(event.message_id, user, event.host, frozen)
+        if self.report.volume:
+            if event.recipients:
+                self._accepted(user, event.host, event.at, event.recipients)
+            else:
+                messages.by_delivery.add(event.message_id)
+
+    def _accepted(self, user: str, host: str | None, at: float, count: int) -> None:
+        """Feed *count* accepted recipients of *user* to the volume guard of each candidate."""
+        report = self.report
+        report.accepted += count
+        self._sweep(at)
+        request = RcptRequest(user, "", Verify.OK, _ip(host))
+        for result, blocked, decide in self._deciders:
+            for _ in range(count):
+                if user in blocked:
+                    break
+                self._effects(result, user, at, decide(request, now=at, wall_now=at).effects)
+
+    def _sweep(self, at: float) -> None:
+        if at >= self._next_sweep:
+            for result in self.report.results:
+                result.policy.forget_idle(at)
+            self._next_sweep = at + SWEEP_INTERVAL
+
+    def _effects(
+        self, result: CandidateResult, user: str, at: float, effects: Sequence[Effect]
+    ) -> None:
+        """Record the blocks and warnings among *effects* of *user* under *result*."""
+        for effect in effects:
+            if isinstance(effect, Blocked):
+                state = self._users.get(user)
+                if state is None:  # blocked by the volume guard before any failure
+                    state = self._users[user] = _User(UserPeaks(self.report.windows))
+                self._blocked(result, state, user, at, effect.block.reason)
+            elif isinstance(effect, Warned):
+                known = result.warned.get(user)
+                if known is None:
+                    result.warned[user] = WarningRecord(user, at, str(effect.rate), effect.counted)
+                else:
+                    known.warnings += 1
 
     def _failure(self, user: str, rcpt: str, host: str | None, at: float, verify: Verify) -> None:
         report = self.report
@@ -206,9 +277,7 @@ class Replayer:
             report.peaks[user] = state.peaks
         state.failures += 1
         if at >= self._next_sweep:
-            for result in report.results:
-                result.policy.forget_idle(at)
-            self._next_sweep = at + SWEEP_INTERVAL
+            self._sweep(at)
         state.peaks.add(rcpt, at)
         if state.timeline is not None:
             state.timeline.append(at)
@@ -218,9 +287,9 @@ class Replayer:
                 continue  # the policy would answer from its block list and change nothing
             if request is None:
                 request = RcptRequest(user, rcpt, verify, _ip(host))  # positional: faster
-            for effect in decide(request, now=at, wall_now=at).effects:
-                if isinstance(effect, Blocked):
-                    self._blocked(result, state, user, at, effect.block.reason)
+            effects = decide(request, now=at, wall_now=at).effects
+            if effects:
+                self._effects(result, user, at, effects)
 
     def _blocked(
         self, result: CandidateResult, state: _User, user: str, at: float, reason: str
@@ -243,13 +312,16 @@ class _Messages:
     after its user's block in some candidate.
     """
 
-    __slots__ = ("frozen", "results", "senders")
+    __slots__ = ("by_delivery", "frozen", "results", "senders")
 
     def __init__(self, results: Sequence[CandidateResult]) -> None:
         self.results = results
         #: message id -> (user key, client address, frozen per candidate)
         self.senders: dict[str, tuple[str, str | None, tuple[bool, ...]]] = {}
         self.frozen: set[str] = set()
+        #: Messages whose ``<=`` line had no ``for`` list, while the volume guard is on: their
+        #: deliveries (``=>``, ``->``, ``**``) are its accepted recipients.
+        self.by_delivery: set[str] = set()
 
     def add(self, message_id: str, user: str, host: str | None, frozen: tuple[bool, ...]) -> None:
         """Remember a message received from *user*; forget the oldest past the bound."""
@@ -261,11 +333,13 @@ class _Messages:
             oldest = next(iter(senders))
             del senders[oldest]
             self.frozen.discard(oldest)
+            self.by_delivery.discard(oldest)
 
     def forget(self, message_id: str) -> None:
         """The message is ``Completed``."""
         self.senders.pop(message_id, None)
         self.frozen.discard(message_id)
+        self.by_delivery.discard(message_id)
 
     def count_frozen(self, message_id: str) -> None:
         """One more recipient of a frozen message, for each candidate that froze it."""
@@ -284,6 +358,9 @@ class _Messages:
         lines in time order relative to everything of the relay already fed.
         """
         if flag == "=>" or flag == "->":  # noqa: PLR1714 - the commonest test first, no tuple
+            by_delivery = self.by_delivery
+            if by_delivery and line[20:end] in by_delivery:
+                return False  # counted by the volume guard: parsed, then fed
             frozen = self.frozen
             if frozen and line[20:end] in frozen:
                 self.count_frozen(line[20:end])
@@ -292,6 +369,7 @@ class _Messages:
             message_id = line[20:end]
             if self.senders.pop(message_id, None) is not None:
                 self.frozen.discard(message_id)
+                self.by_delivery.discard(message_id)
             return True
         return line[20:end] not in self.senders  # "**": parsed only for counted users
 

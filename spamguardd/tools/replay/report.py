@@ -21,21 +21,34 @@ def to_json(report: Report) -> dict[str, object]:
     limits = []
     for result in report.results:
         blocked = sorted(result.blocked.values(), key=lambda b: (b.at, b.user))
-        limits.append(
-            {
-                "limit": result.candidate.label,
-                "blocked": [
-                    {
-                        "user": b.user,
-                        "at": _iso(b.at, zoned=report.zoned),
-                        "failures": b.failures,
-                        "frozen_after": b.frozen_after,
-                        "reason": b.reason,
-                    }
-                    for b in blocked
-                ],
-            }
-        )
+        entry: dict[str, object] = {
+            "limit": result.candidate.label,
+            "blocked": [
+                {
+                    "user": b.user,
+                    "at": _iso(b.at, zoned=report.zoned),
+                    "failures": b.failures,
+                    "frozen_after": b.frozen_after,
+                    "reason": b.reason,
+                }
+                for b in blocked
+            ],
+        }
+        if report.warn:  # only with limits.warn_at: today's documents stay as they were
+            entry["warned"] = [
+                {
+                    "user": w.user,
+                    "at": _iso(w.at, zoned=report.zoned),
+                    "limit": w.limit,
+                    "counted": w.counted,
+                    "warnings": w.warnings,
+                }
+                for w in sorted(result.warned.values(), key=lambda w: (w.at, w.user))
+            ]
+        limits.append(entry)
+    extra: dict[str, object] = {}
+    if report.volume:
+        extra["accepted"] = report.accepted
     return {
         "limits": limits,
         "peaks": {
@@ -58,6 +71,7 @@ def to_json(report: Report) -> dict[str, object]:
             ),
         },
         "failures": report.failures,
+        **extra,
     }
 
 
@@ -69,6 +83,8 @@ def to_table(report: Report) -> str:
             f"failed recipients counted: {report.failures:,}"
         )
     ]
+    if report.volume:
+        out[0] += f", accepted recipients counted: {report.accepted:,}"
     out.extend(
         f"  relay {relay.name}: {relay.lines:,} lines read, {relay.unparsed:,} unparsed"
         for relay in report.relays
@@ -82,6 +98,12 @@ def to_table(report: Report) -> str:
             for b in sorted(result.blocked.values(), key=lambda b: (b.at, b.user)):
                 at = _iso(b.at, zoned=report.zoned)
                 out.append(f"  {b.user:<40} {at:<20} {b.failures:>8} {b.frozen_after:>12}")
+        if report.warn:
+            out.append(f"  {len(result.warned)} user(s) warned (limits.warn_at)")
+            out.extend(
+                f"    {w.user:<38} {_iso(w.at, zoned=report.zoned):<20} {w.limit} {w.counted}"
+                for w in sorted(result.warned.values(), key=lambda w: (w.at, w.user))
+            )
     if report.peaks:
         out.append("")
         heads = " ".join(f"{format_duration(p):>8}" for p in report.windows)
@@ -105,7 +127,9 @@ def to_html(report: Report) -> str:
         "<h1>spamguardd replay</h1>",
         (
             f"<p>{report.lines_read:,} lines read, {report.unparsed:,} unparsed, "
-            f"{report.failures:,} failed recipients.</p>"
+            f"{report.failures:,} failed recipients"
+            + (f", {report.accepted:,} accepted recipients" if report.volume else "")
+            + ".</p>"
         ),
     ]
     if report.relays:
@@ -121,6 +145,15 @@ def to_html(report: Report) -> str:
                 f"after {b.failures} failures; {b.frozen_after} later recipients frozen</p>"
             )
             parts.append(_timeline_svg(times, b.at, zoned=report.zoned))
+        if report.warn:  # only with limits.warn_at: today's pages stay as they were
+            warned = sorted(result.warned.values(), key=lambda w: (w.at, w.user))
+            parts.append(f"<h3>{len(warned)} warned (limits.warn_at)</h3><ul>")
+            parts.extend(
+                f"<li>{esc(w.user)}: {esc(_iso(w.at, zoned=report.zoned))}, "
+                f"{esc(w.limit)} {esc(w.counted)}</li>"
+                for w in warned
+            )
+            parts.append("</ul>")
         parts.append(_peaks_svg(report, result.candidate))
     parts.append("</body></html>\n")
     return "".join(parts)
