@@ -240,7 +240,10 @@ class AdminServer:
             policy = self.target.policy
             verdict = policy.config.verdict.value
             blocks = sorted(policy.blocks.values(), key=lambda b: b.user)
-            return ListReply(blocked=tuple(BlockInfo.from_block(b, verdict) for b in blocks))
+            within = policy.config.repeat_within
+            return ListReply(
+                blocked=tuple(BlockInfo.from_block(b, verdict, within) for b in blocks)
+            )
         if verb is Verb.STATS:
             return StatsReply.from_statistics(self.target.statistics())
         if verb is Verb.METRICS:
@@ -250,7 +253,9 @@ class AdminServer:
         user = command.user
         assert user is not None  # noqa: S101 - Command.from_json guarantees it for these verbs
         if verb is Verb.BLOCK:
-            return await self._block(user, command.reason or DEFAULT_BLOCK_REASON, actor)
+            return await self._block(
+                user, command.reason or DEFAULT_BLOCK_REASON, actor, command.expires_at
+            )
         user_commands = {
             Verb.SHOW: self._show,
             Verb.UNBLOCK: self._unblock,
@@ -267,7 +272,9 @@ class AdminServer:
         return ShowReply(
             user=user,
             blocked=view.block is not None,
-            block=None if view.block is None else BlockInfo.from_block(view.block, verdict),
+            block=None
+            if view.block is None
+            else BlockInfo.from_block(view.block, verdict, policy.config.repeat_within),
             exempt=view.exempt,
             mode=policy.config.mode.value,
             windows=tuple(
@@ -303,10 +310,19 @@ class AdminServer:
             return ErrorReply(error=f"{what} in memory but not on disk: {exc}")
         return None
 
-    async def _block(self, user: str, reason: str, actor: str) -> Reply:
+    async def _block(
+        self,
+        user: str,
+        reason: str,
+        actor: str,
+        expires: Callable[[float], float | None] = lambda _now: None,
+    ) -> Reply:
         policy = self.target.policy
         verdict = policy.config.verdict.value
         now = self.wall_clock()
+        expires_at = expires(now)
+        if expires_at is not None and expires_at <= now:
+            return ErrorReply(error=f"until {format_time(expires_at)} is not in the future")
         cluster = self.target.cluster
         if cluster is not None and user not in policy.blocks:
             # the fleet's block list first: a user blocked on another relay meanwhile keeps
@@ -318,7 +334,7 @@ class AdminServer:
                 return BlockReply(
                     user=user, changed=False, block=BlockInfo.from_block(current, verdict)
                 )
-        change = policy.block(user, reason, by=actor, wall_now=now)
+        change = policy.block(user, reason, by=actor, wall_now=now, expires_at=expires_at)
         block = BlockInfo.from_block(policy.blocks[user], verdict)
         if not change.effects:
             return BlockReply(user=user, changed=False, block=block)

@@ -53,6 +53,8 @@ class EffectExecutor:
         self.wall_clock = wall_clock
         self._auto_blocks = self._admin_blocks = self._unblocks = self._resets = 0
         self._would_blocks = self._store_failures = 0
+        #: Called after effects are carried out (never waits): the expiry keeper's wake-up.
+        self.on_change: Callable[[], None] | None = None
 
     def statistics(self) -> EffectStatistics:
         """Current counters."""
@@ -86,6 +88,8 @@ class EffectExecutor:
             notice = Notice.from_effect(effect, verdict=verdict, when=self.wall_clock())
             if notice is not None:
                 self.notices.submit(notice)
+        if effects and self.on_change is not None:
+            self.on_change()
 
     async def wait_durable(self, generation: int) -> None:
         """Return once the block list of *generation* (or a later one) is on disk.
