@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import attrs
@@ -9,6 +10,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from spamguardd.core.adminproto import (
+    AdminRequestError,
+    BlockInfo,
+    BlockReply,
+    Command,
+    ListReply,
+    Verb,
+    reply_from_json,
+    reply_to_json,
+)
 from spamguardd.core.config import Config, PolicyConfig
 from spamguardd.core.errors import ConfigError
 from spamguardd.core.expiry import (
@@ -23,6 +34,7 @@ from spamguardd.core.expiry import (
 from spamguardd.core.policy import Block, Blocked, Policy, Reset, Unblocked
 from spamguardd.core.protocol import RcptRequest, Verdict, Verify
 from spamguardd.core.rate import Rate
+from spamguardd.ctl.render import render
 from spamguardd.state import blockfile, repeats
 from spamguardd.state.repeats import RepeatStore
 from tests.helpers import T0
@@ -309,3 +321,58 @@ class TestFiles:
 
 def test_rate_limits_are_those_configured() -> None:
     assert config().failed_recipients == (Rate(3, 3600),)
+
+
+class TestRender:
+    def test_show_and_list_say_until_when_and_which_block(self) -> None:
+        info = BlockInfo(
+            user="auth:m",
+            since="2026-11-28T00:00:00Z",
+            reason="3 failed recipients within 1h",
+            by="auto",
+            verdict="freeze",
+            until="2026-12-03T10:00:00Z",
+            nth=2,
+            repeat_within="30 days",
+        )
+        out = io.StringIO()
+        render(ListReply(blocked=(info,)), out)
+        assert out.getvalue().splitlines()[0].split() == [
+            "USER", "SINCE", "UNTIL", "BY", "VERDICT", "REASON"
+        ]  # fmt: skip
+        assert "2026-12-03T10:00:00Z" in out.getvalue()
+        out = io.StringIO()
+        render(BlockReply(user="auth:m", changed=True, block=info), out)
+        assert "lasts until 2026-12-03 10:00:00 UTC, 2nd block in 30 days\n" in out.getvalue()
+
+    def test_reply_round_trip_keeps_the_expiry(self) -> None:
+        block = Block("auth:m", T0, "x", "auto", expires_at=T0 + DAY, nth=3)
+        info = BlockInfo.from_block(block, "freeze", 30 * DAY)
+        assert (info.until, info.nth, info.repeat_within) == ("2026-11-29T00:00:00Z", 3, "30 days")
+        raw = reply_to_json(ListReply(blocked=(info,)))
+        assert reply_from_json(raw, Verb.LIST) == ListReply(blocked=(info,))
+        plain = BlockInfo.from_block(Block("auth:x", T0, "x", "admin:0"), "freeze", 30 * DAY)
+        assert "until" not in reply_to_json(ListReply(blocked=(plain,)))["blocked"][0]
+
+
+class TestAdminCommand:
+    def test_block_for_or_until(self) -> None:
+        command = Command.from_json({"command": "block", "user": "auth:m", "duration": "2h"})
+        assert command.expires_at(T0 + 0.5) == T0 + 2 * HOUR
+        until = {"command": "block", "user": "auth:m", "until": "2026-12-03T10:00:00Z"}
+        assert Command.from_json(until).expires_at(T0) == 1796292000.0
+        assert Command.from_json({"command": "block", "user": "auth:m"}).expires_at(T0) is None
+
+    @pytest.mark.parametrize(
+        ("raw", "message"),
+        [
+            ({"command": "unblock", "user": "u", "duration": "2h"}, "unblock takes no until"),
+            ({"command": "block", "user": "u", "duration": "2h", "until": "x"}, "not both"),
+            ({"command": "block", "user": "u", "duration": "soon"}, "duration must be"),
+            ({"command": "block", "user": "u", "until": "tomorrow"}, "until must be a UTC"),
+            ({"command": "block", "user": "u", "until": 5}, "until must be a UTC"),
+        ],
+    )
+    def test_bad_expiry_fields(self, raw: dict[str, object], message: str) -> None:
+        with pytest.raises(AdminRequestError, match=message):
+            Command.from_json(raw)

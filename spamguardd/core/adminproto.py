@@ -29,9 +29,10 @@ from typing import Any, Final, TypeVar
 
 import attrs
 
+from spamguardd.core.expiry import format_span
 from spamguardd.core.latency import percentiles
 from spamguardd.core.policy import Block
-from spamguardd.core.rate import format_duration, parse_duration
+from spamguardd.core.rate import parse_duration
 from spamguardd.core.statistics import Statistics
 from spamguardd.core.timestamps import format_time, parse_time
 
@@ -218,7 +219,7 @@ class BlockInfo:
     #: Which automatic block of the user this is within ``block.repeat_within``; absent for
     #: blocks not counted (an admin's).
     nth: int | None = attrs.field(default=None, metadata=_OMIT_NONE)
-    #: ``block.repeat_within`` as an Exim time, with *nth*.
+    #: ``block.repeat_within`` for people (``30 days``), with *nth*.
     repeat_within: str | None = attrs.field(default=None, metadata=_OMIT_NONE)
 
     @classmethod
@@ -236,7 +237,7 @@ class BlockInfo:
             nth=block.nth or None,
             repeat_within=None
             if not block.nth or repeat_within is None
-            else format_duration(repeat_within),
+            else format_span(repeat_within),
         )
 
 

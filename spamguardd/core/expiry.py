@@ -79,6 +79,16 @@ def format_steps(steps: Sequence[Step]) -> str:
     return ", ".join(FOREVER if step is None else format_duration(step) for step in steps)
 
 
+def format_span(seconds: float) -> str:
+    """A span for people: ``30 days``, ``1 day``, ``12 hours``, else an Exim time."""
+    whole = int(seconds)
+    for size, unit in ((86400, "day"), (3600, "hour"), (60, "minute")):
+        if whole >= size and whole % size == 0:
+            count = whole // size
+            return f"{count} {unit}{'' if count == 1 else 's'}"
+    return format_duration(whole)
+
+
 def expires(steps: Sequence[Step]) -> bool:
     """Whether any automatic block can expire under *steps*."""
     return any(step is not None for step in steps)

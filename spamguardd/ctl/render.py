@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import TextIO
 
 from spamguardd.core.adminproto import (
+    BlockInfo,
     BlockReply,
     ErrorReply,
     ListReply,
@@ -23,12 +24,26 @@ from spamguardd.core.adminproto import (
     StatsReply,
     UnblockReply,
 )
+from spamguardd.core.expiry import ordinal
 
 
 @functools.singledispatch
 def render(reply: Reply, out: TextIO) -> None:  # noqa: ARG001 - every renderer's signature
     """Write *reply* for people to *out*."""
     raise TypeError(f"no renderer for {type(reply).__name__}")  # pragma: no cover
+
+
+def _lasting(block: BlockInfo) -> str:
+    """``until 2026-12-03 10:00:00 UTC, 2nd block in 30d`` (or ``for good``)."""
+    until = "for good" if block.until is None else f"until {_people_time(block.until)}"
+    if block.nth is None:
+        return until
+    return f"{until}, {ordinal(block.nth)} block in {block.repeat_within}"
+
+
+def _people_time(iso: str) -> str:
+    """``2026-12-03T10:00:00Z`` as ``2026-12-03 10:00:00 UTC``."""
+    return iso.replace("T", " ").removesuffix("Z") + " UTC"
 
 
 def _table(rows: Iterable[Sequence[object]], out: TextIO) -> None:
@@ -44,8 +59,14 @@ def _(reply: ListReply, out: TextIO) -> None:
     if not reply.blocked:
         out.write("no blocked users\n")
         return
-    rows: list[Sequence[object]] = [("USER", "SINCE", "BY", "VERDICT", "REASON")]
-    rows += [(b.user, b.since, b.by, b.verdict, b.reason) for b in reply.blocked]
+    if any(b.until is not None for b in reply.blocked):
+        rows: list[Sequence[object]] = [("USER", "SINCE", "UNTIL", "BY", "VERDICT", "REASON")]
+        rows += [
+            (b.user, b.since, b.until or "never", b.by, b.verdict, b.reason) for b in reply.blocked
+        ]
+    else:  # nothing expires: the table as it always was
+        rows = [("USER", "SINCE", "BY", "VERDICT", "REASON")]
+        rows += [(b.user, b.since, b.by, b.verdict, b.reason) for b in reply.blocked]
     _table(rows, out)
 
 
@@ -60,6 +81,8 @@ def _(reply: ShowReply, out: TextIO) -> None:
             f"status:   blocked since {block.since} by {block.by} "
             f"(verdict {block.verdict}): {block.reason}\n"
         )
+        if block.until is not None or block.nth is not None:
+            out.write(f"lasts:    {_lasting(block)}\n")
     if reply.exempt:
         out.write("exempt:   yes (listed in exempt.users; never counted)\n")
     if reply.mode != "enforce":
@@ -108,6 +131,8 @@ def _(reply: BlockReply, out: TextIO) -> None:
     block = reply.block
     if reply.changed:
         out.write(f"blocked {reply.user} (verdict {block.verdict}): {block.reason}\n")
+        if block.until is not None:
+            out.write(f"lasts {_lasting(block)}\n")
     else:
         out.write(
             f"{reply.user} was already blocked since {block.since} by {block.by}: {block.reason}\n"

@@ -1,0 +1,178 @@
+"""The daemon lifts blocks on time (MockClock), at start for what expired while it was down,
+and saves the history escalation counts."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import structlog
+import trio
+import trio.testing
+
+from spamguardd.core.config import AdminConfig, Config, ServerConfig, StateConfig
+from spamguardd.core.policy import Block
+from spamguardd.core.timestamps import format_time, parse_time
+from spamguardd.daemon.app import Daemon
+from spamguardd.state.blockfile import BlockStore
+from spamguardd.state.repeats import RepeatStore
+from tests.helpers import T0, readsocket
+from tests.test_admin_server import admin
+
+HOUR = 3600.0
+
+
+def make_config(sock_dir: Path, expire: str | list[str] = ["1h", "5h"]) -> Config:  # noqa: B006
+    policy = Config.from_dict(
+        {"limits": {"failed_recipients": "3/1d"}, "block": {"expire": expire}}, source="t"
+    ).policy
+    return Config(
+        policy=policy,
+        server=ServerConfig(query_socket=sock_dir / "q.sock"),
+        state=StateConfig(dir=sock_dir / "state"),
+        admin=AdminConfig(socket=sock_dir / "a.sock"),
+    )
+
+
+def wall() -> float:
+    return T0 + trio.current_time()
+
+
+async def spray(sock_dir: Path, user: str = "auth:m") -> bytes:
+    """Three failed recipients (the limit); the last answer."""
+    answer = b""
+    for i in range(3):
+        request = f"rcpt user={user} rcpt=r{i}-{trio.current_time()}@x verify=fail\n"
+        answer = await readsocket(sock_dir / "q.sock", request.encode())
+    return answer
+
+
+def journal(sock_dir: Path) -> list[dict[str, object]]:
+    path = sock_dir / "state" / "journal"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(name="daemon")
+async def _daemon(nursery: trio.Nursery, sock_dir: Path) -> AsyncIterator[Daemon]:
+    daemon = Daemon(make_config(sock_dir), wall_clock=wall)
+    await nursery.start(functools.partial(daemon.run, handle_signals=False))
+    yield daemon
+    daemon.stop()
+
+
+async def test_block_lifts_on_time_and_the_next_is_longer(
+    daemon: Daemon, sock_dir: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Blocked, answered freeze; after 1h lifted through the effects path (block file, journal,
+    log, count); blocked again in the span: 5h, 2nd block."""
+    with structlog.testing.capture_logs() as logs:
+        assert (await spray(sock_dir)).startswith(b"freeze")
+        store = BlockStore(sock_dir / "state")
+        [block] = store.load()
+        # (autojump moves the clock on while the block file is written in a thread)
+        blocked_at = block.blocked_at
+        assert wall() - blocked_at < 60
+        assert (block.expires_at, block.nth) == (blocked_at + HOUR, 1)
+        await trio.sleep(blocked_at + HOUR - wall() - 2)
+        assert (await readsocket(sock_dir / "q.sock", b"check user=auth:m\n")).startswith(b"freeze")
+        await trio.sleep(3)
+        assert (await readsocket(sock_dir / "q.sock", b"check user=auth:m\n")).startswith(b"accept")
+    assert store.load() == []
+    lift = [entry for entry in journal(sock_dir) if entry["event"] == "unblock"]
+    assert lift == [
+        {
+            "at": format_time(blocked_at + HOUR),
+            "event": "unblock",
+            "user": "auth:m",
+            "actor": "expiry",
+        }
+    ]
+    assert {
+        "event": "user_unblocked",
+        "user": "auth:m",
+        "by": "expiry",
+        "log_level": "warning",
+    } in [
+        {k: v for k, v in entry.items() if k in {"event", "user", "by", "log_level"}}
+        for entry in logs
+    ]
+    assert daemon.effects.statistics().unblocks == 1
+    assert daemon.expiry.lifted == 1
+    # the history is on disk, and the next block is the 2nd: 5 hours
+    assert dict(RepeatStore(sock_dir / "state").load().entries) == {"auth:m": (blocked_at,)}
+    assert (await spray(sock_dir)).startswith(b"freeze")
+    [block] = store.load()
+    again = block.blocked_at
+    assert (block.expires_at, block.nth) == (again + 5 * HOUR, 2)
+    shown = await admin(sock_dir / "a.sock", command="show", user="auth:m")
+    assert shown["block"]["until"] == format_time(again + 5 * HOUR)
+    assert (shown["block"]["nth"], shown["block"]["repeat_within"]) == (2, "30 days")
+
+
+async def test_expired_while_down_is_lifted_before_serving(
+    nursery: trio.Nursery, sock_dir: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A block whose time passed while the daemon was down is lifted at start, and the history
+    saved by the previous run makes the next block the 2nd."""
+    state = sock_dir / "state"
+    state.mkdir()
+    now = wall()
+    BlockStore(state).save(
+        [
+            Block("auth:m", now - 2 * HOUR, "x", "auto", expires_at=now - HOUR, nth=1),
+            Block("auth:k", now - 2 * HOUR, "y", "admin:0"),
+        ]
+    )
+    RepeatStore(state).save({"auth:m": (now - 2 * HOUR,)})
+    daemon = Daemon(make_config(sock_dir), wall_clock=wall)
+    await nursery.start(functools.partial(daemon.run, handle_signals=False))
+    try:
+        assert [b.user for b in BlockStore(state).load()] == ["auth:k"]
+        assert (await readsocket(sock_dir / "q.sock", b"check user=auth:m\n")).startswith(b"accept")
+        assert (await spray(sock_dir)).startswith(b"freeze")
+        [block] = [b for b in BlockStore(state).load() if b.user == "auth:m"]
+        assert block.nth == 2
+    finally:
+        daemon.stop()
+
+
+async def test_admin_block_for_a_while(
+    daemon: Daemon, sock_dir: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An admin's block lasts for good, or for what the admin said; it never counts as a repeat."""
+    reply = await admin(sock_dir / "a.sock", command="block", user="auth:a", duration="2h")
+    since = reply["block"]["since"]
+    assert reply["block"]["until"] == format_time(parse_time(since) + 2 * HOUR)
+    assert "nth" not in reply["block"]
+    await admin(sock_dir / "a.sock", command="block", user="auth:b")
+    then = format_time(wall() - 5)
+    past = await admin(sock_dir / "a.sock", command="block", user="auth:c", until=then)
+    assert past == {"ok": False, "error": f"until {then} is not in the future"}
+    await trio.sleep(2 * HOUR + 1)
+    assert [b.user for b in BlockStore(sock_dir / "state").load()] == ["auth:b"]
+    assert RepeatStore(sock_dir / "state").load().entries == []
+
+
+async def test_history_survives_a_restart_and_reset_forgets_it(
+    nursery: trio.Nursery, sock_dir: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    first = Daemon(make_config(sock_dir), wall_clock=wall)
+    await nursery.start(functools.partial(first.run, handle_signals=False))
+    await spray(sock_dir)
+    await admin(sock_dir / "a.sock", command="unblock", user="auth:m")
+    first.stop()
+    await trio.sleep(10)
+    second = Daemon(make_config(sock_dir), wall_clock=wall)
+    await nursery.start(functools.partial(second.run, handle_signals=False))
+    try:
+        assert len(second.policy.repeats) == 1
+        reset = await admin(sock_dir / "a.sock", command="reset", user="auth:m")
+        assert reset["ok"]
+        await spray(sock_dir)
+        [block] = BlockStore(sock_dir / "state").load()
+        assert block.nth == 1
+    finally:
+        second.stop()
