@@ -55,7 +55,13 @@ class ExpiryKeeper:
         #: Blocks lifted because their time was up, since the start.
         self.lifted = 0
         self.save_failures = 0
+        self._lifting = 0
         effects.on_change = self.wake
+
+    @property
+    def settled(self) -> bool:
+        """Whether no lift is being made durable and the history on disk is current."""
+        return not self._lifting and self.policy.repeats.version == self._saved_version
 
     def wake(self) -> None:
         """Look again at the next expiry and the history now (never waits)."""
@@ -84,9 +90,13 @@ class ExpiryKeeper:
         if not change.effects:
             return 0
         self.lifted += len(change.effects)
+        self._lifting += 1
         # a failed write is logged by the executor; the lift holds and the next write retries
-        with contextlib.suppress(StoreError):
-            await self.effects.apply(change)
+        try:
+            with contextlib.suppress(StoreError):
+                await self.effects.apply(change)
+        finally:
+            self._lifting -= 1
         return len(change.effects)
 
     async def save(self) -> None:
