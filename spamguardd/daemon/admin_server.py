@@ -324,6 +324,11 @@ class AdminServer:
         if expires_at is not None and expires_at <= now:
             return ErrorReply(error=f"until {format_time(expires_at)} is not in the future")
         cluster = self.target.cluster
+        if cluster is not None and expires_at is not None:
+            return ErrorReply(
+                error="blocks cannot expire in fleet mode (a lift would not reach the other "
+                "relays); block without --for/--until, and unblock when it is time"
+            )
         if cluster is not None and user not in policy.blocks:
             # the fleet's block list first: a user blocked on another relay meanwhile keeps
             # that block (one block, one notice) and this relay adopts it
