@@ -223,3 +223,36 @@ async def test_history_survives_a_restart_and_reset_forgets_it(
         assert block.nth == 1
     finally:
         second.stop()
+
+
+async def test_stats_and_reload(
+    nursery: trio.Nursery, sock_dir: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """stats shows the steps and the lifts; a reload's new steps apply to the blocks made after
+    it, and a block in force keeps its expiry."""
+    configs = [make_config(sock_dir, ["1d", "5d"]), make_config(sock_dir, "2h")]
+    daemon = Daemon(configs[0], wall_clock=wall, load_config=lambda: configs[-1])
+    await nursery.start(functools.partial(daemon.run, handle_signals=False))
+    try:
+        await spray(sock_dir, "auth:old")
+        [old] = BlockStore(sock_dir / "state").load()
+        reloaded = await admin(sock_dir / "a.sock", command="reload")
+        assert reloaded["ok"]
+        await spray(sock_dir, "auth:new")
+        await settled(daemon)
+        blocks = {b.user: b for b in BlockStore(sock_dir / "state").load()}
+        assert blocks["auth:old"].expires_at == old.blocked_at + DAY
+        assert blocks["auth:new"].expires_at == blocks["auth:new"].blocked_at + 2 * HOUR
+        await trio.sleep(blocks["auth:new"].blocked_at + 2 * HOUR - wall() + 1)
+        await settled(daemon)
+        stats = await admin(sock_dir / "a.sock", command="stats")
+        assert stats["expiry"] == {
+            "steps": "2h",
+            "repeat_within": "30 days",
+            "lifted": 1,
+            "repeat_users": 2,
+            "next_at": format_time(old.blocked_at + DAY),
+        }
+        assert stats["unblocks"] == 1
+    finally:
+        daemon.stop()

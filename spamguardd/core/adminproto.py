@@ -381,6 +381,20 @@ class ClusterInfo:
 
 
 @attrs.frozen(kw_only=True)
+class ExpiryInfo:
+    """Blocks that expire, in ``stats``."""
+
+    #: ``block.expire`` as configured (``24h, 1w, forever``).
+    steps: str
+    #: ``block.repeat_within`` for people (``30 days``).
+    repeat_within: str
+    lifted: int
+    repeat_users: int
+    #: The next lift to look at (ISO 8601, UTC); absent when no block expires.
+    next_at: str | None = attrs.field(default=None, metadata=_OMIT_NONE)
+
+
+@attrs.frozen(kw_only=True)
 class StatsReply:
     """``stats``: counters since the start."""
 
@@ -402,6 +416,8 @@ class StatsReply:
     latency_ms: Mapping[str, float | None]
     #: Fleet mode only (absent for a single host).
     cluster: ClusterInfo | None = attrs.field(default=None, metadata={"omit_none": True})
+    #: Only when blocks expire (``block.expire``).
+    expiry: ExpiryInfo | None = attrs.field(default=None, metadata=_OMIT_NONE)
 
     @classmethod
     def from_statistics(cls, stats: Statistics) -> StatsReply:
@@ -449,6 +465,15 @@ class StatsReply:
             ),
             latency_ms=percentiles(stats.latency.bounds, stats.latency.counts),
             cluster=cluster,
+            expiry=None
+            if stats.expiry is None
+            else ExpiryInfo(
+                steps=stats.expiry.steps,
+                repeat_within=format_span(stats.expiry.repeat_within),
+                lifted=stats.expiry.lifted,
+                repeat_users=stats.expiry.repeat_users,
+                next_at=None if stats.expiry.next_at is None else format_time(stats.expiry.next_at),
+            ),
         )
 
 

@@ -177,6 +177,13 @@ def _(reply: StatsReply, out: TextIO) -> None:
         f"errors:         {errors.admin} admin, {errors.busy} busy, {errors.internal} internal, "
         f"{errors.protocol} protocol, {errors.store} store\n"
     )
+    expiry = reply.expiry
+    if expiry is not None:
+        upcoming = "" if expiry.next_at is None else f"; next at {expiry.next_at}"
+        out.write(
+            f"blocks expire:  {expiry.steps} (steps within {expiry.repeat_within}); "
+            f"{expiry.lifted} lifted, {expiry.repeat_users} users in the history{upcoming}\n"
+        )
     fleet = reply.cluster
     if fleet is not None:
         state = "up" if fleet.up else f"DOWN since {fleet.down_since}, counting locally"

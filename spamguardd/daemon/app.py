@@ -294,6 +294,7 @@ class Daemon:
             latency=self.server.latency.snapshot(),
             admin_errors=self.admin.errors,
             cluster=None if self.cluster is None else self.cluster.statistics(),
+            expiry=self.expiry.statistics(),
         )
 
     def render_metrics(self) -> str:

@@ -22,7 +22,9 @@ import structlog
 import trio
 
 from spamguardd.core.errors import StoreError
+from spamguardd.core.expiry import expires, format_steps
 from spamguardd.core.policy import Policy
+from spamguardd.core.statistics import ExpiryStatistics
 from spamguardd.daemon.effects import EffectExecutor
 from spamguardd.state.repeats import RepeatStore
 
@@ -62,6 +64,19 @@ class ExpiryKeeper:
     def settled(self) -> bool:
         """Whether no lift is being made durable and the history on disk is current."""
         return not self._lifting and self.policy.repeats.version == self._saved_version
+
+    def statistics(self) -> ExpiryStatistics | None:
+        """The expiry's counters for ``stats``; None when no block can expire by the rules."""
+        config = self.policy.config
+        if not expires(config.expire) and self.policy.next_expiry() is None:
+            return None
+        return ExpiryStatistics(
+            steps=format_steps(config.expire),
+            repeat_within=config.repeat_within,
+            lifted=self.lifted,
+            repeat_users=len(self.policy.repeats),
+            next_at=self.policy.next_expiry(),
+        )
 
     def wake(self) -> None:
         """Look again at the next expiry and the history now (never waits)."""
