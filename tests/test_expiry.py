@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -37,6 +38,9 @@ from spamguardd.core.rate import Rate
 from spamguardd.ctl.render import render
 from spamguardd.state import blockfile, repeats
 from spamguardd.state.repeats import RepeatStore
+from spamguardd.tools.eximlog import Arrival, Delivery, Rejection, UserKeys
+from spamguardd.tools.replay.engine import Candidate, Replayer
+from spamguardd.tools.replay.report import to_json, to_table
 from tests.helpers import T0
 
 HOUR = 3600.0
@@ -376,3 +380,34 @@ class TestAdminCommand:
     def test_bad_expiry_fields(self, raw: dict[str, object], message: str) -> None:
         with pytest.raises(AdminRequestError, match=message):
             Command.from_json(raw)
+
+
+class TestReplay:
+    def test_replay_lifts_and_escalates_on_log_time(self) -> None:
+        """A replay with block.expire lifts blocks as the log's time passes, and blocks a repeat
+        offender again for the next step; mail sent while lifted is not frozen."""
+        policy = config(expire=["1h", "1d"])
+        replayer = Replayer(policy, [Candidate.parse("1/1h")], UserKeys())
+        replayer.feed(Rejection(T0, "a@x", "u", None, "", True, False))  # 1st block: 1h
+        replayer.feed(Arrival(T0 + 60, "id1", "u", None))  # frozen
+        replayer.feed(Arrival(T0 + HOUR + 1, "id2", "u", None))  # lifted by then: not frozen
+        replayer.feed(Delivery(T0 + HOUR + 2, "id1", "ok@x", failed=False))
+        replayer.feed(Delivery(T0 + HOUR + 2, "id2", "ok@x", failed=False))
+        replayer.feed(Rejection(T0 + 2 * HOUR, "b@x", "u", None, "", True, False))  # 2nd: 1d
+        [result] = replayer.report.results
+        record = result.blocked["auth:u"]
+        assert (record.at, record.blocks, record.until) == (T0, 2, T0 + 2 * HOUR + DAY)
+        assert record.frozen_after == 1
+        limits: Any = to_json(replayer.report)["limits"]
+        [entry] = limits[0]["blocked"]
+        assert (entry["blocks"], entry["until"]) == (2, "2026-11-29T02:00:00")
+        assert "(2 block(s), the last until 2026-11-29T02:00:00)" in to_table(replayer.report)
+
+    def test_replay_without_expiry_is_unchanged(self) -> None:
+        replayer = Replayer(PolicyConfig(), [Candidate.parse("1/1h")], UserKeys())
+        replayer.feed(Rejection(T0, "a@x", "u", None, "", True, False))
+        replayer.feed(Rejection(T0 + 9 * DAY, "b@x", "u", None, "", True, False))
+        limits: Any = to_json(replayer.report)["limits"]
+        [entry] = limits[0]["blocked"]
+        assert "blocks" not in entry
+        assert "until" not in entry
