@@ -1,0 +1,68 @@
+"""End to end against a real ``python -m spamguardd`` process: a short expiry lifts a block."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from spamguardd.state.blockfile import BlockStore
+from tests.test_cli import Daemon, ask
+
+CONFIG = """
+[limits]
+failed_recipients = "3/1h"
+[block]
+expire = ["2s", "1h"]
+repeat_within = "1d"
+"""
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    """Poll *condition* until it holds, up to the deadline (a condition on another process)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def spray(socket: Path, round_: int) -> bytes:
+    replies = [
+        ask(socket, f"rcpt user=auth:m rcpt=r{round_}-{i}@x verify=fail".encode()) for i in range(3)
+    ]
+    return replies[-1]
+
+
+def test_short_expiry_lifts_and_the_next_block_is_longer(sock_dir: Path) -> None:
+    """Blocked and frozen; the block lifts after 2 s (block file, journal and log show it); the
+    next block within the span takes the next step, 1 h."""
+    config = sock_dir / "spamguardd.toml"
+    config.write_text(CONFIG)
+    store = BlockStore(sock_dir / "var")
+    daemon = Daemon(sock_dir, "--config", str(config))
+    try:
+        assert spray(daemon.socket, 1).startswith(b"freeze ")
+        [first] = store.load()
+        assert (first.expires_at, first.nth) == (first.blocked_at + 2, 1)
+        assert b" until=" in store.path.read_bytes()
+        eventually(lambda: ask(daemon.socket, b"check user=auth:m") == b"accept\n")
+        eventually(lambda: store.load() == [])
+        journal = sock_dir / "var" / "journal"
+        eventually(lambda: '"actor":"expiry"' in journal.read_text())
+        assert spray(daemon.socket, 2).startswith(b"freeze ")
+        [second] = store.load()
+        assert (second.expires_at, second.nth) == (second.blocked_at + 3600, 2)
+    finally:
+        code, out = daemon.stop()
+    assert code == 0
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    lifts = [e for e in events if e.get("event") == "user_unblocked"]
+    assert [(e["user"], e["by"]) for e in lifts] == [("auth:m", "expiry")]
+    entries = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert [(e["event"], e["actor"]) for e in entries] == [
+        ("block", "auto"),
+        ("unblock", "expiry"),
+        ("block", "auto"),
+    ]
+    assert json.loads((sock_dir / "var" / "repeats").read_text())["user"] == "auth:m"
