@@ -32,6 +32,7 @@ from spamguardd.core.expiry import (
     ordinal,
     parse_steps,
 )
+from spamguardd.core.notice import Notice, _body
 from spamguardd.core.policy import Block, Blocked, Policy, Reset, Unblocked
 from spamguardd.core.protocol import RcptRequest, Verdict, Verify
 from spamguardd.core.rate import Rate
@@ -411,3 +412,25 @@ class TestReplay:
         [entry] = limits[0]["blocked"]
         assert "blocks" not in entry
         assert "until" not in entry
+
+
+class TestNotice:
+    def test_block_notice_says_when_it_ends_and_a_lift_how_to_release(self) -> None:
+        block = Block("auth:m", T0, "3 failed recipients within 1h", "auto", T0 + DAY, 1)
+        made = Notice.from_effect(Blocked(block, Rate(3, 3600)), verdict=Verdict.FREEZE, when=T0)
+        assert made is not None
+        assert "Lasts:      until 2026-11-29T00:00:00Z, then it lifts itself\n" in _body(made)
+        lifted = Notice.from_effect(
+            Unblocked(block, "expiry", T0 + DAY), verdict=Verdict.FREEZE, when=T0 + DAY
+        )
+        assert lifted is not None
+        body = _body(lifted)
+        assert "Event:      unblock (by expiry)" in body
+        assert "spamguardctl unblock auth:m --release" in body
+        forever = Notice.from_effect(
+            Blocked(Block("auth:m", T0, "x", "auto"), Rate(3, 3600)),
+            verdict=Verdict.FREEZE,
+            when=T0,
+        )
+        assert forever is not None
+        assert "Lasts:" not in _body(forever)

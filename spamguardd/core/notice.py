@@ -20,7 +20,14 @@ from typing import Final
 import attrs
 
 from spamguardd.core.config import NotifyConfig
-from spamguardd.core.policy import Blocked, Effect, FailureSample, Unblocked, WouldBlock
+from spamguardd.core.policy import (
+    EXPIRY_ACTOR,
+    Blocked,
+    Effect,
+    FailureSample,
+    Unblocked,
+    WouldBlock,
+)
 from spamguardd.core.protocol import Verdict
 from spamguardd.core.rate import Rate
 from spamguardd.core.timestamps import format_time
@@ -58,6 +65,8 @@ class Notice:
     samples: tuple[FailureSample, ...] = ()
     #: Who acted: ``auto`` for the policy, ``admin`` (or ``admin:UID``) for an admin.
     by: str = "auto"
+    #: When a block lifts itself (``block.expire``, ``block --for``); None: never.
+    until: float | None = None
 
     @classmethod
     def from_effect(cls, effect: Effect, *, verdict: Verdict, when: float) -> Notice | None:
@@ -79,6 +88,7 @@ class Notice:
                 rate=effect.rate,
                 samples=effect.samples,
                 by=block.by,
+                until=block.expires_at,
             )
         if isinstance(effect, WouldBlock):
             rate = effect.rate
@@ -179,6 +189,8 @@ def _body(notice: Notice) -> str:
     else:
         verdict = notice.verdict
         add(f'Verdict:    {verdict} (every further recipient of this user is answered "{verdict}")')
+    if notice.until is not None:
+        add(f"Lasts:      until {format_time(notice.until)}, then it lifts itself")
     add(f"Client IPs: {', '.join(notice.client_ips) or '(none recorded)'}")
     if notice.samples:
         add("")
@@ -190,15 +202,28 @@ def _body(notice: Notice) -> str:
     add("")
     add("Inspect:")
     add(f"  spamguardctl show {word}")
-    if notice.event in {NoticeEvent.BLOCKED, NoticeEvent.ADMIN_BLOCK}:
-        add("Undo (lift the block and release the mail frozen meanwhile):")
-        add(f"  spamguardctl unblock {word} --release")
-    elif notice.event is NoticeEvent.WOULD_BLOCK:
-        add('To block such users, set mode = "enforce" in the configuration.')
+    lines += _what_next(notice, word)
     add("")
     add("-- ")
     add("spamguardd (automatic notice; replies are not read)")
     return "\n".join(lines) + "\n"
+
+
+def _what_next(notice: Notice, word: str) -> list[str]:
+    """The lines after "Inspect": how to undo a block, or to release what a lift left frozen."""
+    if notice.event in {NoticeEvent.BLOCKED, NoticeEvent.ADMIN_BLOCK}:
+        return [
+            "Undo (lift the block and release the mail frozen meanwhile):",
+            f"  spamguardctl unblock {word} --release",
+        ]
+    if notice.event is NoticeEvent.WOULD_BLOCK:
+        return ['To block such users, set mode = "enforce" in the configuration.']
+    if notice.event is NoticeEvent.UNBLOCK and notice.by == EXPIRY_ACTOR:
+        return [
+            "The block's time was up. Mail frozen meanwhile stays frozen; to release it:",
+            f"  spamguardctl unblock {word} --release",
+        ]
+    return []
 
 
 def printable(text: str) -> str:
