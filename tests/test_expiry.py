@@ -434,3 +434,35 @@ class TestNotice:
         )
         assert forever is not None
         assert "Lasts:" not in _body(forever)
+
+
+class TestParsersNeverCrash:
+    @given(st.binary(max_size=300))
+    def test_history_file_any_bytes(self, data: bytes) -> None:
+        """Whatever the history file holds, decoding gives entries and FILE:LINE problems."""
+        found = repeats.decode(data, source="f")
+        assert all(problem.startswith("f:") for problem in found.problems)
+
+    @given(
+        st.one_of(
+            st.text(max_size=12),
+            st.lists(st.one_of(st.text(max_size=8), st.integers(), st.none()), max_size=5),
+            st.integers(),
+        )
+    )
+    def test_steps_any_value(self, value: object) -> None:
+        """block.expire either parses to steps that never get shorter, or says why not."""
+        try:
+            steps = parse_steps(value)
+        except (TypeError, ValueError) as exc:
+            message = str(exc)
+            assert message, "a refusal says why"
+        else:
+            finite = [step for step in steps if step is not None]
+            assert finite == sorted(finite)
+            assert None not in steps[:-1]
+
+    def test_history_line_nested_too_deeply(self) -> None:
+        found = repeats.decode(b"[" * 100_000 + b"\n", source="f")
+        assert found.entries == []
+        assert found.problems[0].startswith("f:1: not a JSON object")

@@ -63,7 +63,7 @@ def decode(data: bytes, *, source: str) -> History:
 def _decode_line(line: bytes) -> tuple[str, tuple[float, ...]]:
     try:
         record = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"not a JSON object: {exc}") from None
     user = record.get("user") if isinstance(record, dict) else None
     times = record.get("at") if isinstance(record, dict) else None
