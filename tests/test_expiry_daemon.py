@@ -152,6 +152,7 @@ async def test_block_lifts_on_time_and_the_next_is_longer(
     shown = await admin(sock_dir / "a.sock", command="show", user="auth:m")
     assert shown["block"]["until"] == format_time(again + 5 * DAY)
     assert (shown["block"]["nth"], shown["block"]["repeat_within"]) == (2, "30 days")
+    assert shown["repeats"] == {"blocks": 2, "within": "30 days", "next_lasts": "5d"}
 
 
 async def test_expired_while_down_is_lifted_before_serving(

@@ -278,6 +278,18 @@ class JournalNotes:
 
 
 @attrs.frozen(kw_only=True)
+class RepeatInfo:
+    """A user's automatic blocks within ``block.repeat_within``, for ``show``."""
+
+    #: Automatic blocks of the user in the span up to now.
+    blocks: int
+    #: ``block.repeat_within`` for people (``30 days``).
+    within: str
+    #: How long the user's next automatic block would last (``24h``, ``forever``).
+    next_lasts: str
+
+
+@attrs.frozen(kw_only=True)
 class ShowReply:
     """``show USER``: block, windows, recent failures, history."""
 
@@ -291,6 +303,8 @@ class ShowReply:
     #: The user's journal entries, as written (see docs/admin.md).
     history: tuple[Mapping[str, Any], ...]
     journal: JournalNotes
+    #: Only when blocks expire (``block.expire``): the user's automatic blocks in the span.
+    repeats: RepeatInfo | None = attrs.field(default=None, metadata=_OMIT_NONE)
 
 
 @attrs.frozen(kw_only=True)

@@ -83,6 +83,12 @@ def _(reply: ShowReply, out: TextIO) -> None:
         )
         if block.until is not None or block.nth is not None:
             out.write(f"lasts:    {_lasting(block)}\n")
+    repeats = reply.repeats
+    if repeats is not None:
+        out.write(
+            f"repeats:  {repeats.blocks} automatic block(s) in the last {repeats.within}; "
+            f"the next would last {repeats.next_lasts}\n"
+        )
     if reply.exempt:
         out.write("exempt:   yes (listed in exempt.users; never counted)\n")
     if reply.mode != "enforce":

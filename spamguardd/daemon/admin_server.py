@@ -42,6 +42,7 @@ from spamguardd.core.adminproto import (
     ListReply,
     MetricsReply,
     ReloadReply,
+    RepeatInfo,
     Reply,
     ResetReply,
     Role,
@@ -53,6 +54,7 @@ from spamguardd.core.adminproto import (
 )
 from spamguardd.core.config import AdminConfig, Config
 from spamguardd.core.errors import StoreError
+from spamguardd.core.expiry import expires, format_span, format_steps, step_for
 from spamguardd.core.policy import Block, Change, Policy, Reset, Unblocked
 from spamguardd.core.statistics import Statistics
 from spamguardd.core.timestamps import format_time
@@ -300,6 +302,7 @@ class AdminServer:
             journal=JournalNotes(
                 truncated_line=journal.truncated_line, damaged_lines=journal.damaged_lines
             ),
+            repeats=_repeats(policy, user, self.wall_clock()),
         )
 
     async def _apply(self, change: Change, what: str) -> ErrorReply | None:
@@ -397,6 +400,19 @@ class AdminServer:
             needs_restart=result.needs_restart,
             carried_users=result.carried_users,
         )
+
+
+def _repeats(policy: Policy, user: str, wall_now: float) -> RepeatInfo | None:
+    """*user*'s automatic blocks in the span, when blocks expire (``block.expire``)."""
+    config = policy.config
+    if not expires(config.expire):
+        return None
+    count = policy.repeats.count(user, now=wall_now, within=config.repeat_within)
+    return RepeatInfo(
+        blocks=count,
+        within=format_span(config.repeat_within),
+        next_lasts=format_steps((step_for(config.expire, count + 1),)),
+    )
 
 
 async def _drain(stream: trio.SocketStream) -> None:
