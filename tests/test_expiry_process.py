@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from spamguardd.core.timestamps import parse_time
 from spamguardd.state.blockfile import BlockStore
 from tests.test_cli import Daemon, ask
 
@@ -60,9 +61,10 @@ def test_short_expiry_lifts_and_the_next_block_is_longer(sock_dir: Path) -> None
     lifts = [e for e in events if e.get("event") == "user_unblocked"]
     assert [(e["user"], e["by"]) for e in lifts] == [("auth:m", "expiry")]
     entries = [json.loads(line) for line in journal.read_text().splitlines()]
-    assert [(e["event"], e["actor"]) for e in entries] == [
-        ("block", "auto"),
-        ("unblock", "expiry"),
-        ("block", "auto"),
+    assert [(e["event"], e["actor"], e.get("nth")) for e in entries] == [
+        ("block", "auto", 1),
+        ("unblock", "expiry", None),
+        ("block", "auto", 2),
     ]
+    assert parse_time(entries[2]["until"]) - parse_time(entries[2]["at"]) == 3600
     assert json.loads((sock_dir / "var" / "repeats").read_text())["user"] == "auth:m"
