@@ -36,6 +36,7 @@ from spamguardd.core.notice import Notice, _body
 from spamguardd.core.policy import Block, Blocked, Policy, Reset, Unblocked
 from spamguardd.core.protocol import RcptRequest, Verdict, Verify
 from spamguardd.core.rate import Rate
+from spamguardd.ctl.main import main as ctl_main
 from spamguardd.ctl.render import render
 from spamguardd.state import blockfile, repeats
 from spamguardd.state.repeats import RepeatStore
@@ -466,3 +467,17 @@ class TestParsersNeverCrash:
         found = repeats.decode(b"[" * 100_000 + b"\n", source="f")
         assert found.entries == []
         assert found.problems[0].startswith("f:1: not a JSON object")
+
+
+class TestCtl:
+    def test_block_for_and_until_are_checked_before_asking(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A bad --for or --until is a usage error naming the option; no daemon is asked."""
+        assert ctl_main(["--socket", "/nonexistent", "block", "auth:m", "--for", "soon"]) == 2
+        assert "--for: expected an Exim time" in capsys.readouterr().err
+        assert ctl_main(["--socket", "/nonexistent", "block", "auth:m", "--until", "x"]) == 2
+        assert "--until: expected a UTC time" in capsys.readouterr().err
+        both = ["block", "auth:m", "--for", "2h", "--until", "2026-12-03T10:00:00Z"]
+        assert ctl_main(["--socket", "/nonexistent", *both]) == 2
+        assert "not allowed with argument" in capsys.readouterr().err
