@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from spamguardd.core.policy import Block
 from spamguardd.core.timestamps import parse_time
 from spamguardd.state.blockfile import BlockStore
+from tests.eximlab import EXIM_USER, EximLab
 from tests.test_cli import Daemon, ask
 
 CONFIG = """
@@ -68,3 +71,19 @@ def test_short_expiry_lifts_and_the_next_block_is_longer(sock_dir: Path) -> None
     ]
     assert parse_time(entries[2]["until"]) - parse_time(entries[2]["at"]) == 3600
     assert json.loads((sock_dir / "var" / "repeats").read_text())["user"] == "auth:m"
+
+
+def test_exim_fallback_reads_a_block_file_with_expiry(exim_lab: EximLab) -> None:
+    """With the daemon down, the shipped ACL's lsearch finds a user whose line carries until=
+    and nth= (even an until that has passed: only the daemon lifts), and freezes its mail."""
+    lab = exim_lab
+    lab.spamguard.stop()
+    store = BlockStore(lab.spamguard.state, group=grp.getgrnam(EXIM_USER).gr_gid)
+    now = float(int(time.time()))
+    store.save([Block("auth:mallory", now - 7200, "3 failed", "auto", now - 3600, 2)])
+    assert b" until=" in store.path.read_bytes()
+    frozen = lab.send(["ok@remote.test"], user="mallory")
+    assert frozen.message_id is not None
+    lab.wait_queue_settled(frozen.message_id)
+    assert frozen.message_id in lab.frozen_ids()
+    assert not lab.paniclog.exists()
