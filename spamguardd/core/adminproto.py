@@ -24,16 +24,18 @@ import functools
 import json
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar
 
 import attrs
 
 from spamguardd.core import lsearch
+from spamguardd.core.expiry import format_span
 from spamguardd.core.latency import percentiles
 from spamguardd.core.policy import Block
+from spamguardd.core.rate import parse_duration
 from spamguardd.core.statistics import Statistics
-from spamguardd.core.timestamps import format_time
+from spamguardd.core.timestamps import format_time, parse_time
 
 T = TypeVar("T")
 
@@ -89,6 +91,10 @@ class Command:
     command: Verb = attrs.field(converter=Verb)
     user: str | None = None
     reason: str | None = None
+    #: ``block`` only: when the block lifts itself, as an ISO 8601 UTC time ...
+    until: str | None = None
+    #: ... or after how long, as an Exim time (``2h``); neither: it never does.
+    duration: str | None = None
 
     @classmethod
     def from_json(cls, raw: Any) -> Command:
@@ -106,10 +112,13 @@ class Command:
         except ValueError:
             known = ", ".join(verb.value for verb in Verb)
             raise AdminRequestError(f"unknown command {name!r} (known: {known})") from None
-        unknown = sorted(set(raw) - {"command", "user", "reason"})
+        unknown = sorted(set(raw) - {"command", "user", "reason", "until", "duration"})
         if unknown:
             raise AdminRequestError(f"unknown field {unknown[0]!r} in {verb} request")
-        return cls(verb, _user_field(verb, raw.get("user")), _reason_field(verb, raw))
+        until, duration = _expiry_fields(verb, raw)
+        return cls(
+            verb, _user_field(verb, raw.get("user")), _reason_field(verb, raw), until, duration
+        )
 
     def to_json(self) -> dict[str, str]:
         """The request object."""
@@ -118,7 +127,43 @@ class Command:
             fields["user"] = self.user
         if self.reason is not None:
             fields["reason"] = self.reason
+        if self.until is not None:
+            fields["until"] = self.until
+        if self.duration is not None:
+            fields["duration"] = self.duration
         return fields
+
+    def expires_at(self, wall_now: float) -> float | None:
+        """When the block asked for lifts itself, given the time *wall_now*; None: never."""
+        if self.until is not None:
+            return parse_time(self.until)
+        if self.duration is not None:
+            return float(int(wall_now)) + parse_duration(self.duration)
+        return None
+
+
+def _expiry_fields(verb: Verb, raw: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    until, duration = raw.get("until"), raw.get("duration")
+    if until is None and duration is None:
+        return None, None
+    if verb is not Verb.BLOCK:
+        raise AdminRequestError(f"{verb} takes no until or duration")
+    if until is not None and duration is not None:
+        raise AdminRequestError("give either until or duration, not both")
+    if until is not None:
+        _check_text(until, parse_time, "until must be a UTC time such as 2026-12-03T10:00:00Z")
+    else:
+        _check_text(duration, parse_duration, "duration must be an Exim time such as 2h or 7d")
+    return until, duration
+
+
+def _check_text(value: Any, parse: Callable[[str], object], what: str) -> None:
+    if not isinstance(value, str):
+        raise AdminRequestError(what)
+    try:
+        parse(value)
+    except ValueError as exc:
+        raise AdminRequestError(f"{what}: {exc}") from None
 
 
 def _user_field(verb: Verb, user: Any) -> str | None:
@@ -172,16 +217,30 @@ class BlockInfo:
     by: str
     #: The verdict Exim gets now.
     verdict: str
+    #: When the block lifts itself (ISO 8601, UTC); absent: never.
+    until: str | None = attrs.field(default=None, metadata=_OMIT_NONE)
+    #: Which automatic block of the user this is within ``block.repeat_within``; absent for
+    #: blocks not counted (an admin's).
+    nth: int | None = attrs.field(default=None, metadata=_OMIT_NONE)
+    #: ``block.repeat_within`` for people (``30 days``), with *nth*.
+    repeat_within: str | None = attrs.field(default=None, metadata=_OMIT_NONE)
 
     @classmethod
-    def from_block(cls, block: Block, verdict: str) -> BlockInfo:
-        """A block of the policy, with the verdict in force."""
+    def from_block(
+        cls, block: Block, verdict: str, repeat_within: float | None = None
+    ) -> BlockInfo:
+        """A block of the policy, with the verdict in force (and the span *nth* counts in)."""
         return cls(
             user=block.user,
             since=format_time(block.blocked_at),
             reason=block.reason,
             by=block.by,
             verdict=verdict,
+            until=None if block.expires_at is None else format_time(block.expires_at),
+            nth=block.nth or None,
+            repeat_within=None
+            if not block.nth or repeat_within is None
+            else format_span(repeat_within),
         )
 
 
@@ -224,6 +283,18 @@ class JournalNotes:
 
 
 @attrs.frozen(kw_only=True)
+class RepeatInfo:
+    """A user's automatic blocks within ``block.repeat_within``, for ``show``."""
+
+    #: Automatic blocks of the user in the span up to now.
+    blocks: int
+    #: ``block.repeat_within`` for people (``30 days``).
+    within: str
+    #: How long the user's next automatic block would last (``24h``, ``forever``).
+    next_lasts: str
+
+
+@attrs.frozen(kw_only=True)
 class ShowReply:
     """``show USER``: block, windows, recent failures, history."""
 
@@ -239,6 +310,8 @@ class ShowReply:
     #: The user's journal entries, as written (see docs/admin.md).
     history: tuple[Mapping[str, Any], ...]
     journal: JournalNotes
+    #: Only when blocks expire (``block.expire``): the user's automatic blocks in the span.
+    repeats: RepeatInfo | None = attrs.field(default=None, metadata=_OMIT_NONE)
 
 
 @attrs.frozen(kw_only=True)
@@ -345,6 +418,20 @@ class ClusterInfo:
 
 
 @attrs.frozen(kw_only=True)
+class ExpiryInfo:
+    """Blocks that expire, in ``stats``."""
+
+    #: ``block.expire`` as configured (``24h, 1w, forever``).
+    steps: str
+    #: ``block.repeat_within`` for people (``30 days``).
+    repeat_within: str
+    lifted: int
+    repeat_users: int
+    #: The next lift to look at (ISO 8601, UTC); absent when no block expires.
+    next_at: str | None = attrs.field(default=None, metadata=_OMIT_NONE)
+
+
+@attrs.frozen(kw_only=True)
 class StatsReply:
     """``stats``: counters since the start."""
 
@@ -369,6 +456,8 @@ class StatsReply:
     block_file: BlockFileInfo = BlockFileInfo()
     #: Fleet mode only (absent for a single host).
     cluster: ClusterInfo | None = attrs.field(default=None, metadata={"omit_none": True})
+    #: Only when blocks expire (``block.expire``).
+    expiry: ExpiryInfo | None = attrs.field(default=None, metadata=_OMIT_NONE)
 
     @classmethod
     def from_statistics(cls, stats: Statistics) -> StatsReply:
@@ -429,6 +518,15 @@ class StatsReply:
                 unsaved_users=stats.effects.unsaved_users,
             ),
             cluster=cluster,
+            expiry=None
+            if stats.expiry is None
+            else ExpiryInfo(
+                steps=stats.expiry.steps,
+                repeat_within=format_span(stats.expiry.repeat_within),
+                lifted=stats.expiry.lifted,
+                repeat_users=stats.expiry.repeat_users,
+                next_at=None if stats.expiry.next_at is None else format_time(stats.expiry.next_at),
+            ),
         )
 
 

@@ -26,6 +26,7 @@ from typing import Any, Final, TypeVar
 import attrs
 
 from spamguardd.core.errors import ConfigError
+from spamguardd.core.expiry import DEFAULT_REPEAT_WITHIN, Step, expires, parse_steps
 from spamguardd.core.protocol import Verdict
 from spamguardd.core.rate import Rate, parse_duration
 from spamguardd.core.storeurl import StoreAddress, parse_store_url
@@ -631,6 +632,15 @@ class PolicyConfig:
         parse=_enum(Verdict, tuple(v.value for v in BLOCK_VERDICTS)),
         default=Verdict.FREEZE,
     )
+    #: How long an automatic block lasts, a step for each repeat (core/expiry); None: forever.
+    expire: tuple[Step, ...] = setting(key="block.expire", parse=parse_steps, default=(None,))
+    #: The span in which earlier automatic blocks make the next one take the next step.
+    repeat_within: float = setting(
+        key="block.repeat_within",
+        parse=_seconds,
+        default=DEFAULT_REPEAT_WITHIN,
+        validator=_positive_seconds,
+    )
     overrides: Mapping[str, tuple[Rate, ...]] = setting(
         key="override", parse=_overrides, factory=dict
     )
@@ -778,6 +788,12 @@ class Config:
             reader.problem(
                 "limits.warn_at",
                 "not available in fleet mode (cluster.url is set): the store does the counting",
+            )
+        if config.cluster.enabled and expires(config.policy.expire):
+            reader.problem(
+                "block.expire",
+                "blocks cannot expire in fleet mode ([cluster] url is set): "
+                'use "forever", or lift blocks with spamguardctl unblock',
             )
         if reader.problems:
             raise ConfigError(reader.problems)

@@ -20,7 +20,15 @@ from typing import Final
 import attrs
 
 from spamguardd.core.config import NotifyConfig
-from spamguardd.core.policy import Blocked, Effect, FailureSample, Unblocked, Warned, WouldBlock
+from spamguardd.core.policy import (
+    EXPIRY_ACTOR,
+    Blocked,
+    Effect,
+    FailureSample,
+    Unblocked,
+    Warned,
+    WouldBlock,
+)
 from spamguardd.core.protocol import Verdict
 from spamguardd.core.rate import Rate
 from spamguardd.core.timestamps import format_time
@@ -61,6 +69,8 @@ class Notice:
     by: str = "auto"
     #: What *rate* counts: failed recipients, or accepted ones (the volume guard).
     counted: str = "failed recipients"
+    #: When a block lifts itself (``block.expire``, ``block --for``); None: never.
+    until: float | None = None
 
     @classmethod
     def from_effect(cls, effect: Effect, *, verdict: Verdict, when: float) -> Notice | None:
@@ -83,6 +93,7 @@ class Notice:
                 samples=effect.samples,
                 by=block.by,
                 counted=effect.counted,
+                until=block.expires_at,
             )
         if isinstance(effect, WouldBlock):
             rate = effect.rate
@@ -205,6 +216,11 @@ def _next_steps(notice: Notice, word: str) -> list[str]:
         return ['To block such users, set mode = "enforce" in the configuration.']
     if notice.event is NoticeEvent.WARNING:
         return ["Block now (its mail is then frozen):", f"  spamguardctl block {word}"]
+    if notice.event is NoticeEvent.UNBLOCK and notice.by == EXPIRY_ACTOR:
+        return [
+            "The block's time was up. Mail frozen meanwhile stays frozen; to release it:",
+            f"  spamguardctl unblock {word} --release",
+        ]
     return []
 
 
@@ -222,6 +238,8 @@ def _body(notice: Notice) -> str:
     if notice.rate is not None:
         add(f"Window:     {notice.rate.count} {notice.counted} in {_period(notice.rate)}")
     add(f"Verdict:    {_verdict_line(notice)}")
+    if notice.until is not None:
+        add(f"Lasts:      until {format_time(notice.until)}, then it lifts itself")
     add(f"Client IPs: {', '.join(notice.client_ips) or '(none recorded)'}")
     if notice.samples:
         add("")

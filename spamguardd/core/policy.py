@@ -29,6 +29,7 @@ from spamguardd.core import buckets
 from spamguardd.core.buckets import UserState
 from spamguardd.core.config import ACCEPTED_SUFFIX, NO_VOLUME_GUARD, Mode, PolicyConfig
 from spamguardd.core.counters import CountedUsers
+from spamguardd.core.expiry import ExpirySchedule, RepeatHistory, expires, expiry_for
 from spamguardd.core.protocol import (
     CheckRequest,
     IPAddress,
@@ -64,6 +65,11 @@ class Block:
     reason: str
     #: ``auto`` for the policy's own blocks, ``admin`` (or ``admin:UID``) for an admin's.
     by: str = "auto"
+    #: Wall-clock time at which the block lifts itself (``block.expire``); None: never.
+    expires_at: float | None = None
+    #: Which automatic block of the user this is within ``block.repeat_within`` (1 for the
+    #: first); 0 for blocks that are not counted (an admin's, another relay's).
+    nth: int = 0
 
 
 @attrs.frozen
@@ -135,6 +141,9 @@ class Reset:
 
 
 Effect = Blocked | WouldBlock | Warned | Unblocked | Reset
+
+#: Who lifts a block whose time is up, in logs, the journal and notices.
+EXPIRY_ACTOR: Final = "expiry"
 
 
 @attrs.frozen
@@ -241,10 +250,22 @@ class PolicyStatistics:
 class Policy:
     """Counts failed recipients per user and decides verdicts. See the module docstring."""
 
-    def __init__(self, config: PolicyConfig, blocks: Iterable[Block] = ()) -> None:
+    def __init__(
+        self,
+        config: PolicyConfig,
+        blocks: Iterable[Block] = (),
+        history: Iterable[tuple[str, Sequence[float]]] = (),
+    ) -> None:
         self.config = config
         self._volume_guard = config.volume_guard
         self.blocks: dict[str, Block] = {block.user: block for block in blocks}
+        #: Automatic blocks per user within ``repeat_within`` (escalation), and the blocks
+        #: that lift themselves by time (core/expiry).
+        self.repeats = RepeatHistory(history)
+        self.expiries = ExpirySchedule()
+        for block in self.blocks.values():
+            if block.expires_at is not None:
+                self.expiries.add(block.user, block.expires_at)
         self.generation = 0
         self._users = CountedUsers()
         #: The rate tuples states are laid out for, by tag (buckets.layout), and the tag of
@@ -329,6 +350,16 @@ class Policy:
         used = math.ceil(warned.count - level - 1e-9)
         return Decision(ACCEPT, (Warned(request.user, warned, used, wall_now, (), _VOLUME),))
 
+    def _auto_block(self, user: str, reason: str, *, wall_now: float) -> Block:
+        """An automatic block of *user* at *wall_now*: with its expiry and its place among the
+        user's repeats when blocks expire, as blocks always were when they do not."""
+        at = float(int(wall_now))
+        nth, expires_at = 0, None
+        if expires(self.config.expire):
+            nth = self.repeats.record(user, at, within=self.config.repeat_within)
+            expires_at = expiry_for(self.config.expire, nth, at)
+        return Block(user, at, reason, "auto", expires_at=expires_at, nth=nth)
+
     def _volume_block(self, user: str, tripped: Rate, *, wall_now: float) -> Decision:
         """The block (or, in monitor mode, the would-block) for a volume guard's empty bucket."""
         if self.config.mode is Mode.MONITOR:
@@ -337,7 +368,7 @@ class Policy:
             self._would_block.add(user)
             return Decision(ACCEPT, (WouldBlock(user, tripped, (), _VOLUME),))
         reason = f"{tripped.count} {_VOLUME} within {format_duration(tripped.period)}"
-        block = Block(user=user, blocked_at=float(int(wall_now)), reason=reason, by="auto")
+        block = self._auto_block(user, reason, wall_now=wall_now)
         self._add_block(block)
         return Decision(
             Reply(self.config.verdict, reason),
@@ -408,7 +439,7 @@ class Policy:
                 counted=counted,
                 tokens_left=tokens_left,
             )
-        block = Block(user=user, blocked_at=float(int(wall_now)), reason=reason, by="auto")
+        block = self._auto_block(user, reason, wall_now=wall_now)
         self._add_block(block)
         return Decision(
             Reply(self.config.verdict, reason),
@@ -452,6 +483,8 @@ class Policy:
         self._users.pop(block.user, None)
         self._users.pop(block.user + ACCEPTED_SUFFIX, None)
         self.generation += 1
+        if block.expires_at is not None:
+            self.expiries.add(block.user, block.expires_at)
 
     # -- fleet mode: the shared store counts, the policy decides -----------------------------
 
@@ -532,16 +565,24 @@ class Policy:
 
     # -- admin changes --------------------------------------------------------------------
 
-    def block(self, user: str, reason: str, *, by: str, wall_now: float) -> Change:
-        """Block *user* on an admin's word.
+    def block(
+        self,
+        user: str,
+        reason: str,
+        *,
+        by: str,
+        wall_now: float,
+        expires_at: float | None = None,
+    ) -> Change:
+        """Block *user* on an admin's word, until *expires_at* (wall clock) or for good.
 
         A user already blocked keeps the block it has (its time and reason are the evidence) and
         nothing changes. A new block bumps :attr:`generation`: the change is done once that is
-        durable.
+        durable. An admin's block does not count towards escalation.
         """
         if user in self.blocks:
             return Change()
-        block = Block(user=user, blocked_at=float(int(wall_now)), reason=reason, by=by)
+        block = Block(user, float(int(wall_now)), reason, by, expires_at=expires_at)
         evidence = tuple(reversed(self.failure_samples(user, EVIDENCE_SAMPLES)))
         self._add_block(block)
         return Change((Blocked(block, None, evidence),), needs_generation=self.generation)
@@ -556,10 +597,38 @@ class Policy:
             return Change()
         self._would_block.discard(user)
         self.generation += 1
+        self.expiries.compact(self._expiry_of, len(self.blocks))
         return Change((Unblocked(block, by, wall_now),), needs_generation=self.generation)
 
+    def expire_due(self, wall_now: float) -> Change:
+        """Lift every block whose time is up at *wall_now*, as unblocks by ``expiry``.
+
+        O(log n) a lifted block: the schedule's heap gives the due ones, nothing walks the block
+        list. The history of the users lifted is kept (escalation counts it). One generation
+        covers all of them.
+        """
+        effects = []
+        for user in self.expiries.take_due(wall_now, self._expiry_of):
+            block = self.blocks.pop(user)
+            self._would_block.discard(user)
+            effects.append(Unblocked(block, EXPIRY_ACTOR, wall_now))
+        if not effects:
+            return Change()
+        self.generation += 1
+        return Change(tuple(effects), needs_generation=self.generation)
+
+    def next_expiry(self) -> float | None:
+        """The wall-clock time of the next expiry to look at (maybe of a block lifted since,
+        which :meth:`expire_due` then drops); None when no block expires."""
+        return self.expiries.next_at()
+
+    def _expiry_of(self, user: str) -> float | None:
+        block = self.blocks.get(user)
+        return None if block is None else block.expires_at
+
     def reset(self, user: str, *, by: str, wall_now: float) -> Change:
-        """Forget *user*'s counters (and monitor mode's "would block" mark).
+        """Forget *user*'s counters, monitor mode's "would block" mark and its history of
+        automatic blocks (the next one is a first again).
 
         A block is not lifted: that is :meth:`unblock`. Nothing changes when there was nothing
         to forget.
@@ -568,7 +637,8 @@ class Policy:
         had_counters |= self._users.pop(user + ACCEPTED_SUFFIX, None) is not None
         was_marked = user in self._would_block
         self._would_block.discard(user)
-        if not (had_counters or was_marked):
+        had_history = self.repeats.forget(user)
+        if not (had_counters or was_marked or had_history):
             return Change()
         return Change((Reset(user, by, wall_now),))
 

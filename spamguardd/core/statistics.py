@@ -94,6 +94,21 @@ class ClusterStatistics:
 
 
 @attrs.frozen
+class ExpiryStatistics:
+    """Blocks that expire (``block.expire``): the setting and what was done with it."""
+
+    #: The steps as configured (``24h, 7d, forever``) and the span they escalate within.
+    steps: str
+    repeat_within: float
+    #: Blocks lifted because their time was up, since the start.
+    lifted: int
+    #: Users with automatic blocks in the span (the history escalation counts).
+    repeat_users: int
+    #: Wall-clock time of the next lift to look at; None when no block expires.
+    next_at: float | None
+
+
+@attrs.frozen
 class Statistics:
     """Everything ``stats`` and the metrics report, taken at one moment."""
 
@@ -112,3 +127,5 @@ class Statistics:
     admin_errors: int
     #: Fleet mode's statistics; None for a single host.
     cluster: ClusterStatistics | None = None
+    #: Blocks that expire; None when none do (``block.expire`` is ``forever``).
+    expiry: ExpiryStatistics | None = None

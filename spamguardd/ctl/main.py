@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -34,6 +34,8 @@ from spamguardd.core.adminproto import (
 )
 from spamguardd.core.config import AdminConfig, load_config
 from spamguardd.core.errors import ConfigError
+from spamguardd.core.rate import parse_duration
+from spamguardd.core.timestamps import parse_time
 from spamguardd.core.userkey import normalise
 from spamguardd.ctl.client import DEFAULT_TIMEOUT, NotPermittedError, UnreachableError, request
 from spamguardd.ctl.render import render
@@ -87,6 +89,20 @@ def _parser() -> argparse.ArgumentParser:
     block = commands.add_parser("block", help="block a user now")
     block.add_argument("user", metavar="USER")
     block.add_argument("--reason", metavar="TEXT", help="why (shown by list and show)")
+    lasting = block.add_mutually_exclusive_group()
+    lasting.add_argument(
+        "--for",
+        dest="duration",
+        type=_checked(parse_duration),
+        metavar="TIME",
+        help="lift the block after this long (an Exim time: 2h, 7d); default: never",
+    )
+    lasting.add_argument(
+        "--until",
+        type=_checked(parse_time),
+        metavar="UTC",
+        help="lift the block at this time (2026-12-03T10:00:00Z); default: never",
+    )
     unblock = commands.add_parser("unblock", help="lift a block; optionally release its mail")
     unblock.add_argument("user", metavar="USER")
     what = unblock.add_mutually_exclusive_group()
@@ -115,6 +131,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands.add_parser("reload", help="re-read the daemon's configuration file")
     return parser
+
+
+def _checked(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type that checks a value with *parse* and passes its text on."""
+
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return check
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -148,7 +177,13 @@ def _admin_main(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         # the file that names the admin socket is broken: what a reload would refuse too
         return _fail(str(exc), EX_FAILED)
-    command = Command(args.command, _user_key(args), getattr(args, "reason", None))
+    command = Command(
+        args.command,
+        _user_key(args),
+        getattr(args, "reason", None),
+        getattr(args, "until", None),
+        getattr(args, "duration", None),
+    )
     try:
         reply = request(path, command, timeout=args.timeout)
     except (NotPermittedError, UnreachableError) as exc:

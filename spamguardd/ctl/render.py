@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import TextIO
 
 from spamguardd.core.adminproto import (
+    BlockInfo,
     BlockReply,
     ErrorReply,
     ListReply,
@@ -23,12 +24,26 @@ from spamguardd.core.adminproto import (
     StatsReply,
     UnblockReply,
 )
+from spamguardd.core.expiry import ordinal
 
 
 @functools.singledispatch
 def render(reply: Reply, out: TextIO) -> None:  # noqa: ARG001 - every renderer's signature
     """Write *reply* for people to *out*."""
     raise TypeError(f"no renderer for {type(reply).__name__}")  # pragma: no cover
+
+
+def _lasting(block: BlockInfo) -> str:
+    """``until 2026-12-03 10:00:00 UTC, 2nd block in 30d`` (or ``for good``)."""
+    until = "for good" if block.until is None else f"until {_people_time(block.until)}"
+    if block.nth is None:
+        return until
+    return f"{until}, {ordinal(block.nth)} block in {block.repeat_within}"
+
+
+def _people_time(iso: str) -> str:
+    """``2026-12-03T10:00:00Z`` as ``2026-12-03 10:00:00 UTC``."""
+    return iso.replace("T", " ").removesuffix("Z") + " UTC"
 
 
 def _table(rows: Iterable[Sequence[object]], out: TextIO) -> None:
@@ -44,21 +59,40 @@ def _(reply: ListReply, out: TextIO) -> None:
     if not reply.blocked:
         out.write("no blocked users\n")
         return
-    rows: list[Sequence[object]] = [("USER", "SINCE", "BY", "VERDICT", "REASON")]
-    rows += [(b.user, b.since, b.by, b.verdict, b.reason) for b in reply.blocked]
+    if any(b.until is not None for b in reply.blocked):
+        rows: list[Sequence[object]] = [("USER", "SINCE", "UNTIL", "BY", "VERDICT", "REASON")]
+        rows += [
+            (b.user, b.since, b.until or "never", b.by, b.verdict, b.reason) for b in reply.blocked
+        ]
+    else:  # nothing expires: the table as it always was
+        rows = [("USER", "SINCE", "BY", "VERDICT", "REASON")]
+        rows += [(b.user, b.since, b.by, b.verdict, b.reason) for b in reply.blocked]
     _table(rows, out)
+
+
+def _status(reply: ShowReply, out: TextIO) -> None:
+    """``show``'s status lines: blocked or not, and how long a block lasts."""
+    block = reply.block
+    if block is None:
+        out.write("status:   not blocked\n")
+        return
+    out.write(
+        f"status:   blocked since {block.since} by {block.by} "
+        f"(verdict {block.verdict}): {block.reason}\n"
+    )
+    if block.until is not None or block.nth is not None:
+        out.write(f"lasts:    {_lasting(block)}\n")
 
 
 @render.register
 def _(reply: ShowReply, out: TextIO) -> None:
     out.write(f"user:     {reply.user}\n")
-    block = reply.block
-    if block is None:
-        out.write("status:   not blocked\n")
-    else:
+    _status(reply, out)
+    repeats = reply.repeats
+    if repeats is not None:
         out.write(
-            f"status:   blocked since {block.since} by {block.by} "
-            f"(verdict {block.verdict}): {block.reason}\n"
+            f"repeats:  {repeats.blocks} automatic block(s) in the last {repeats.within}; "
+            f"the next would last {repeats.next_lasts}\n"
         )
     if reply.exempt:
         out.write("exempt:   yes (listed in exempt.users; never counted)\n")
@@ -119,6 +153,8 @@ def _(reply: BlockReply, out: TextIO) -> None:
     block = reply.block
     if reply.changed:
         out.write(f"blocked {reply.user} (verdict {block.verdict}): {block.reason}\n")
+        if block.until is not None:
+            out.write(f"lasts {_lasting(block)}\n")
     else:
         out.write(
             f"{reply.user} was already blocked since {block.since} by {block.by}: {block.reason}\n"
@@ -171,6 +207,13 @@ def _(reply: StatsReply, out: TextIO) -> None:
         out.write(
             f"BLOCK FILE:     NOT WRITABLE since {block_file.failing_since}: {block_file.error}; "
             f"{block_file.unsaved_users} users unsaved, block verdicts are defer, retrying\n"
+        )
+    expiry = reply.expiry
+    if expiry is not None:
+        upcoming = "" if expiry.next_at is None else f"; next at {expiry.next_at}"
+        out.write(
+            f"blocks expire:  {expiry.steps} (steps within {expiry.repeat_within}); "
+            f"{expiry.lifted} lifted, {expiry.repeat_users} users in the history{upcoming}\n"
         )
     fleet = reply.cluster
     if fleet is not None:

@@ -42,6 +42,7 @@ from spamguardd.core.adminproto import (
     ListReply,
     MetricsReply,
     ReloadReply,
+    RepeatInfo,
     Reply,
     ResetReply,
     Role,
@@ -53,6 +54,7 @@ from spamguardd.core.adminproto import (
 )
 from spamguardd.core.config import AdminConfig, Config
 from spamguardd.core.errors import StoreError
+from spamguardd.core.expiry import expires, format_span, format_steps, step_for
 from spamguardd.core.policy import Block, Change, Policy, Reset, Unblocked
 from spamguardd.core.statistics import Statistics
 from spamguardd.core.timestamps import format_time
@@ -240,7 +242,10 @@ class AdminServer:
             policy = self.target.policy
             verdict = policy.config.verdict.value
             blocks = sorted(policy.blocks.values(), key=lambda b: b.user)
-            return ListReply(blocked=tuple(BlockInfo.from_block(b, verdict) for b in blocks))
+            within = policy.config.repeat_within
+            return ListReply(
+                blocked=tuple(BlockInfo.from_block(b, verdict, within) for b in blocks)
+            )
         if verb is Verb.STATS:
             return StatsReply.from_statistics(self.target.statistics())
         if verb is Verb.METRICS:
@@ -250,7 +255,9 @@ class AdminServer:
         user = command.user
         assert user is not None  # noqa: S101 - Command.from_json guarantees it for these verbs
         if verb is Verb.BLOCK:
-            return await self._block(user, command.reason or DEFAULT_BLOCK_REASON, actor)
+            return await self._block(
+                user, command.reason or DEFAULT_BLOCK_REASON, actor, command.expires_at
+            )
         user_commands = {
             Verb.SHOW: self._show,
             Verb.UNBLOCK: self._unblock,
@@ -267,7 +274,9 @@ class AdminServer:
         return ShowReply(
             user=user,
             blocked=view.block is not None,
-            block=None if view.block is None else BlockInfo.from_block(view.block, verdict),
+            block=None
+            if view.block is None
+            else BlockInfo.from_block(view.block, verdict, policy.config.repeat_within),
             exempt=view.exempt,
             mode=policy.config.mode.value,
             windows=tuple(
@@ -309,6 +318,7 @@ class AdminServer:
             journal=JournalNotes(
                 truncated_line=journal.truncated_line, damaged_lines=journal.damaged_lines
             ),
+            repeats=_repeats(policy, user, self.wall_clock()),
         )
 
     async def _apply(self, change: Change, what: str) -> ErrorReply | None:
@@ -319,11 +329,25 @@ class AdminServer:
             return ErrorReply(error=f"{what} in memory but not on disk: {exc}")
         return None
 
-    async def _block(self, user: str, reason: str, actor: str) -> Reply:
+    async def _block(
+        self,
+        user: str,
+        reason: str,
+        actor: str,
+        expires: Callable[[float], float | None] = lambda _now: None,
+    ) -> Reply:
         policy = self.target.policy
         verdict = policy.config.verdict.value
         now = self.wall_clock()
+        expires_at = expires(now)
+        if expires_at is not None and expires_at <= now:
+            return ErrorReply(error=f"until {format_time(expires_at)} is not in the future")
         cluster = self.target.cluster
+        if cluster is not None and expires_at is not None:
+            return ErrorReply(
+                error="blocks cannot expire in fleet mode (a lift would not reach the other "
+                "relays); block without --for/--until, and unblock when it is time"
+            )
         if cluster is not None and user not in policy.blocks:
             # the fleet's block list first: a user blocked on another relay meanwhile keeps
             # that block (one block, one notice) and this relay adopts it
@@ -334,7 +358,7 @@ class AdminServer:
                 return BlockReply(
                     user=user, changed=False, block=BlockInfo.from_block(current, verdict)
                 )
-        change = policy.block(user, reason, by=actor, wall_now=now)
+        change = policy.block(user, reason, by=actor, wall_now=now, expires_at=expires_at)
         block = BlockInfo.from_block(policy.blocks[user], verdict)
         if not change.effects:
             return BlockReply(user=user, changed=False, block=block)
@@ -392,6 +416,19 @@ class AdminServer:
             needs_restart=result.needs_restart,
             carried_users=result.carried_users,
         )
+
+
+def _repeats(policy: Policy, user: str, wall_now: float) -> RepeatInfo | None:
+    """*user*'s automatic blocks in the span, when blocks expire (``block.expire``)."""
+    config = policy.config
+    if not expires(config.expire):
+        return None
+    count = policy.repeats.count(user, now=wall_now, within=config.repeat_within)
+    return RepeatInfo(
+        blocks=count,
+        within=format_span(config.repeat_within),
+        next_lasts=format_steps((step_for(config.expire, count + 1),)),
+    )
 
 
 async def _drain(stream: trio.SocketStream) -> None:

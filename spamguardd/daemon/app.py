@@ -19,12 +19,13 @@ import trio
 
 from spamguardd import __version__
 from spamguardd.core.config import Config
-from spamguardd.core.errors import ConfigError
+from spamguardd.core.errors import ConfigError, StoreError
 from spamguardd.core.policy import Policy
 from spamguardd.core.statistics import Statistics
 from spamguardd.daemon.admin_server import AdminServer
 from spamguardd.daemon.counters import CounterKeeper
 from spamguardd.daemon.effects import EffectExecutor
+from spamguardd.daemon.expiry import ExpiryKeeper
 from spamguardd.daemon.journal_writer import JournalWriter
 from spamguardd.daemon.listeners import (
     adopt_or_bind,
@@ -42,6 +43,7 @@ from spamguardd.state import eximaccess
 from spamguardd.state.blockfile import BlockStore
 from spamguardd.state.journal import FILENAME as JOURNAL_FILENAME
 from spamguardd.state.journal import Journal
+from spamguardd.state.repeats import RepeatStore
 from spamguardd.state.snapshot import SnapshotStore
 from spamguardd.state.statelock import StateLock
 
@@ -75,7 +77,7 @@ def load_policy(config: Config, lock: StateLock | None = None) -> tuple[Policy, 
     try:
         for path in store.remove_stale_temporaries():
             log.warning("stale_temporary_removed", path=str(path))
-        policy = Policy(config.policy, store.open())
+        policy = Policy(config.policy, store.open(), load_repeats(RepeatStore(config.state.dir)))
     except BaseException:
         if lock is not None:
             lock.release()
@@ -83,6 +85,19 @@ def load_policy(config: Config, lock: StateLock | None = None) -> tuple[Policy, 
     if gid is not None:
         ensure_exim_access(store.path, gid, group=str(config.state.group))
     return policy, store
+
+
+def load_repeats(store: RepeatStore) -> list[tuple[str, tuple[float, ...]]]:
+    """The history escalation counts; damaged lines and an unreadable file are logged, not
+    fatal (the block file, not this, says who is blocked)."""
+    try:
+        history = store.load()
+    except StoreError as exc:
+        log.error("repeat_history_unreadable", error=str(exc), action="starting without it")
+        return []
+    for problem in history.problems:
+        log.warning("repeat_history_damaged", problem=problem, action="line skipped")
+    return history.entries
 
 
 def ensure_exim_access(block_file: Path, gid: int, *, group: str) -> None:
@@ -173,6 +188,9 @@ class Daemon:
             self.journal,
             self.notices,
             wall_clock=wall_clock,
+        )
+        self.expiry = ExpiryKeeper(
+            self.policy, self.effects, RepeatStore(config.state.dir), wall_clock=wall_clock
         )
         #: Fleet mode's link to the shared store; None for a single host.
         self.cluster = self._make_cluster(config, wall_clock)
@@ -298,6 +316,7 @@ class Daemon:
             latency=self.server.latency.snapshot(),
             admin_errors=self.admin.errors,
             cluster=None if self.cluster is None else self.cluster.statistics(),
+            expiry=self.expiry.statistics(),
         )
 
     def render_metrics(self) -> str:
@@ -410,6 +429,8 @@ class Daemon:
             await nursery.start(self.persister.run)
             if self.cluster is not None:
                 await nursery.start(self.cluster.run)
+            # blocks that expired while the daemon was down are lifted before it answers
+            await nursery.start(self.expiry.run)
             async with trio.open_nursery() as serving:
                 await serving.start(self.server.serve, listeners)
                 await serving.start(self.admin.serve, admin_sock)
@@ -426,6 +447,7 @@ class Daemon:
             # the final snapshot, still under the signal handler: a second SIGTERM waits too
             await self.counters.stop()
             await self.counters.save_final()
+            await self.expiry.save()
             nursery.cancel_scope.cancel()
 
     def _log_started(self, query_socket: str) -> None:

@@ -63,6 +63,8 @@ class EffectExecutor:
         self._auto_blocks = self._admin_blocks = self._unblocks = self._resets = 0
         self._would_blocks = self._store_failures = 0
         self._warnings = self._volume_blocks = 0
+        #: Called after effects are carried out (never waits): the expiry keeper's wake-up.
+        self.on_change: Callable[[], None] | None = None
 
     def statistics(self) -> EffectStatistics:
         """Current counters."""
@@ -103,6 +105,8 @@ class EffectExecutor:
             notice = Notice.from_effect(effect, verdict=verdict, when=self.wall_clock())
             if notice is not None:
                 self.notices.submit(notice)
+        if effects and self.on_change is not None:
+            self.on_change()
 
     async def wait_durable(self, generation: int) -> None:
         """Return once the block list of *generation* (or a later one) is on disk.

@@ -3,7 +3,11 @@
 One line per blocked user (shown here folded)::
 
     "auth:alice@example.com": blocked_at=2026-11-28T01:02:03Z
-        reason="100 failed recipients within 1h" by=auto
+        reason="100 failed recipients within 1h" by=auto until=2026-11-29T01:02:03Z nth=1
+
+``until=`` (when the block lifts itself) and ``nth=`` (which automatic block of the user it is
+within ``block.repeat_within``) are written only when they apply. Exim's lookup only asks whether
+the key is there, so the fields after the key are the daemon's own.
 
 The key is always double-quoted: lsearch ends an unquoted key at the first colon or blank, and
 every user key has a colon (``auth:...``, ``ip:...``). Inside the quotes Exim honours ``\\\\``,
@@ -96,12 +100,23 @@ def encode(blocks: Iterable[Block]) -> bytes:
 
 
 def _encode_line(block: Block) -> bytes:
-    return b"%s: blocked_at=%s reason=%s by=%s\n" % (
+    return b"%s: blocked_at=%s reason=%s by=%s%s\n" % (
         encode_key(block.user),
         format_time(block.blocked_at).encode(),
         quote(block.reason),
         quote(block.by),
+        _expiry_fields(block),
     )
+
+
+def _expiry_fields(block: Block) -> bytes:
+    """`` until=TIME`` for a block that lifts itself, `` nth=N`` for a counted automatic one."""
+    out = b""
+    if block.expires_at is not None:
+        out += b" until=" + format_time(block.expires_at).encode()
+    if block.nth:
+        out += b" nth=%d" % block.nth
+    return out
 
 
 def decode(data: bytes, *, source: str) -> list[Block]:
@@ -171,11 +186,17 @@ def _decode_line(line: bytes) -> Block:
         blocked_at = parse_time(fields["blocked_at"])
     except KeyError:
         raise ValueError("missing blocked_at=") from None
+    until = fields.get("until")
+    nth = fields.get("nth", "0")
+    if not nth.isdigit():
+        raise ValueError(f"nth= must be a whole number (got {nth!r})")
     return Block(
         user=user,
         blocked_at=blocked_at,
         reason=fields.get("reason", ""),
         by=fields.get("by", "admin"),
+        expires_at=None if until is None else parse_time(until),
+        nth=int(nth),
     )
 
 

@@ -51,6 +51,10 @@ def entry_for(effect: Effect) -> dict[str, Any] | None:
         }
         if effect.rate is not None:
             entry["limit"] = str(effect.rate)
+        if block.expires_at is not None:
+            entry["until"] = format_time(block.expires_at)
+        if block.nth:
+            entry["nth"] = block.nth
         return entry
     if isinstance(effect, Unblocked):
         return {

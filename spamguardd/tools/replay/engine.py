@@ -21,7 +21,7 @@ from typing import Final
 import attrs
 
 from spamguardd.core.config import ACCEPTED_SUFFIX, Mode, PolicyConfig
-from spamguardd.core.policy import Blocked, Effect, Policy, Warned
+from spamguardd.core.policy import Block, Blocked, Effect, Policy, Warned
 from spamguardd.core.protocol import IPAddress, RcptRequest, Verify
 from spamguardd.core.rate import Rate
 from spamguardd.tools.eximlog import Arrival, Delivery, Event, Rejection, SkipTest, UserKeys
@@ -68,6 +68,10 @@ class BlockRecord:
     failures: int
     frozen_after: int = 0
     reason: str = ""
+    #: Blocks of the user in the replay: more than one when blocks expire (``block.expire``).
+    blocks: int = 1
+    #: When the user's last block lifts itself (log time); None: never.
+    until: float | None = None
 
 
 @attrs.define
@@ -168,7 +172,13 @@ class Replayer:
         self._next_sweep = -float("inf")
         self._blocked_somewhere: set[str] = set()
         self._never_frozen = (False,) * len(results)
-        self._deciders = [(result, result.blocked, result.policy.decide) for result in results]
+        # what a user's block is looked up in: the policy's own block list, which loses a user
+        # when its block expires (result.blocked keeps every user blocked once, for the report)
+        self._deciders = [
+            (result, result.policy.blocks, result.policy.decide) for result in results
+        ]
+        #: Log time of the earliest block to lift (``block.expire``), across the candidates.
+        self._next_lift = float("inf")
 
     def skip_test(self, relay: int = 0) -> SkipTest:
         """The skip test for the message lines of *relay* (:meth:`_Messages.consume`)."""
@@ -221,8 +231,10 @@ class Replayer:
         user = None if event.null_sender else self.keys.key(event.auth_id, event.host, event.local)
         if user is None:
             return
+        if event.at >= self._next_lift:
+            self._lift(event.at)
         frozen = (
-            tuple([user in result.blocked for result in self.report.results])
+            tuple([user in result.policy.blocks for result in self.report.results])
             if user in self._blocked_somewhere
             else self._never_frozen
         )
@@ -237,7 +249,7 @@ class Replayer:
         """Feed *count* accepted recipients of *user* to the volume guard of each candidate."""
         report = self.report
         report.accepted += count
-        self._sweep(at)
+        self._housekeep(at)
         request = RcptRequest(user, "", Verify.OK, _ip(host))
         for result, blocked, decide in self._deciders:
             for _ in range(count):
@@ -260,7 +272,7 @@ class Replayer:
                 state = self._users.get(user)
                 if state is None:  # blocked by the volume guard before any failure
                     state = self._users[user] = _User(UserPeaks(self.report.windows))
-                self._blocked(result, state, user, at, effect.block.reason)
+                self._blocked(result, state, user, at, effect.block)
             elif isinstance(effect, Warned):
                 known = result.warned.get(user)
                 if known is None:
@@ -276,8 +288,8 @@ class Replayer:
             state = self._users[user] = _User(UserPeaks(report.windows))
             report.peaks[user] = state.peaks
         state.failures += 1
-        if at >= self._next_sweep:
-            self._sweep(at)
+        if at >= self._next_lift or at >= self._next_sweep:
+            self._housekeep(at)
         state.peaks.add(rcpt, at)
         if state.timeline is not None:
             state.timeline.append(at)
@@ -291,10 +303,36 @@ class Replayer:
             if effects:
                 self._effects(result, user, at, effects)
 
+    def _housekeep(self, at: float) -> None:
+        """Lift what expired and sweep idle users, when either is due at log time *at*."""
+        if at >= self._next_lift:
+            self._lift(at)
+        self._sweep(at)
+
+    def _lift(self, at: float) -> None:
+        """Lift the blocks whose time is up at log time *at*, as the daemon would."""
+        upcoming = float("inf")
+        for result in self.report.results:
+            policy = result.policy
+            policy.expire_due(at)
+            following = policy.next_expiry()
+            if following is not None:
+                upcoming = min(upcoming, following)
+        self._next_lift = upcoming
+
     def _blocked(
-        self, result: CandidateResult, state: _User, user: str, at: float, reason: str
+        self, result: CandidateResult, state: _User, user: str, at: float, block: Block
     ) -> None:
-        result.blocked[user] = BlockRecord(user, at, state.failures, reason=reason)
+        if block.expires_at is not None:
+            self._next_lift = min(self._next_lift, block.expires_at)
+        earlier = result.blocked.get(user)
+        if earlier is not None:  # blocked again after an expiry: the first block's record stays
+            earlier.blocks += 1
+            earlier.until = block.expires_at
+            return
+        result.blocked[user] = BlockRecord(
+            user, at, state.failures, reason=block.reason, until=block.expires_at
+        )
         self._blocked_somewhere.add(user)
         if state.timeline is None:
             # the failures that led to the block are the longest window's; from now on every

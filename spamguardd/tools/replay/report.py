@@ -7,13 +7,23 @@ import html
 from collections.abc import Sequence
 
 from spamguardd.core.rate import format_duration
-from spamguardd.tools.replay.engine import Candidate, Report
+from spamguardd.tools.replay.engine import BlockRecord, Candidate, Report
 
 
 def _iso(at: float, *, zoned: bool) -> str:
     moment = dt.datetime.fromtimestamp(at, dt.UTC)
     text = moment.replace(tzinfo=None).isoformat(timespec="seconds")
     return text + "Z" if zoned else text
+
+
+def _expiry(block: BlockRecord, *, zoned: bool) -> dict[str, object]:
+    """``blocks`` and ``until`` of a user whose blocks expire (``block.expire``); else nothing."""
+    if block.until is None and block.blocks == 1:
+        return {}
+    extra: dict[str, object] = {"blocks": block.blocks}
+    if block.until is not None:
+        extra["until"] = _iso(block.until, zoned=zoned)
+    return extra
 
 
 def to_json(report: Report) -> dict[str, object]:
@@ -30,6 +40,7 @@ def to_json(report: Report) -> dict[str, object]:
                     "failures": b.failures,
                     "frozen_after": b.frozen_after,
                     "reason": b.reason,
+                    **_expiry(b, zoned=report.zoned),
                 }
                 for b in blocked
             ],
@@ -97,7 +108,12 @@ def to_table(report: Report) -> str:
             out.append(f"  {'user':<40} {'blocked at':<20} {'failures':>8} {'frozen after':>12}")
             for b in sorted(result.blocked.values(), key=lambda b: (b.at, b.user)):
                 at = _iso(b.at, zoned=report.zoned)
-                out.append(f"  {b.user:<40} {at:<20} {b.failures:>8} {b.frozen_after:>12}")
+                row = f"  {b.user:<40} {at:<20} {b.failures:>8} {b.frozen_after:>12}"
+                extra = _expiry(b, zoned=report.zoned)
+                if extra:
+                    last = extra.get("until", "never")
+                    row += f"  ({b.blocks} block(s), the last until {last})"
+                out.append(row)
         if report.warn:
             out.append(f"  {len(result.warned)} user(s) warned (limits.warn_at)")
             out.extend(
