@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import attrs
 import pytest
 import structlog
 import trio
@@ -13,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spamguardd.core import buckets
-from spamguardd.core.config import PolicyConfig
-from spamguardd.core.policy import Policy
+from spamguardd.core.config import Mode, PolicyConfig
+from spamguardd.core.policy import Policy, WouldBlock
 from spamguardd.core.protocol import ENCODING, ERRORS, MAX_USER_SIZE, RcptRequest, Verdict, Verify
 from spamguardd.core.rate import Rate
 from spamguardd.daemon.counters import CounterKeeper
@@ -254,6 +255,29 @@ class TestKeeper:
         assert fail(again, "auth:a", "r", 1.0) is Verdict.ACCEPT  # a retry: not counted
         assert fail(again, "auth:a", "s", 1.0) is Verdict.ACCEPT
         assert fail(again, "auth:a", "t", 1.0) is Verdict.FREEZE
+
+    async def test_a_would_block_is_told_once_across_a_restart(
+        self, tmp_path: Path, autojump_clock: trio.testing.MockClock
+    ) -> None:
+        """Monitor mode: the user who emptied a bucket before the stop gets no second
+        would-block (and no second WOULD BLOCK notice) after the start; another still does."""
+        monitor = attrs.evolve(TEN_PER_HOUR, mode=Mode.MONITOR)
+
+        def would_blocks(policy: Policy, user: str, rcpt: str) -> int:
+            request = RcptRequest(user=user, rcpt=rcpt, verify=Verify.FAIL)
+            effects = policy.decide(request, now=1.0, wall_now=T0 + 1.0).effects
+            return sum(isinstance(effect, WouldBlock) for effect in effects)
+
+        first = Policy(monitor)
+        keeper = keeper_for(tmp_path, first)
+        await keeper.load()
+        told = sum(would_blocks(first, "auth:a", f"r{i}") for i in range(10))
+        assert told == 1
+        await keeper.save_final()
+        second = Policy(monitor)
+        await keeper_for(tmp_path, second).load()
+        assert would_blocks(second, "auth:a", "again") == 0
+        assert sum(would_blocks(second, "auth:b", f"r{i}") for i in range(10)) == 1
 
     async def test_stop_while_loading_adds_up_at_the_next_start(
         self, tmp_path: Path, autojump_clock: trio.testing.MockClock

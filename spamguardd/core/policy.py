@@ -910,6 +910,12 @@ class Policy:
         else:
             self._users.put(user, state, changed=False)
         self._users.file(user, state, buckets.updated(state) + self._idle_after(current))
+        if self.config.mode is Mode.MONITOR and any(
+            buckets.is_empty(level) for level in buckets.tokens_left(state, current)
+        ):
+            # it emptied a bucket before the snapshot, so its would-block was told: once per
+            # user, across a restart as within a run
+            self._would_block.add(user.removesuffix(ACCEPTED_SUFFIX))
         return True
 
     def failure_samples(self, user: str, limit: int = EVIDENCE_SAMPLES) -> list[FailureSample]:
