@@ -246,7 +246,7 @@ def _rss(pid: int) -> int:
 
 
 def _log_counts(log: Path) -> dict[str, int]:
-    names = ("accept_failed", "snapshot_failed", "block_not_persisted", "fd_limit")
+    names = ("accept_failed", "snapshot_failed", "block_not_persisted")
     tally = dict.fromkeys(names, 0)
     for line in log.read_text(errors="replace").splitlines():
         with contextlib.suppress(ValueError):

@@ -24,6 +24,7 @@ from spamguardd.core.statistics import Statistics
 from spamguardd.daemon.admin_server import AdminServer
 from spamguardd.daemon.counters import CounterKeeper
 from spamguardd.daemon.effects import EffectExecutor
+from spamguardd.daemon.fdlimit import FdLimits
 from spamguardd.daemon.journal_writer import JournalWriter
 from spamguardd.daemon.listeners import adopt_or_bind, bind_inet_listener
 from spamguardd.daemon.metrics import render_metrics
@@ -116,6 +117,10 @@ class Daemon:
         load_config: re-reads the configuration on reload (default: the one given).
         watchdog_interval: seconds between ``WATCHDOG=1`` pings, when systemd watches us.
     """
+
+    #: The descriptor limits as the start found and left them (the entry point raises the soft
+    #: one before serving); shown in the ``started`` line.
+    fd_limits: FdLimits | None = None
 
     def __init__(  # noqa: PLR0913 - keyword-only seams, one per collaborator
         self,
@@ -373,6 +378,7 @@ class Daemon:
             mode=str(self.config.policy.mode),
             limits=[str(rate) for rate in self.config.policy.failed_recipients],
             blocked_users=self.policy.statistics().blocked_users,
+            fd_limit=None if self.fd_limits is None else attrs.asdict(self.fd_limits),
         )
 
     async def _handle_signals(self) -> None:
