@@ -212,8 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"spamguardd: {exc}".replace("\n", "\nspamguardd: "), file=sys.stderr)
         return EX_CONFIG
     log = structlog.get_logger("spamguardd")
-    limits = raise_soft_limit()  # systemd starts services at a soft limit of 1,024
-    log.info("fd_limit", soft_before=limits.soft_before, soft=limits.soft, hard=limits.hard)
+    daemon.fd_limits = raise_soft_limit()  # systemd starts services at a soft limit of 1,024
     try:
         trio.run(daemon.run)
     except LookupError as exc:

@@ -112,7 +112,7 @@ def wire(  # noqa: PLR0913 - one keyword per part a test may want to change
 
 def wait_started(stdout: IO[str]) -> list[str]:
     """Read a daemon's JSON log lines up to its ``started`` line, which comes once the sockets
-    accept (after the start's own lines, such as ``fd_limit``); returns the lines before it.
+    accept (after any line the start logs first); returns the lines before it.
 
     Raises:
         AssertionError: the output ended (the daemon exited) before ``started``.

@@ -6,7 +6,9 @@ Rows of the "Bad input" table in docs/reliability.md that no other test shows.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -88,6 +90,10 @@ def test_state_dir_that_is_a_file_exits_78_naming_it(sock_dir: Path) -> None:
 def test_garbage_listen_fds_is_ignored_and_the_socket_bound(sock_dir: Path) -> None:
     out = _serves_despite(_config(sock_dir), {"LISTEN_FDS": "many", "LISTEN_FDNAMES": "query"})
     assert '"event": "listen_fds_ignored"' in out
+    # and the start says which descriptor limit it found and which it serves under
+    started = next(json.loads(line) for line in out.splitlines() if '"started"' in line)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert started["fd_limit"]["soft"] == started["fd_limit"]["hard"] == hard
 
 
 def test_listen_fds_naming_a_file_is_skipped_and_the_socket_bound(sock_dir: Path) -> None:

@@ -55,7 +55,7 @@ class Daemon:
 
     def wait_ready(self) -> None:
         # the daemon prints its "started" line once the socket accepts (after the lines of its
-        # start, such as fd_limit); a daemon that exits instead ends the output
+        # start logs first); a daemon that exits instead ends the output
         assert self.process.stdout is not None
         seen = []
         for line in self.process.stdout:

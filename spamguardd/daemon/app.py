@@ -26,6 +26,7 @@ from spamguardd.daemon.admin_server import AdminServer
 from spamguardd.daemon.counters import CounterKeeper
 from spamguardd.daemon.effects import EffectExecutor
 from spamguardd.daemon.expiry import ExpiryKeeper
+from spamguardd.daemon.fdlimit import FdLimits
 from spamguardd.daemon.journal_writer import JournalWriter
 from spamguardd.daemon.listeners import (
     adopt_or_bind,
@@ -149,6 +150,10 @@ class Daemon:
         load_config: re-reads the configuration on reload (default: the one given).
         watchdog_interval: seconds between ``WATCHDOG=1`` pings, when systemd watches us.
     """
+
+    #: The descriptor limits as the start found and left them (the entry point raises the soft
+    #: one before serving); shown in the ``started`` line.
+    fd_limits: FdLimits | None = None
 
     def __init__(  # noqa: PLR0913 - keyword-only seams, one per collaborator
         self,
@@ -463,6 +468,7 @@ class Daemon:
             mode=str(self.config.policy.mode),
             limits=[str(rate) for rate in self.config.policy.failed_recipients],
             blocked_users=self.policy.statistics().blocked_users,
+            fd_limit=None if self.fd_limits is None else attrs.asdict(self.fd_limits),
         )
 
     async def _handle_signals(self) -> None:
