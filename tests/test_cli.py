@@ -54,7 +54,7 @@ class Daemon:
         self.wait_ready()
 
     def wait_ready(self) -> None:
-        # the daemon prints its "started" line once the socket accepts (after the lines of its
+        # the daemon prints its "started" line once the socket accepts (after any line the
         # start logs first); a daemon that exits instead ends the output
         assert self.process.stdout is not None
         seen = []
