@@ -187,6 +187,8 @@ def _load(paths: list[Path], args: argparse.Namespace) -> dict[str, float]:
             str(args.users_traffic),
             "--fail-share",
             str(args.fail_share),
+            "--rate",
+            str(args.rate),
         ],
         capture_output=True,
         text=True,
@@ -292,9 +294,14 @@ def _bench(args: argparse.Namespace) -> None:
         name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         for name, runs in rounds.items()
     }
+    load = (
+        f"{args.rate:g} queries/s offered (open loop)"
+        if args.rate
+        else f"{args.clients} clients back to back"
+    )
     print(
-        f"\nfleet mode: medians of {args.repeat} rounds of {args.seconds:g} s, {args.clients} "
-        f"clients back to back, {args.users_traffic} users, {args.fail_share:.0%} failed "
+        f"\nfleet mode: medians of {args.repeat} rounds of {args.seconds:g} s, {load}, "
+        f"{args.users_traffic} users, {args.fail_share:.0%} failed "
         f"recipients; store: redis-server on 127.0.0.1\n"
     )
     header = ("setup", "q/s", "fail p50", "fail p99", "ok p50", "ok p99", "cpu µs/q")
@@ -331,6 +338,13 @@ def main() -> None:
         p.add_argument("--fail-share", type=float, default=0.2)
     parser.add_argument("--repeat", type=int, default=3, help="rounds per setup")
     parser.add_argument("--calls", type=int, default=4000, help="script calls timed alone")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="offer this many queries a second (open loop, as Exim's RCPTs arrive) instead of "
+        "--clients back to back",
+    )
     args = parser.parse_args()
     if args.command == "generate":
         _generate(args)
