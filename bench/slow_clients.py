@@ -21,7 +21,9 @@ daemon told the attackers, the daemon's own ``stats`` and its peak descriptors, 
 ``accept_failed``/``snapshot_failed``/``block_not_persisted`` counts.
 
 ``--code DIR`` runs the daemon from another source tree (``git archive REV | tar -x -C DIR``), to
-compare designs under the same attack; ``--max-connections`` sets ``server.max_connections``.
+compare designs under the same attack; ``--max-connections`` sets ``server.max_connections``;
+``--attacker-nice 19`` runs the attacking clients at the lowest priority, as a stand-in for
+attackers on other machines (on a relay, their own CPU is not the relay's).
 
 Run: ``python bench/slow_clients.py [--rounds 2] [--seconds 20] [--idle 10000] [--slow 1000]``.
 """
@@ -267,7 +269,9 @@ def _phase(
         for kind, count in (("--idle-client", args.idle), ("--slow-client", args.slow)):
             attackers.append(
                 subprocess.Popen(
-                    [*me, kind, str(query), str(count)], stdout=subprocess.PIPE, text=True
+                    ["nice", "-n", str(args.attacker_nice), *me, kind, str(query), str(count)],
+                    stdout=subprocess.PIPE,
+                    text=True,
                 )
             )
         time.sleep(args.ramp)
@@ -379,6 +383,14 @@ def main() -> int:
     parser.add_argument("--ramp", type=float, default=5.0, help="seconds of attack before load")
     parser.add_argument("--p99-target", type=float, default=5.0, help="ms, under attack")
     parser.add_argument("--max-connections", type=int, default=16384)
+    parser.add_argument(
+        "--attacker-nice",
+        type=int,
+        default=0,
+        help="run the idle and slow clients at this nice level: 19 stands for attackers on "
+        "other machines, whose own CPU the relay does not pay (the kernel's work for their "
+        "connections is still the relay's)",
+    )
     parser.add_argument(
         "--code", type=Path, default=REPO, help="the daemon's source tree (e.g. an older commit)"
     )

@@ -382,6 +382,8 @@ class Policy:
         state = users.get(key)
         if state is None:
             if len(users) >= self.config.max_tracked_users:
+                # At the cap the user closest to going idle makes room: what is failing now
+                # keeps being counted, and memory stays bounded whatever floods the table.
                 oldest = users.first()
                 if oldest is not None:
                     users.pop(oldest)
@@ -397,20 +399,7 @@ class Policy:
         user = request.user
         rates = self.config.limits_for(user)
         users = self._users
-        state = users.get(user)
-        if state is None:
-            if len(users) >= self.config.max_tracked_users:
-                # At the cap the user closest to going idle makes room: what is failing now
-                # keeps being counted, and memory stays bounded whatever floods the table.
-                oldest = users.first()
-                if oldest is not None:
-                    users.pop(oldest)
-                    self.evicted_users += 1
-            state = buckets.new_state(rates, now, self._tag(rates))
-            users.put(user, state)
-        else:
-            self._fit(state, rates)
-            users.mark(user)
+        state = self._counted_state(user, rates, now)
         warn_at = self.config.warn_at
         before: tuple[float, ...] = ()
         if warn_at is not None:  # the levels before this failure, for the warning mark
