@@ -287,6 +287,30 @@ class TestHostileFiles:
             load_config(path)
         assert info.value.problems == [f"{path}: {key}: must be > 0 and finite (got {value})"]
 
+    @pytest.mark.parametrize(
+        ("text", "key", "message"),
+        [
+            ("[server]\nread_timeout = 1e-300\n", "server.read_timeout", "between 0.001 s"),
+            ("[state]\nsnapshot_interval = 1e-300\n", "state.snapshot_interval", "between"),
+            ("[state]\nsnapshot_interval = 0.01\n", "state.snapshot_interval", "at least 0.1"),
+            ('[server]\nread_timeout = "99999999999999999999d"\n', "server.read_timeout", "100"),
+            ('[block]\nexpire = "99999999999999999999d"\n', "block.expire", "100 years"),
+            ('[block]\nexpire = "420000w"\n', "block.expire", "100 years"),
+            ('[limits]\nfailed_recipients = "3/99999999999999999999d"\n', "limits", "100 years"),
+        ],
+    )
+    def test_times_no_clock_can_hold_are_refused(
+        self, tmp_path: Path, text: str, key: str, message: str
+    ) -> None:
+        """A time of thousands of years (which crashed the daemon at the first block that used
+        it) or a snapshot interval near zero (which pegged the processor) is a config error."""
+        path = write(tmp_path, text)
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        (problem,) = info.value.problems
+        assert f"{path}: {key}" in problem
+        assert message in problem
+
     @pytest.mark.parametrize("key", ["send_timeout", "hook_timeout", "retry_for", "shutdown_grace"])
     def test_notify_durations_refuse_nan(self, tmp_path: Path, key: str) -> None:
         """Every duration is checked the same way."""

@@ -375,6 +375,9 @@ class TestAdminCommand:
             ({"command": "unblock", "user": "u", "duration": "2h"}, "unblock takes no until"),
             ({"command": "block", "user": "u", "duration": "2h", "until": "x"}, "not both"),
             ({"command": "block", "user": "u", "duration": "soon"}, "duration must be"),
+            # a block past the year 9999 crashed the daemon when its line was written
+            ({"command": "block", "user": "u", "duration": "420000w"}, "duration must be"),
+            ({"command": "block", "user": "u", "duration": "9" * 20 + "d"}, "duration must be"),
             ({"command": "block", "user": "u", "until": "tomorrow"}, "until must be a UTC"),
             ({"command": "block", "user": "u", "until": 5}, "until must be a UTC"),
         ],

@@ -28,7 +28,7 @@ import attrs
 from spamguardd.core.errors import ConfigError
 from spamguardd.core.expiry import DEFAULT_REPEAT_WITHIN, Step, expires, parse_steps
 from spamguardd.core.protocol import Verdict
-from spamguardd.core.rate import Rate, parse_duration
+from spamguardd.core.rate import MAX_DURATION, Rate, parse_duration
 from spamguardd.core.storeurl import StoreAddress, parse_store_url
 
 T = TypeVar("T")
@@ -64,6 +64,10 @@ ACCEPTED_SUFFIX: Final = "\x00accepted"
 #: its last count, so the idle sweep forgets it.
 NO_VOLUME_GUARD: Final = (Rate(count=1, period=1),)
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
+#: The shortest time a timeout or interval may be: below it a setting can only be a mistake.
+MIN_SECONDS: Final = 0.001
+#: The shortest snapshot interval (a tiny one would snapshot without pause).
+MIN_SNAPSHOT_INTERVAL: Final = 0.1
 #: A relay's name in the fleet: what logs, journals and the shared store show as "where".
 _RELAY_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: What the store's keys may start with: printable ASCII without blanks.
@@ -113,6 +117,19 @@ def setting(  # noqa: PLR0913 - one keyword per property of a setting, all of th
 def _positive_seconds(_inst: object, _attr: attrs.Attribute[Any], value: float) -> None:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"must be > 0 and finite (got {value})")
+    if value < MIN_SECONDS or value > MAX_DURATION:
+        raise ValueError(
+            f"must be between {MIN_SECONDS:g} s and 100 years ({MAX_DURATION} s) (got {value:g})"
+        )
+
+
+def _snapshot_seconds(inst: object, attr: attrs.Attribute[Any], value: float) -> None:
+    _positive_seconds(inst, attr, value)
+    if value < MIN_SNAPSHOT_INTERVAL:
+        raise ValueError(
+            f"must be at least {MIN_SNAPSHOT_INTERVAL:g} s: each snapshot costs a write "
+            f"(got {value:g})"
+        )
 
 
 def _between(low: int, high: int) -> Validator:
@@ -581,7 +598,7 @@ class StateConfig:
     #: Seconds between two snapshots of the counters (``buckets``): a crash forgets at most
     #: this much counting.
     snapshot_interval: float = setting(
-        key="state.snapshot_interval", parse=_seconds, default=30.0, validator=_positive_seconds
+        key="state.snapshot_interval", parse=_seconds, default=30.0, validator=_snapshot_seconds
     )
 
 

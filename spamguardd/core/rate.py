@@ -14,6 +14,9 @@ from typing import Final
 import attrs
 
 _UNIT_SECONDS: Final = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
+#: The longest time accepted anywhere (a window, an expiry, a timeout): 100 years of 365 days.
+#: Beyond it lie times no clock, file or log can write (the year 9999), not useful settings.
+MAX_DURATION: Final = 100 * 365 * 86400
 _TIME: Final = re.compile(r"(?:\d+[wdhms])+|\d+")
 _PART: Final = re.compile(r"(\d+)([wdhms])")
 _RATE: Final = re.compile(r"\s*(\d+)\s*/\s*(\S+)\s*")
@@ -23,7 +26,8 @@ def parse_duration(text: str) -> int:
     """Parse an Exim time such as ``1h``, ``1h30m``, ``2d`` or ``90`` (seconds) into seconds.
 
     Raises:
-        ValueError: *text* is not an Exim time or is zero.
+        ValueError: *text* is not an Exim time, is zero, or is longer than
+            :data:`MAX_DURATION`.
     """
     text = text.strip()
     if not _TIME.fullmatch(text):
@@ -35,6 +39,8 @@ def parse_duration(text: str) -> int:
     )
     if seconds <= 0:
         raise ValueError(f"a time must be longer than zero (got {text!r})")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"a time must be at most 100 years, 36500d (got {text!r})")
     return seconds
 
 
