@@ -215,6 +215,23 @@ class TestBlocksInPlace:
         assert after[len(before) :] == line
         assert BlockStore(tmp_path).load() == [Block("auth:a", T0, "r"), Block("auth:b", T0, "r")]
 
+    def test_a_file_removed_by_hand_is_written_again_with_every_block(
+        self, tmp_path: Path
+    ) -> None:
+        """`rm blocked` while the daemon runs: the next write (or the stop) puts every block
+        back at the path, where Exim's fallback and the next start read it."""
+        store = BlockStore(tmp_path)
+        store.open()
+        store.apply([(f"auth:{u}", Block(f"auth:{u}", T0, "r")) for u in "abc"])
+        store.path.unlink()
+        store.apply([("auth:d", Block("auth:d", T0, "r"))])
+        assert store.restorations == 1
+        assert [b.user for b in BlockStore(tmp_path).load()] == [f"auth:{u}" for u in "abcd"]
+        store.path.unlink()
+        assert store.restore_if_gone()
+        assert len(BlockStore(tmp_path).load()) == 4
+        assert not store.restore_if_gone()  # in place: nothing to do
+
     def test_an_unblocked_key_no_longer_matches_in_exim(self, tmp_path: Path) -> None:
         """The unblock turns the line into a comment; the file keeps its size; others stay."""
         store = BlockStore(tmp_path)

@@ -102,9 +102,13 @@ class BlockPersister:
                 await self._write(self._policy.generation, retry=True)
 
     async def close(self) -> None:
-        """A last write at shutdown, whatever the backoff; log every user it could not save."""
+        """A last write at shutdown, whatever the backoff; log every user it could not save.
+        A block file removed by hand meanwhile is written again, or the next start would find
+        nobody blocked."""
         try:
             await self._write(self._policy.generation, retry=True)
+            if await trio.to_thread.run_sync(self._store.restore_if_gone):
+                _said_restored(self._store)
         except StoreError as exc:
             log.critical(
                 "blocks_not_saved_at_shutdown",
@@ -123,6 +127,7 @@ class BlockPersister:
                 raise StoreError(f"the block list is not on disk yet: {self.last_error}")
             current = self._policy.generation
             changes = self._take_changes()
+            restored = self._store.restorations
             try:
                 await trio.to_thread.run_sync(self._store.apply, changes)
             except StoreError as exc:
@@ -131,6 +136,8 @@ class BlockPersister:
                 raise
             self.durable_generation = current
             self.writes += 1
+            if self._store.restorations != restored:
+                _said_restored(self._store)
             if self.last_error is not None:
                 self._recovered()
             if self._store.wants_compaction():
@@ -190,3 +197,13 @@ class BlockPersister:
         except StoreError as exc:
             self.compaction_failures += 1
             log.error("block_file_compaction_failed", error=str(exc))
+
+
+def _said_restored(store: BlockStore) -> None:
+    log.warning(
+        "block_file_restored",
+        path=str(store.path),
+        users=store.live_lines,
+        reason="the file was removed or replaced while the daemon ran; written again from the "
+        "blocks in force (to change the block list, use spamguardctl)",
+    )

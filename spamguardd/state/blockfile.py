@@ -278,6 +278,8 @@ class BlockStore:
         self.dead_lines = 0
         #: Completed compactions since the start.
         self.compactions = 0
+        #: Times the file was written again after it was removed or replaced under the daemon.
+        self.restorations = 0
 
     def prepare(self) -> None:
         """Create the state directory if needed.
@@ -433,6 +435,8 @@ class BlockStore:
         changes = list(changes)
         if self._fd is None:
             self.open(create=True)
+        else:
+            self.restore_if_gone()
         fd = self._fd
         assert fd is not None  # noqa: S101 - open(create=True) set it or raised
         appends, kills = self._plan(changes)
@@ -451,6 +455,32 @@ class BlockStore:
         for (user, block), offset in zip(appends, offsets, strict=True):
             self._live[user] = (block, offset)
         self.dead_lines += len(kills)
+
+    def restore_if_gone(self) -> bool:
+        """Write the file again, from the lines it held, if it was removed or replaced under the
+        open descriptor (an ``rm`` by hand while the daemon runs). Blocks written to a removed
+        file would reach neither Exim's fallback nor the next start. O(live users), only then.
+
+        Returns:
+            Whether the file was written again (counted in :attr:`restorations`).
+
+        Raises:
+            StoreError: it could not be written.
+        """
+        if self._fd is None:
+            return False
+        try:
+            at_path = self.path.lstat()
+        except FileNotFoundError:
+            at_path = None
+        except OSError:
+            return False  # cannot tell from here; a write will say what is wrong
+        mine = os.fstat(self._fd)
+        if at_path is not None and (at_path.st_dev, at_path.st_ino) == (mine.st_dev, mine.st_ino):
+            return False
+        self.compact()
+        self.restorations += 1
+        return True
 
     def _plan(
         self, changes: list[tuple[str, Block | None]]
