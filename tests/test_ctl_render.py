@@ -169,3 +169,24 @@ def test_stats_reset_reload_metrics() -> None:
 def test_every_reply_has_a_renderer(kind: type) -> None:
     """A new reply type cannot ship without its table."""
     assert render.dispatch(kind) is not render.dispatch(object)
+
+
+def test_what_came_from_the_network_cannot_drive_the_terminal() -> None:
+    """A spammer's recipient or key with escape sequences, bells or newlines is shown escaped:
+    no colour change, no forged table line (the JSON output carries it as it is)."""
+    hostile = "\x1b[31mred\x07\r\nfake  line"
+    reply = ShowReply(
+        user="auth:a\nb",
+        blocked=False,
+        block=None,
+        exempt=False,
+        mode="enforce",
+        windows=(),
+        recent_failures=(FailureInfo(rcpt=hostile, ip=None, at="2026-11-28T01:02:03Z"),),
+        history=(),
+        journal=JournalNotes(truncated_line=None, damaged_lines=()),
+    )
+    text = rendered(reply)
+    assert not any(c in text for c in "\x1b\x07\r")
+    assert "\\x1b[31mred\\x07\\r\\nfake  line" in text
+    assert text.splitlines()[0] == "user:     auth:a\\nb"

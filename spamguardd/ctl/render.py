@@ -25,6 +25,7 @@ from spamguardd.core.adminproto import (
     UnblockReply,
 )
 from spamguardd.core.expiry import ordinal
+from spamguardd.core.notice import printable
 
 
 @functools.singledispatch
@@ -47,7 +48,9 @@ def _people_time(iso: str) -> str:
 
 
 def _table(rows: Iterable[Sequence[object]], out: TextIO) -> None:
-    cells = [["-" if value is None else str(value) for value in row] for row in rows]
+    # values such as user keys and recipients come from the network: no control character of
+    # theirs reaches the admin's terminal, and no newline of theirs makes a line of its own
+    cells = [["-" if value is None else printable(str(value)) for value in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     for row in cells:
         line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
@@ -77,8 +80,8 @@ def _status(reply: ShowReply, out: TextIO) -> None:
         out.write("status:   not blocked\n")
         return
     out.write(
-        f"status:   blocked since {block.since} by {block.by} "
-        f"(verdict {block.verdict}): {block.reason}\n"
+        f"status:   blocked since {block.since} by {printable(block.by)} "
+        f"(verdict {block.verdict}): {printable(block.reason)}\n"
     )
     if block.until is not None or block.nth is not None:
         out.write(f"lasts:    {_lasting(block)}\n")
@@ -86,7 +89,7 @@ def _status(reply: ShowReply, out: TextIO) -> None:
 
 @render.register
 def _(reply: ShowReply, out: TextIO) -> None:
-    out.write(f"user:     {reply.user}\n")
+    out.write(f"user:     {printable(reply.user)}\n")
     _status(reply, out)
     repeats = reply.repeats
     if repeats is not None:
@@ -152,7 +155,8 @@ def _(reply: ShowReply, out: TextIO) -> None:
 def _(reply: BlockReply, out: TextIO) -> None:
     block = reply.block
     if reply.changed:
-        out.write(f"blocked {reply.user} (verdict {block.verdict}): {block.reason}\n")
+        user, reason = printable(reply.user), printable(block.reason)
+        out.write(f"blocked {user} (verdict {block.verdict}): {reason}\n")
         if block.until is not None:
             out.write(f"lasts {_lasting(block)}\n")
     else:
@@ -164,9 +168,9 @@ def _(reply: BlockReply, out: TextIO) -> None:
 @render.register
 def _(reply: UnblockReply, out: TextIO) -> None:
     if reply.unblocked is None:
-        out.write(f"{reply.user} is not blocked (lifted already); this host's queue:\n")
+        out.write(f"{printable(reply.user)} is not blocked (lifted already); this host's queue:\n")
     else:
-        out.write(f"unblocked {reply.user}\n")
+        out.write(f"unblocked {printable(reply.user)}\n")
     exim = reply.exim
     if exim is None:
         return
@@ -180,7 +184,7 @@ def _(reply: UnblockReply, out: TextIO) -> None:
 
 @render.register
 def _(reply: ResetReply, out: TextIO) -> None:
-    out.write(f"forgot the counters of {reply.user}\n")
+    out.write(f"forgot the counters of {printable(reply.user)}\n")
 
 
 @render.register
@@ -257,4 +261,4 @@ def _(reply: MetricsReply, out: TextIO) -> None:
 
 @render.register
 def _(reply: ErrorReply, out: TextIO) -> None:
-    out.write(f"error: {reply.error}\n")
+    out.write(f"error: {printable(reply.error)}\n")
