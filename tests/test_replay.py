@@ -237,6 +237,17 @@ class TestCommandLine:
         assert "http" not in text.replace("http-equiv", "")
         assert "spammer@example.test" in text
 
+    @pytest.mark.parametrize(("where", "why"), [("missing/r.html", "No such file"), (".", "Is a")])
+    def test_an_html_path_that_cannot_be_written_is_said_before_the_replay(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str, why: str
+    ) -> None:
+        """Exit 1 with the path and the reason, no traceback, no table."""
+        page = tmp_path / where
+        assert replay_main(["--limit", "5/1h", "--html", str(page), str(MAINLOG)]) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert f"spamguardctl replay: {page}: {why}" in captured.err
+
     def test_config_limits_by_default(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

@@ -215,9 +215,7 @@ class TestBlocksInPlace:
         assert after[len(before) :] == line
         assert BlockStore(tmp_path).load() == [Block("auth:a", T0, "r"), Block("auth:b", T0, "r")]
 
-    def test_a_file_removed_by_hand_is_written_again_with_every_block(
-        self, tmp_path: Path
-    ) -> None:
+    def test_a_file_removed_by_hand_is_written_again_with_every_block(self, tmp_path: Path) -> None:
         """`rm blocked` while the daemon runs: the next write (or the stop) puts every block
         back at the path, where Exim's fallback and the next start read it."""
         store = BlockStore(tmp_path)

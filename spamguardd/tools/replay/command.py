@@ -104,6 +104,9 @@ def replay_main(argv: Sequence[str] | None = None) -> int:
     keys = UserKeys(networks, local_senders=args.local)
     progress = sys.stderr if sys.stderr.isatty() else None
     try:
+        # the report's file is opened first: a path it cannot be written to is said before a
+        # replay of hours, not after it
+        html = None if args.html is None else args.html.open("w", encoding="utf-8")
         report = replay(sources, config.policy, candidates, keys, progress=progress)
     except OSError as exc:
         print(f"spamguardctl replay: {exc.filename}: {exc.strerror}", file=sys.stderr)
@@ -115,8 +118,9 @@ def replay_main(argv: Sequence[str] | None = None) -> int:
             " zones (log_timezone); the others' local times were merged with them as UTC",
             file=sys.stderr,
         )
-    if args.html is not None:
-        args.html.write_text(to_html(report), encoding="utf-8")
+    if html is not None:
+        with html:
+            html.write(to_html(report))
     if args.json:
         sys.stdout.write(json.dumps(to_json(report), indent=2) + "\n")
     else:
