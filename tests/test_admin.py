@@ -210,6 +210,22 @@ class TestCommands:
         finally:
             daemon.stop()
 
+    def test_an_unreadable_journal_still_shows_the_rest(self, sock_dir: Path) -> None:
+        """A journal that cannot be read (here a directory) leaves show its counters and says
+        why there is no history, instead of an internal error."""
+        (sock_dir / "var" / "journal").mkdir(parents=True)
+        daemon = start(sock_dir)
+        try:
+            shown = ctl(sock_dir, "show", "auth:j")
+            assert shown.returncode == EX_OK, shown.stderr
+            assert "status:   not blocked" in shown.stdout
+            assert "note: no history: " in shown.stdout
+            assert "Is a directory" in shown.stdout
+            notes = ctl_json(sock_dir, "show", "auth:j")["journal"]
+            assert "Is a directory" in notes["unreadable"]
+        finally:
+            daemon.stop()
+
     def test_query_socket_refuses_admin_verbs(self, sock_dir: Path) -> None:
         """Admin commands sent to the query socket are answered error and change nothing."""
         daemon = start(sock_dir)

@@ -280,6 +280,8 @@ class JournalNotes:
 
     truncated_line: int | None
     damaged_lines: tuple[int, ...]
+    #: Why the journal could not be read at all (the history is then empty); absent when it was.
+    unreadable: str | None = attrs.field(default=None, metadata=_OMIT_NONE)
 
 
 @attrs.frozen(kw_only=True)

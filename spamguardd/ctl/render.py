@@ -15,6 +15,7 @@ from spamguardd.core.adminproto import (
     BlockInfo,
     BlockReply,
     ErrorReply,
+    JournalNotes,
     ListReply,
     MetricsReply,
     ReloadReply,
@@ -140,7 +141,11 @@ def _(reply: ShowReply, out: TextIO) -> None:
         )
     else:
         out.write("  no journal entries\n")
-    journal = reply.journal
+    _journal_notes(reply.journal, out)
+
+
+def _journal_notes(journal: JournalNotes, out: TextIO) -> None:
+    """What ``show`` could not take from the journal."""
     if journal.truncated_line is not None:
         out.write(
             f"note: the journal's last line ({journal.truncated_line}) is truncated "
@@ -149,6 +154,8 @@ def _(reply: ShowReply, out: TextIO) -> None:
     if journal.damaged_lines:
         lines = ", ".join(map(str, journal.damaged_lines))
         out.write(f"note: damaged journal lines skipped: {lines}\n")
+    if journal.unreadable is not None:
+        out.write(f"note: no history: {printable(journal.unreadable)}\n")
 
 
 @render.register

@@ -60,7 +60,7 @@ from spamguardd.core.statistics import Statistics
 from spamguardd.core.timestamps import format_time
 from spamguardd.daemon.effects import EffectExecutor
 from spamguardd.daemon.metrics import render_metrics
-from spamguardd.state.journal import read_journal
+from spamguardd.state.journal import JournalContents, read_journal
 
 if TYPE_CHECKING:
     from spamguardd.daemon.cluster import Cluster
@@ -269,7 +269,11 @@ class AdminServer:
         policy = self.target.policy
         view = policy.inspect(user, now=trio.current_time(), wall_now=self.wall_clock())
         path = self.target.effects.journal.journal.path
-        journal = await trio.to_thread.run_sync(lambda: read_journal(path, user=user))
+        unreadable = None
+        try:
+            journal = await trio.to_thread.run_sync(lambda: read_journal(path, user=user))
+        except StoreError as exc:  # the rest of show is still worth having
+            journal, unreadable = JournalContents([]), str(exc)
         verdict = policy.config.verdict.value
         return ShowReply(
             user=user,
@@ -316,7 +320,9 @@ class AdminServer:
             ),
             history=tuple(journal.entries),
             journal=JournalNotes(
-                truncated_line=journal.truncated_line, damaged_lines=journal.damaged_lines
+                truncated_line=journal.truncated_line,
+                damaged_lines=journal.damaged_lines,
+                unreadable=unreadable,
             ),
             repeats=_repeats(policy, user, self.wall_clock()),
         )
