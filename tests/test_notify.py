@@ -47,7 +47,7 @@ from spamguardd.core.config import (
     StateConfig,
 )
 from spamguardd.core.errors import NotifyError
-from spamguardd.core.notice import Notice, build_message, printable, shell_word
+from spamguardd.core.notice import Notice, NoticeEvent, build_message, printable, shell_word
 from spamguardd.core.policy import (
     Block,
     Blocked,
@@ -531,6 +531,20 @@ def queue_with(
 
 
 class TestDelivery:
+    def test_warnings_leave_half_the_queue_to_blocks(self) -> None:
+        """A wave of warnings fills half the queue at most: the blocks' notices still get in."""
+        notices = queue_with(RecordingTransport(), queue_size=4)
+        warning = attrs.evolve(BLOCKED, event=NoticeEvent.WARNING)
+        with structlog.testing.capture_logs() as logs:
+            assert [notices.submit(warning) for _ in range(3)] == [True, True, False]
+            assert [notices.submit(BLOCKED) for _ in range(3)] == [True, True, False]
+        dropped = [e for e in logs if e["event"] == "notice_dropped"]
+        assert [e["reason"] for e in dropped] == [
+            "queue half full: the rest is kept for blocks",
+            "queue full",
+        ]
+        assert notices.statistics().dropped == 2
+
     async def test_fails_twice_then_succeeds_delivers_once(
         self, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
     ) -> None:

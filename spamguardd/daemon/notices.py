@@ -103,20 +103,26 @@ class NoticeQueue:
         if not self.enabled:
             return False
         try:
-            self._send.send_nowait(notice)
+            if notice.event is NoticeEvent.WARNING and self._half_full():
+                # a wave of warnings must not crowd out the blocks' notices and hooks
+                reason = "queue half full: the rest is kept for blocks"
+            else:
+                self._send.send_nowait(notice)
+                self._queued += 1
+                return True
         except trio.WouldBlock:
             reason = "queue full"
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             reason = "shutting down"
-        else:
-            self._queued += 1
-            return True
         self._dropped += 1
         log.error(
             "notice_dropped", notice_event=notice.event.value, user=notice.user, reason=reason
         )
         self._journal("notice_dropped", notice, self.parts(notice), dropped_because=reason)
         return False
+
+    def _half_full(self) -> bool:
+        return 2 * self._send.statistics().current_buffer_used >= self.config.queue_size
 
     def close(self) -> None:
         """Take no more notices; the worker gets ``shutdown_grace`` seconds for the queued ones."""
