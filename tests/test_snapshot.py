@@ -342,6 +342,40 @@ class TestKeeper:
         assert sorted(again.tracked_users()) == sorted(policy.tracked_users())
         assert not unfinished.exists()
 
+    async def test_a_damaged_file_is_set_aside_once_and_the_files_do_not_pile_up(
+        self, tmp_path: Path, autojump_clock: trio.testing.MockClock
+    ) -> None:
+        """After damage, the next start's compaction keeps the damaged file as NAME.damaged and
+        removes what its base replaces, however many files earlier runs left: later starts read
+        one base and one log, and report nothing again. The base is private (0600)."""
+        for run in range(3):  # three runs, three logs
+            policy = Policy(TEN_PER_HOUR)
+            keeper = keeper_for(tmp_path, policy)
+            await keeper.load()
+            fail(policy, f"auth:run{run}", "r", 0.0)
+            await keeper.snapshot()
+        counters = tmp_path / "counters"
+        damaged = keeper.store.numbered()[1][1]
+        data = bytearray(damaged.read_bytes())
+        data[-3] ^= 0xFF  # a flipped byte in the last record
+        damaged.write_bytes(bytes(data))
+        restarted = Policy(TEN_PER_HOUR)
+        keeper = keeper_for(tmp_path, restarted)
+        with structlog.testing.capture_logs() as logs:
+            await keeper.load()
+        assert [e["event"] for e in logs].count("snapshot_damaged") == 1
+        await keeper.compact()
+        assert (counters / (damaged.name + ".damaged")).exists()
+        assert len(keeper.store.numbered()) == 2  # the base and the log after it
+        base = keeper.store.numbered()[0][1]
+        assert base.stat().st_mode & 0o777 == 0o600
+        for _ in range(2):
+            again = Policy(TEN_PER_HOUR)
+            with structlog.testing.capture_logs() as logs:
+                await keeper_for(tmp_path, again).load()
+            assert "snapshot_damaged" not in [e["event"] for e in logs]
+            assert {"auth:run0", "auth:run2"} <= set(again.tracked_users())
+
     async def test_idle_users_are_swept(
         self, tmp_path: Path, autojump_clock: trio.testing.MockClock
     ) -> None:

@@ -54,7 +54,9 @@ class BaseWriter:
         self.number = number
         self.path = store.dir / f"{number:010d}"
         self._tmp = self.path.with_name(self.path.name + ".tmp")
-        self._file: BinaryIO | None = self._tmp.open("wb")  # closed in commit/abort
+        # 0600 like the logs, whatever the umask: the counters say who sent what, when
+        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self._file: BinaryIO | None = os.fdopen(fd, "wb")  # closed in commit/abort
         self.size = 0
         self.write(snapshot_format.header(base=True))
 
@@ -253,7 +255,10 @@ class SnapshotStore:
         Raises:
             StoreError: the files could not be created.
         """
-        number = self.log_number + 1
+        files = self.numbered()
+        # after every file there is, whether this run has logged yet or not: a base numbered
+        # below an older file would leave that file (and its damage) to every later load
+        number = max(files[-1][0] if files else 0, self.log_number) + 1
         self.log_number = number  # the new log goes after the base
         self.open_log()
         self.log_files = 1
