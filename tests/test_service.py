@@ -111,11 +111,16 @@ class TestSdNotify:
         notifier.reloading()
         notifier.stopping()
         notifier.watchdog()
+        notifier.watchdog("serving; 7 users counted, 1 blocked")
         notifier.close()
         messages = received(notify_socket)
         assert messages[0] == "READY=1\nSTATUS=serving"
         assert messages[1].startswith("RELOADING=1\nMONOTONIC_USEC=")
-        assert messages[2:] == ["STOPPING=1\nSTATUS=stopping", "WATCHDOG=1"]
+        assert messages[2:] == [
+            "STOPPING=1\nSTATUS=stopping",
+            "WATCHDOG=1",
+            "WATCHDOG=1\nSTATUS=serving; 7 users counted, 1 blocked",  # the counts kept fresh
+        ]
 
     def test_abstract_namespace(self) -> None:
         """An address starting with @ is an abstract socket."""

@@ -484,5 +484,7 @@ class Daemon:
         # pinged from the event loop itself: a stuck loop stops the pings and systemd restarts us
         assert self.sd_notify is not None  # noqa: S101 - only started when systemd watches
         while True:
-            self.sd_notify.watchdog()
+            # the status line's counts are refreshed with each ping, not only on a change of
+            # state: `systemctl status` is never more than one interval behind `stats`
+            self.sd_notify.watchdog(self._status())
             await trio.sleep(interval)

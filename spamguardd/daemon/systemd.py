@@ -118,9 +118,11 @@ class SdNotify:
         """The daemon is shutting down."""
         return self.send("STOPPING=1", "STATUS=stopping")
 
-    def watchdog(self) -> bool:
-        """The event loop is alive (``WatchdogSec=``)."""
-        return self.send("WATCHDOG=1")
+    def watchdog(self, status: str | None = None) -> bool:
+        """The event loop is alive (``WatchdogSec=``); *status* refreshes the status line."""
+        if status is None:
+            return self.send("WATCHDOG=1")
+        return self.send("WATCHDOG=1", f"STATUS={status}")
 
     def close(self) -> None:
         """Release the socket."""
