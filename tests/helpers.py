@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
@@ -110,16 +112,33 @@ def wire(  # noqa: PLR0913 - one keyword per part a test may want to change
     return Wired(server, effects, notices, journal)
 
 
-def wait_started(stdout: IO[str]) -> list[str]:
+def daemon_process(config: Path, *, cwd: Path) -> subprocess.Popen[str]:
+    """``python -m spamguardd --config CONFIG`` in *cwd*, its JSON log on a pipe (read it with
+    :func:`wait_started`)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "spamguardd", "--config", str(config)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_started(stdout: IO[str], *, loaded: bool = False) -> list[str]:
     """Read a daemon's JSON log lines up to its ``started`` line, which comes once the sockets
-    accept (after any line the start logs first); returns the lines before it.
+    accept (after any line the start logs first), and with *loaded* on to ``snapshot_loaded``
+    (the counters load while the daemon serves); returns the lines before ``started``.
 
     Raises:
-        AssertionError: the output ended (the daemon exited) before ``started``.
+        AssertionError: the output ended (the daemon exited) before that.
     """
     before: list[str] = []
     for line in stdout:
         if '"event": "started"' in line:
-            return before
+            break
         before.append(line)
-    raise AssertionError(f"the daemon exited before it started: {before}")
+    else:
+        raise AssertionError(f"the daemon exited before it started: {before}")
+    while loaded and '"event": "snapshot_loaded"' not in stdout.readline():
+        pass
+    return before

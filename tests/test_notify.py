@@ -65,7 +65,7 @@ from spamguardd.daemon.notices import NoticeQueue
 from spamguardd.daemon.query_server import QueryServer
 from spamguardd.daemon.transports import HookCommand, SendmailTransport, SmtpTransport
 from spamguardd.state.blockfile import BlockStore
-from tests.helpers import T0, ask_blocking, readsocket, wait_started, wire
+from tests.helpers import T0, ask_blocking, daemon_process, readsocket, wait_started, wire
 
 FIVE = PolicyConfig(failed_recipients=(Rate(5, 3600),))
 ONE = PolicyConfig(failed_recipients=(Rate(1, 3600),))
@@ -871,13 +871,7 @@ def test_real_process_mails_the_block_and_exits_cleanly_on_sigterm(sock_dir: Pat
         f"[notify]\nto = {json.dumps(list(TO))}\nsendmail = {json.dumps([str(program), '-t'])}\n"
         f"hook = {json.dumps([str(hook)])}\n"
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "spamguardd", "--config", str(config)],
-        cwd=sock_dir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = daemon_process(config, cwd=sock_dir)
     try:
         assert process.stdout is not None
         wait_started(process.stdout)

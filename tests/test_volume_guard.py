@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ from spamguardd.ctl.render import render
 from spamguardd.daemon.app import Daemon
 from spamguardd.state import snapshot_format
 from spamguardd.tools.eximlog import Arrival, parse_line
-from tests.helpers import T0, ask_blocking, readsocket, wait_started
+from tests.helpers import T0, ask_blocking, daemon_process, readsocket, wait_started
 from tests.test_notify import TO, body_of, fake_sendmail, mails, parse
 
 FIVE = Rate(5, 3600)
@@ -357,18 +355,10 @@ def test_real_process_keeps_the_guard_counters_across_a_restart(sock_dir: Path) 
     request = b"rcpt user=auth:vol rcpt=a@x.test verify=ok ip=192.0.2.7\n"
 
     def run(count: int, *, loaded: bool) -> list[bytes]:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "spamguardd", "--config", str(config)],
-            cwd=sock_dir,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        process = daemon_process(config, cwd=sock_dir)
         try:
             assert process.stdout is not None
-            wait_started(process.stdout)
-            while loaded and '"event": "snapshot_loaded"' not in process.stdout.readline():
-                pass
+            wait_started(process.stdout, loaded=loaded)
             return [ask_blocking(query, request) for _ in range(count)]
         finally:
             process.send_signal(signal.SIGTERM)

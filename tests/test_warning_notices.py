@@ -8,8 +8,6 @@ from __future__ import annotations
 import io
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ from spamguardd.core.policy import Warned
 from spamguardd.core.protocol import Verdict
 from spamguardd.core.rate import Rate
 from spamguardd.ctl.render import render
-from tests.helpers import T0, ask_blocking, wait_started
+from tests.helpers import T0, ask_blocking, daemon_process, wait_started
 from tests.test_notify import (
     SAMPLES,
     TO,
@@ -115,19 +113,10 @@ def test_real_process_warns_once_across_a_restart(sock_dir: Path) -> None:
     admin_socket = sock_dir / "run" / "admin.sock"
 
     def run(rcpts: range, *, loaded: bool) -> tuple[dict[str, Any], dict[str, Any], str, str]:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "spamguardd", "--config", str(config)],
-            cwd=sock_dir,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        process = daemon_process(config, cwd=sock_dir)
         try:
             assert process.stdout is not None
-            wait_started(process.stdout)
-            # the counters are loaded while serving: wait for them
-            while loaded and '"event": "snapshot_loaded"' not in process.stdout.readline():
-                pass
+            wait_started(process.stdout, loaded=loaded)
             for i in rcpts:
                 assert ask_blocking(query, fail("auth:leak", f"r{i}")) == b"accept\n"
             shown = admin(admin_socket, "show", user="auth:leak")
@@ -203,13 +192,7 @@ def test_real_process_keeps_the_mark_and_takes_the_guard_at_sighup(sock_dir: Pat
     )
     config.write_text('[limits]\nfailed_recipients = "10/1h"\nwarn_at = 0.5\n' + notify)
     query = sock_dir / "run" / "spamguardd.sock"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "spamguardd", "--config", str(config)],
-        cwd=sock_dir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = daemon_process(config, cwd=sock_dir)
 
     def reload(text: str) -> None:
         config.write_text(text + notify)
