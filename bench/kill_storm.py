@@ -31,7 +31,6 @@ import itertools
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,22 +39,11 @@ import threading
 import time
 from pathlib import Path
 
+from scale_load import ask
+
 from spamguardd.state.blockfile import BlockStore
 
 CONFIG = '[limits]\nfailed_recipients = "1/1h"\n[state]\nsnapshot_interval = 1\n'
-
-
-def ask(path: Path, request: bytes, timeout: float = 5.0) -> bytes:
-    """One readsocket-style exchange; raises OSError when the daemon is not there."""
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(path))
-        sock.sendall(request)
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := sock.recv(4096):
-            chunks.append(chunk)
-        return b"".join(chunks)
 
 
 class Daemon:

@@ -204,8 +204,8 @@ class Daemon:
         return time.perf_counter() - began
 
 
-def ask(path: Path, request: bytes, *, timeout: float = 10.0) -> bytes:
-    """One readsocket-style exchange."""
+def ask(path: Path | str, request: bytes, *, timeout: float = 10.0) -> bytes:
+    """One readsocket-style exchange (the other benchmarks use this one too)."""
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(timeout)
         sock.connect(str(path))

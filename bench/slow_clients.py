@@ -47,24 +47,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scale_load import ask
+
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = 100
 #: The daemon's server.read_timeout (the default).
 READ_TIMEOUT = 5.0
 CANARY = "auth:canary@example.com"
 SLOW_LINE = b"rcpt user=auth:slow@example.com rcpt=x@example.org verify=ok\n"
-
-
-def _ask(path: str, request: bytes, timeout: float = 10.0) -> bytes:
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        sock.sendall(request)
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := sock.recv(4096):
-            chunks.append(chunk)
-        return b"".join(chunks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,7 +77,7 @@ def _generate(path: str, rate: float, seconds: float, seed: int) -> None:
             f"ip=192.0.2.{user % 250} sender=user{user}@example.com\n"
         ).encode()
         try:
-            reply = _ask(path, request)
+            reply = ask(path, request)
             verdict = reply.split(b" ", 1)[0].strip().decode() or "empty"
         except OSError as exc:
             verdict = f"oserror:{exc.errno}"
@@ -97,7 +87,7 @@ def _generate(path: str, rate: float, seconds: float, seed: int) -> None:
     canary = []
     for i in range(LIMIT + 1):
         line = f"rcpt user={CANARY} rcpt=c{seed}-{i}@example.org verify=fail\n".encode()
-        canary.append(_ask(path, line).split(b" ", 1)[0].strip().decode())
+        canary.append(ask(path, line).split(b" ", 1)[0].strip().decode())
     latencies.sort()
     print(
         json.dumps(
@@ -206,7 +196,7 @@ def _daemon(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Popen[b
         )
     for _ in range(600):
         with contextlib.suppress(OSError):
-            if _ask(str(query), b"ping\n", timeout=5) == b"pong\n":
+            if ask(str(query), b"ping\n", timeout=5) == b"pong\n":
                 return process, query, log
         time.sleep(0.05)
     raise RuntimeError("the daemon did not answer")

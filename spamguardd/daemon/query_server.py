@@ -139,7 +139,7 @@ class QueryServer:
         self._room = WaitingRoom(
             config.read_timeout,
             RoomHandlers(
-                request=self._room_request,
+                request=self._answer,
                 invalid=self._room_invalid,
                 timed_out=self._room_timed_out,
                 shed=self._room_shed,
@@ -315,9 +315,6 @@ class QueryServer:
         self._spawn(self._reply, conn, reply, generation, started)
 
     # -- leaving the waiting room ------------------------------------------------------------
-
-    def _room_request(self, conn: socket.socket, request: Request, started: float) -> None:
-        self._answer(conn, request, started)
 
     def _room_invalid(self, conn: socket.socket, message: str) -> None:
         self._spawn(self._reply_error, conn, self._protocol_error(message))
