@@ -257,6 +257,37 @@ def test_slow_store_is_waited_for_at_most_the_budget(fleet: Fleet, redis: RedisL
         wait_until(lambda r=other: r.check("auth:slow").startswith("freeze "))  # type: ignore[misc]
 
 
+def test_a_count_waiting_for_the_store_holds_up_no_other_query(
+    sock_dir: Path, redis: RedisLab
+) -> None:
+    """The store hangs while a failing recipient waits for it (a budget of 5 s here): a
+    verifying recipient asked meanwhile is answered at once, the failing one when the store
+    answers. (A failed recipient's count first waits for the store on the spot, outside the
+    scheduler; that wait must give way.)"""
+    fleet = make_fleet(
+        sock_dir, redis.url, ["relay-a"], limits=f'["{LIMIT}/1h"]', extra='timeout = "5s"\n'
+    )
+    (relay,) = fleet.relays
+    relay.start()
+    try:
+        wait_until(relay.cluster_up)
+        assert relay.fail("auth:waits", "r0@x") == "accept\n"  # the store's connection is open
+        redis.pause()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            try:
+                failing = pool.submit(relay.fail, "auth:waits", "r1@x")
+                wait_until(lambda: relay.ctl_json("stats")["open_connections"] >= 1)
+                ok = "rcpt user=auth:other rcpt=fine@x verify=ok ip=192.0.2.7"
+                assert relay.ask(ok) == "accept\n"
+                assert not failing.done()
+            finally:
+                redis.resume()
+            assert failing.result(timeout=30) == "accept\n"
+        assert relay.ctl_json("stats")["cluster"]["store_counts"] == 2
+    finally:
+        fleet.stop()
+
+
 def test_restarted_relay_catches_up(fleet: Fleet) -> None:
     """A relay that was stopped finds, at its start, the blocks made and lifted meanwhile."""
     a, b, c = fleet.relays

@@ -5,6 +5,8 @@ answer was not read."""
 from __future__ import annotations
 
 import secrets
+import select
+import socket
 from pathlib import Path
 
 import pytest
@@ -88,4 +90,64 @@ async def test_a_vanished_server_is_an_error_then_the_link_comes_back(store_dir:
             await link.call(b"PING")
         lab.start()
         assert await link.call(b"PING") == b"PONG"
+        await link.aclose()
+
+
+async def test_a_call_started_on_the_spot_is_answered_there(store_dir: Path) -> None:
+    """The count's way on a quiet relay: written and answered without a turn of the scheduler,
+    and the connection is free again for the next call."""
+    with running_redis(store_dir) as lab:
+        link = link_to(lab.url)
+        assert link.start(b"PING") is None  # no connection open yet: call() opens one
+        assert await link.call(b"PING") == b"PONG"
+        for value in (b"1", b"2"):
+            pending = link.start(b"SET", b"k", value)
+            assert pending is not None
+            assert pending.read_now(5.0, select.poll()) == b"OK"
+        assert await link.call(b"GET", b"k") == b"2"
+        assert link.connections_opened == 1
+        await link.aclose()
+
+
+async def test_a_slow_answer_is_awaited_in_the_scheduler_instead(store_dir: Path) -> None:
+    """A store that does not answer on the spot: the caller stops waiting there and finishes
+    the same call in the scheduler; the answer is the call's own, the connection kept."""
+    with running_redis(store_dir) as lab:
+        link = link_to(lab.url)
+        assert await link.call(b"SET", b"n", b"41") == b"OK"
+        lab.pause()
+        pending = link.start(b"INCR", b"n")
+        assert pending is not None
+        assert isinstance(pending.read_now(0.05, select.poll()), type)  # NEED_DATA
+        assert link.start(b"PING") is None  # its connection is still taken
+        lab.resume()
+        assert await pending.result() == 42
+        assert await link.call(b"GET", b"n") == b"42"
+        assert link.connections_opened == 1
+        await link.aclose()
+
+
+async def test_the_wait_on_the_spot_gives_way_to_other_input(store_dir: Path) -> None:
+    """While the caller waits on the spot, a watched descriptor with input (a listener with a
+    new connection) ends the wait at once, however long the store would take."""
+    with running_redis(store_dir) as lab:
+        link = link_to(lab.url)
+        assert await link.call(b"PING") == b"PONG"
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(store_dir / "listener"))
+        listener.listen()
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(str(store_dir / "listener"))  # a new connection waits to be accepted
+        watching = select.poll()
+        watching.register(listener, select.POLLIN)
+        lab.pause()
+        pending = link.start(b"PING")
+        assert pending is not None
+        # with the listener ready, an hour's allowance returns at once (or the test hangs)
+        assert isinstance(pending.read_now(3600.0, watching), type)  # NEED_DATA
+        assert watching.poll(0) == [(listener.fileno(), select.POLLIN)]  # left as it was
+        lab.resume()
+        assert await pending.result() == b"PONG"
+        client.close()
+        listener.close()
         await link.aclose()

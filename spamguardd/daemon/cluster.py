@@ -24,9 +24,11 @@ logged, journaled and written to the block file like local ones, with no second 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.resources
 import logging
+import select
 import ssl
 import time
 import uuid
@@ -44,6 +46,7 @@ from coredis.retry import NoRetryPolicy
 from spamguardd.core import cluster
 from spamguardd.core.cluster import (
     UNBLOCK_RETENTION,
+    CountCall,
     Event,
     Keys,
     Op,
@@ -61,10 +64,10 @@ from spamguardd.core.errors import ConfigError, StoreError
 from spamguardd.core.policy import Block, Change, Decision, Policy, StoreCountStatus
 from spamguardd.core.protocol import RcptRequest, Request
 from spamguardd.core.rate import Rate
-from spamguardd.core.resp import ErrorReply, Reply
+from spamguardd.core.resp import NEED_DATA, ErrorReply, Reply
 from spamguardd.core.statistics import ClusterStatistics
 from spamguardd.daemon.effects import EffectExecutor
-from spamguardd.daemon.store_link import StoreLink, StoreLinkError
+from spamguardd.daemon.store_link import PendingCall, StoreLink, StoreLinkError
 
 log = structlog.get_logger("spamguardd.daemon.cluster")
 T = TypeVar("T")
@@ -77,6 +80,11 @@ BACKGROUND_TIMEOUT: Final = 5.0
 #: Calls in a row that get no answer within ``cluster.timeout`` before the relay counts locally
 #: (degraded mode) until the store has caught up again; each of them is counted locally anyway.
 SLOW_CALLS_TO_GO_DOWN: Final = 3
+#: How long a failed recipient's count waits for the store's answer on the spot, holding the
+#: event loop (while no new query is waiting), before it waits in the scheduler instead. On
+#: loopback the answer takes about 0.1 ms; a wait in the scheduler costs a task, a scheduler
+#: turn and epoll bookkeeping besides (docs/fleet.md).
+ANSWER_ON_THE_SPOT: Final = 0.001
 #: How long one read of the events stream waits on the server for something new.
 FOLLOW_WAIT_MS: Final = 1000
 #: Events read at once.
@@ -204,6 +212,23 @@ class Store:
     async def count(self, call: cluster.CountCall) -> Reply:
         """The script's raw answer to one ``count``."""
         return await self._call(call.keys, call.args)
+
+    def start_count(self, call: cluster.CountCall) -> PendingCall | None:
+        """Write one ``count`` at once (:meth:`StoreLink.start`); None: use :meth:`count`."""
+        keys = call.keys
+        return self.link.start(b"EVALSHA", SCRIPT_SHA, b"%d" % len(keys), *keys, *call.args)
+
+    async def finish_count(self, call: cluster.CountCall, pending: PendingCall) -> Reply:
+        """The script's raw answer to a ``count`` begun by :meth:`start_count`."""
+        try:
+            reply = await pending.result()
+        except StoreLinkError as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+        if isinstance(reply, ErrorReply) and reply.code == "NOSCRIPT":
+            return await self._call(call.keys, call.args)  # the script did not run: load it
+        if isinstance(reply, ErrorReply):
+            raise StoreUnavailableError(reply.message)
+        return reply
 
     async def block(self, block: Block, *, pushed: bool) -> tuple[str, bytes]:
         """Write *block* unless the fleet has one; ``(status, record)`` as the script answers."""
@@ -386,6 +411,9 @@ class Cluster:
         self._down_since: float | None = wall_clock()
         self._reported_down = False
         self._slow_in_a_row = 0
+        #: Whether the store's last answer came within :data:`ANSWER_ON_THE_SPOT`: only then is
+        #: the next one read on the spot (see :meth:`start_count`).
+        self._quick = True
         #: Admin changes made while the store was away, pushed first when it returns, in order.
         self._pending: list[tuple[Op, str, str, float]] = []
         self._outages = self._store_counts = self._local_counts = 0
@@ -418,40 +446,104 @@ class Cluster:
             return None
         return counted
 
-    async def decide(self, request: RcptRequest) -> Decision:
+    def start_count(
+        self, request: RcptRequest, *, watching: select.poll
+    ) -> Decision | Callable[[], Awaitable[Decision]]:
+        """Count *request* in the store without leaving the caller when the answer is quick.
+
+        The script call is written at once and its answer waited for on the spot for up to
+        :data:`ANSWER_ON_THE_SPOT`, while no descriptor in *watching* (the query listeners)
+        has input: something else wants the event loop then. Returns the decision, or a
+        coroutine function that finishes the count in the scheduler within ``cluster.timeout``
+        (as :meth:`decide`).
+        A store that did not answer on the spot is not waited for so again until one of its
+        answers comes back quick: a slow store costs the event loop nothing.
+        """
+        call = self._count_call(request)
+        pending = self.store.start_count(call) if self._quick else None
+        if pending is None:
+            return functools.partial(self.decide, request)
+        started = time.monotonic()
+        try:
+            reply = pending.read_now(ANSWER_ON_THE_SPOT, watching)
+        except StoreLinkError as exc:
+            return self._failed(request, str(exc))
+        if isinstance(reply, type):  # NEED_DATA
+            if time.monotonic() - started >= ANSWER_ON_THE_SPOT:
+                self._quick = False
+            return functools.partial(self._finish, request, call, pending, started)
+        if isinstance(reply, ErrorReply):
+            if reply.code == "NOSCRIPT":  # the script did not run: count afresh (it loads it)
+                return functools.partial(self.decide, request)
+            return self._failed(request, reply.message)
+        return self._counted(request, reply)
+
+    async def _finish(
+        self, request: RcptRequest, call: CountCall, pending: PendingCall, started: float
+    ) -> Decision:
+        """The rest of a count begun by :meth:`start_count`."""
+        return await self.decide(request, _begun=(call, pending, started))
+
+    async def decide(
+        self,
+        request: RcptRequest,
+        *,
+        _begun: tuple[CountCall, PendingCall, float] | None = None,
+    ) -> Decision:
         """Count *request* in the store and decide it; locally when the store cannot answer in
         ``cluster.timeout``. Never raises for the store's sake."""
-        policy = self.policy
-        rates = policy.config.limits_for(request.user)
-        call = count_call(
+        reply: Reply | type[NEED_DATA] = NEED_DATA
+        with trio.move_on_after(self.config.timeout):
+            try:
+                if _begun is None:
+                    started = time.monotonic()
+                    reply = await self.store.count(self._count_call(request))
+                else:
+                    call, pending, started = _begun
+                    reply = await self.store.finish_count(call, pending)
+                self._quick = time.monotonic() - started < ANSWER_ON_THE_SPOT
+            except StoreUnavailableError as exc:
+                return self._failed(request, str(exc))
+        if isinstance(reply, type):  # NEED_DATA
+            # the budget ran out: slow once may be a moment; slow in a row is down
+            self._timeouts += 1
+            self._slow_in_a_row += 1
+            if self._slow_in_a_row >= SLOW_CALLS_TO_GO_DOWN:
+                self._went_down(
+                    f"{self._slow_in_a_row} calls in a row without an answer within "
+                    f"{self.config.timeout * 1000:g} ms"
+                )
+            return self._decide_here(request)
+        return self._counted(request, reply)
+
+    def _count_call(self, request: RcptRequest) -> CountCall:
+        return count_call(
             self.store.keys,
             request.user,
             request.rcpt,
-            rates,
-            mode=policy.config.mode,
+            self.policy.config.limits_for(request.user),
+            mode=self.policy.config.mode,
             relay=self.relay,
             origin=self.origin,
         )
-        count = None
-        failed = False
-        with trio.move_on_after(self.config.timeout):
-            try:
-                count = parse_count(request.user, rates, await self.store.count(call))
-            except (StoreUnavailableError, ValueError) as exc:
-                self._errors += 1
-                failed = True
-                self._went_down(str(exc))
-        if count is None:
-            if not failed:  # the budget ran out: slow once may be a moment; slow in a row is down
-                self._timeouts += 1
-                self._slow_in_a_row += 1
-                if self._slow_in_a_row >= SLOW_CALLS_TO_GO_DOWN:
-                    self._went_down(
-                        f"{self._slow_in_a_row} calls in a row without an answer within "
-                        f"{self.config.timeout * 1000:g} ms"
-                    )
-            self._local_counts += 1
-            return policy.decide(request, now=trio.current_time(), wall_now=self.wall_clock())
+
+    def _decide_here(self, request: RcptRequest) -> Decision:
+        """Count *request* locally (the store did not answer in time, or failed)."""
+        self._local_counts += 1
+        return self.policy.decide(request, now=trio.current_time(), wall_now=self.wall_clock())
+
+    def _failed(self, request: RcptRequest, error: str) -> Decision:
+        self._errors += 1
+        self._went_down(error)
+        return self._decide_here(request)
+
+    def _counted(self, request: RcptRequest, reply: Reply) -> Decision:
+        """Decide *request* from the script's answer."""
+        policy = self.policy
+        try:
+            count = parse_count(request.user, policy.config.limits_for(request.user), reply)
+        except ValueError as exc:
+            return self._failed(request, str(exc))
         self._slow_in_a_row = 0
         self._store_counts += 1
         block = count.block

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import socket
 import time
 from collections import Counter
@@ -151,6 +152,9 @@ class QueryServer:
         #: Slow clients and shed ones are counted each, but logged at most once per interval.
         self._quiet_log = _QuietLog()
         self._handlers: trio.Nursery | None = None
+        #: The listening sockets: a count that waits for the store on the spot stops waiting
+        #: there as soon as one of them has a new connection.
+        self._listening = select.poll()
         self._stopping = trio.Event()
         #: Time from accept to answer written of every query, for ``stats`` and the metrics.
         self.latency = LatencyHistogram()
@@ -189,6 +193,7 @@ class QueryServer:
                 async with trio.open_nursery() as acceptors:
                     for listener in listeners:
                         listener.setblocking(False)
+                        self._listening.register(listener, select.POLLIN)
                         acceptors.start_soon(self._accept_loop, listener)
                     task_status.started()
                     await self._stopping.wait()
@@ -304,9 +309,19 @@ class QueryServer:
             and self._tasks < self.config.max_connections
             and (counted := cluster.to_count(request)) is not None
         ):
-            self._spawn(self._count_in_store, conn, request, counted, started)
-            return
-        reply, generation = self._decide(request, started)
+            try:
+                counting = cluster.start_count(counted, watching=self._listening)
+            except Exception:  # the one place a bug in one query must not take down the others
+                self._internal_errors += 1
+                log.exception("internal_error", request=repr(request))
+                reply, generation = INTERNAL_ERROR, None
+            else:
+                if not isinstance(counting, Decision):
+                    self._spawn(self._count_in_store, conn, request, counting, started)
+                    return
+                reply, generation = self._decided(request, counting, started)
+        else:
+            reply, generation = self._decide(request, started)
         durable = generation is None or self.effects.persister.durable_generation >= generation
         if durable and _send_nowait(conn, reply.to_bytes()):
             self.latency.observe(trio.current_time() - started)
@@ -336,23 +351,23 @@ class QueryServer:
     # -- tasks -------------------------------------------------------------------------------
 
     async def _count_in_store(
-        self, conn: socket.socket, request: Request, counted: RcptRequest, started: float
+        self,
+        conn: socket.socket,
+        request: Request,
+        counting: Callable[[], Awaitable[Decision]],
+        started: float,
     ) -> None:
-        """A complete request whose failure the fleet's store counts (fleet mode)."""
-        reply, generation = await self._decide_in_store(request, counted, started)
-        await self._reply(conn, reply, generation, started)
-
-    async def _decide_in_store(
-        self, request: Request, counted: RcptRequest, started: float
-    ) -> tuple[Reply, int | None]:
-        assert self.cluster is not None  # noqa: S101 - only called in fleet mode
+        """A complete request whose failure the fleet's store counts (fleet mode), when the
+        store's answer did not come on the spot."""
         try:
-            decision = await self.cluster.decide(counted)
+            decision = await counting()
         except Exception:  # the one place a bug in one query must not take down the others
             self._internal_errors += 1
             log.exception("internal_error", request=repr(request))
-            return INTERNAL_ERROR, None
-        return self._decided(request, decision, started)
+            reply, generation = INTERNAL_ERROR, None
+        else:
+            reply, generation = self._decided(request, decision, started)
+        await self._reply(conn, reply, generation, started)
 
     async def _reply(
         self, conn: socket.socket, reply: Reply, generation: int | None, started: float

@@ -11,21 +11,30 @@ one (or opens one, up to :data:`MAX_CONNECTIONS`), writes its command, reads its
 the connection back. A call cancelled half-way (its budget ran out) leaves its connection in an
 unknown state: that connection is closed, never reused.
 
+A call can also be started without leaving the caller (:meth:`StoreLink.start`): the command is
+written at once and the answer waited for on the spot, in the kernel, while nothing else wants
+the event loop (:meth:`PendingCall.read_now`); only if it is slow in coming does the caller wait
+for it in the scheduler (:meth:`PendingCall.result`). A store on loopback answers in about a
+tenth of a millisecond, less than a task, a scheduler turn and the epoll bookkeeping cost.
+
 The protocol itself is pure code in :mod:`spamguardd.core.resp`.
 """
 
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
+import select
 import socket
 import ssl
+import time
 from typing import Any, Final
 
 import trio
 
-from spamguardd.core.resp import ErrorReply, Reply, RespProtocolError, RespReader
+from spamguardd.core.resp import NEED_DATA, ErrorReply, Reply, RespProtocolError, RespReader
 from spamguardd.core.resp import encode_command as encode
 from spamguardd.core.storeurl import StoreAddress
 
@@ -170,6 +179,86 @@ def _raise_for(error: int) -> None:
         raise OSError(error, os.strerror(error))
 
 
+class PendingCall:
+    """A call whose command is written and whose answer is still to come; it holds its
+    connection and its slot until :meth:`read_now` has the answer or :meth:`result` returns.
+    """
+
+    def __init__(self, link: StoreLink, connection: _SocketConnection, rest: bytes) -> None:
+        self._link = link
+        self._connection = connection
+        #: What the socket did not take at once (normally nothing).
+        self._rest = rest
+
+    def read_now(self, timeout: float, watching: select.poll) -> Reply | type[NEED_DATA]:
+        """Wait for the answer here, in the kernel, without a turn of the scheduler: for up to
+        *timeout* seconds, and only while none of the descriptors in *watching* has input
+        (something else wants the event loop). Returns the reply (the call is done) or
+        NEED_DATA (finish with :meth:`result`).
+
+        Raises:
+            StoreLinkError: the store closed the connection or broke the protocol (the call
+                is done; the connection is closed).
+        """
+        if self._rest:
+            return NEED_DATA
+        connection = self._connection
+        sock, reader = connection.sock, connection.reader
+        fd = sock.fileno()
+        until = time.monotonic() + timeout
+        watching.register(fd, select.POLLIN)
+        try:
+            while True:
+                try:
+                    data = sock.recv(READ_SIZE)
+                except BlockingIOError:
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        return NEED_DATA
+                    ready = watching.poll(math.ceil(left * 1000))
+                    if not ready or any(ready_fd != fd for ready_fd, _ in ready):
+                        return NEED_DATA
+                    continue
+                except OSError as exc:
+                    self._done(ok=False)
+                    raise StoreLinkError(str(exc)) from exc
+                if not data:
+                    self._done(ok=False)
+                    raise StoreLinkError("the store closed the connection")
+                try:
+                    reader.feed(data)
+                    reply = reader.next_reply()
+                except RespProtocolError as exc:
+                    self._done(ok=False)
+                    raise StoreLinkError(f"not a RESP answer: {exc}") from exc
+                if not isinstance(reply, type):  # not NEED_DATA
+                    self._done(ok=True)
+                    return reply
+        finally:
+            watching.unregister(fd)
+
+    async def result(self) -> Reply:
+        """Wait for the answer in the scheduler (see :meth:`StoreLink.call` for the errors)."""
+        done = False
+        try:
+            (reply,) = await self._connection.exchange(self._rest, 1)
+            done = True
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise StoreLinkError(str(exc) or type(exc).__name__) from exc
+        except RespProtocolError as exc:
+            raise StoreLinkError(f"not a RESP answer: {exc}") from exc
+        finally:
+            self._done(ok=done)
+        return reply
+
+    def _done(self, *, ok: bool) -> None:
+        if ok:
+            self._link._idle.append(self._connection)  # noqa: SLF001 - the link's own helper
+        else:
+            self._connection.close()
+        self._link._slots.release()  # noqa: SLF001
+
+
 class StoreLink:
     """A small pool of direct connections to the store for :meth:`call`.
 
@@ -228,6 +317,34 @@ class StoreLink:
         finally:
             self._slots.release()
         return reply
+
+    def start(self, *args: bytes) -> PendingCall | None:
+        """Write one command now, on an idle plain connection, without a turn of the scheduler.
+
+        Returns the call, to be finished with :meth:`PendingCall.read_now` or
+        :meth:`PendingCall.result`; None when no idle connection can take it at once (none
+        open yet, all busy, or TLS): then use :meth:`call`.
+        """
+        idle = self._idle
+        if not idle or not isinstance(idle[-1], _SocketConnection):
+            return None
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            return None
+        connection = idle.pop()
+        assert isinstance(connection, _SocketConnection)  # noqa: S101 - checked above
+        payload = encode(*args)
+        try:
+            sent = connection.sock.send(payload)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            # a connection the store closed while it sat idle: drop it, let call() open another
+            connection.close()
+            self._slots.release()
+            return None
+        return PendingCall(self, connection, payload[sent:])
 
     async def _connect(self) -> _Connection:
         address = self.address
