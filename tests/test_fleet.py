@@ -86,6 +86,37 @@ def test_spraying_round_robin_is_blocked_at_the_fleet_wide_limit(fleet: Fleet) -
     assert other.ctl_json("stats")["cluster"]["remote_changes"] >= 1
 
 
+def test_show_gives_the_fleet_wide_counts(fleet: Fleet, redis: RedisLab) -> None:
+    """``show`` on any relay gives what the fleet counted (the store's buckets), not what that
+    relay saw; and says so. With the store hung, it says it shows this relay's own."""
+    relays = fleet.relays
+    for i in range(3):
+        assert relays[i % 3].fail("auth:halfway", f"r{i}@example.org") == "accept\n"
+    for relay in relays:
+        shown = relay.ctl_json("show", "auth:halfway")
+        assert shown["counted_in"] == "fleet"
+        hour, day = shown["windows"]
+        assert (hour["limit"], hour["counted"], day["limit"], day["counted"]) == (
+            "6/1h",
+            3,
+            "50/1d",
+            3,
+        )
+        assert LIMIT - 3 <= hour["tokens_left"] < LIMIT - 2.9
+        assert 47 <= day["tokens_left"] < 47.1
+        assert hour["clears_at"] is not None
+    text = relays[2].ctl("show", "auth:halfway").stdout
+    assert "counted:  fleet-wide, in the shared store" in text
+    redis.pause()
+    try:
+        shown = relays[0].ctl_json("show", "auth:halfway")
+        text = relays[0].ctl("show", "auth:halfway").stdout
+    finally:
+        redis.resume()
+    assert shown["counted_in"] == "relay"
+    assert "counted:  on this relay only (the shared store did not answer)" in text
+
+
 def test_retries_of_one_recipient_count_once_fleet_wide(fleet: Fleet) -> None:
     """Exim's retries of the same failed recipient, on any relay, take one token."""
     for relay in fleet.relays * 3:

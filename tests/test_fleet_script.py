@@ -114,6 +114,20 @@ def test_script_counts_like_the_local_buckets(
             answer = parse_count("auth:u", current, await store.count(call))
             assert (answer.counted, answer.tripped) == (counted, tripped), index
             assert answer.tokens_left == buckets.tokens_left(state, current), index
+            # what show reads, then and a while later, is what the local buckets say
+            for later_by in (0.0, dt):
+                seen = await store.peek("auth:u", current, now=now + later_by)
+                assert seen.counted == buckets.window_counts(state, current, now + later_by)
+                # (to a billionth of a token: the store subtracts epoch times, a second apart)
+                assert seen.tokens_left == pytest.approx(
+                    tuple(
+                        buckets.refilled(tokens, later_by, rate)
+                        for tokens, rate in zip(
+                            buckets.tokens_left(state, current), current, strict=True
+                        )
+                    ),
+                    abs=1e-9,
+                ), index
 
     with_store(redis, body)
 

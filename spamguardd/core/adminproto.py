@@ -306,6 +306,9 @@ class ShowReply:
     exempt: bool
     mode: str
     windows: tuple[WindowInfo, ...]
+    #: Fleet mode only: where :attr:`windows` were counted, ``"fleet"`` (the shared store) or
+    #: ``"relay"`` (this relay's own, because the store did not answer).
+    counted_in: str | None = attrs.field(default=None, metadata=_OMIT_NONE)
     #: The volume guard's windows (``limits.accepted_recipients``); empty while it is off.
     accepted_windows: tuple[WindowInfo, ...] = ()
     recent_failures: tuple[FailureInfo, ...]

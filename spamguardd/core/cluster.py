@@ -202,6 +202,58 @@ def _window_args(rates: tuple[Rate, ...], mode: Mode, relay: str, origin: str) -
     return tuple(args)
 
 
+def peek_call(
+    keys: Keys, user: str, rates: Sequence[Rate], *, now: float | None = None
+) -> CountCall:
+    """The script call that reads *user*'s fleet-wide counting state under *rates*, for
+    ``show``; it changes nothing. *now* is for tests (the server's clock otherwise)."""
+    windows: list[bytes] = []
+    for rate in rates:
+        windows += [b"%d" % rate.count, b"%d" % rate.period]
+    return CountCall(
+        keys=(keys.count(user),),
+        args=(
+            b"peek",
+            user.encode(ENCODING, ERRORS),
+            b"" if now is None else _number(now),
+            b"%d" % buckets.recent_limit(rates),
+            b"%d" % len(rates),
+            *windows,
+        ),
+    )
+
+
+@attrs.frozen
+class FleetWindows:
+    """A user's counting state in the store, as ``peek`` answers it."""
+
+    #: The server's clock (seconds since the epoch) the state is as of.
+    now: float
+    #: Tokens left per window, refilled up to :attr:`now`.
+    tokens_left: tuple[float, ...]
+    #: Distinct failures remembered within each window's period.
+    counted: tuple[int, ...]
+
+
+def parse_peek(rates: Sequence[Rate], reply: object) -> FleetWindows:
+    """The script's answer to ``peek``.
+
+    Raises:
+        ValueError: the answer is not what the script returns.
+    """
+    w = len(rates)
+    if not isinstance(reply, list) or len(reply) != 1 + 2 * w:
+        raise ValueError(f"unexpected answer to peek: {reply!r:.200}")
+    counted = reply[1 + w :]
+    if not all(isinstance(value, int) for value in counted):
+        raise ValueError(f"unexpected counts in the answer to peek: {reply!r:.200}")
+    try:
+        now, *tokens = (float(_text(value)) for value in reply[: 1 + w])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"unexpected numbers in the answer to peek: {exc}") from None
+    return FleetWindows(now=now, tokens_left=tuple(tokens), counted=tuple(counted))
+
+
 def parse_count(user: str, rates: Sequence[Rate], reply: object) -> StoreCount:
     """The script's answer to ``count`` as a :class:`~spamguardd.core.policy.StoreCount`.
 

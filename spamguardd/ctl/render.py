@@ -102,6 +102,10 @@ def _(reply: ShowReply, out: TextIO) -> None:
         out.write("exempt:   yes (listed in exempt.users; never counted)\n")
     if reply.mode != "enforce":
         out.write(f"mode:     {reply.mode} (nobody is blocked by counting)\n")
+    if reply.counted_in == "fleet":
+        out.write("counted:  fleet-wide, in the shared store\n")
+    elif reply.counted_in is not None:
+        out.write("counted:  on this relay only (the shared store did not answer)\n")
     out.write("\n")
     rows: list[Sequence[object]] = [("WINDOW LIMIT", "COUNTED", "TOKENS LEFT", "CLEARS AT")]
     rows += [

@@ -275,6 +275,12 @@ class AdminServer:
         except StoreError as exc:  # the rest of show is still worth having
             journal, unreadable = JournalContents([]), str(exc)
         verdict = policy.config.verdict.value
+        # fleet mode: the store counts the failures, so its windows are the ones that matter
+        windows, counted_in = view.windows, None
+        cluster = self.target.cluster
+        if cluster is not None and not view.exempt:
+            fleet = await cluster.windows(user)
+            windows, counted_in = (windows, "relay") if fleet is None else (fleet, "fleet")
         return ShowReply(
             user=user,
             blocked=view.block is not None,
@@ -293,8 +299,9 @@ class AdminServer:
                     else format_time(window.clears_at + 0.999),
                     warned=window.rate in view.warned,
                 )
-                for window in view.windows
+                for window in windows
             ),
+            counted_in=counted_in,
             accepted_windows=()
             if view.accepted is None
             else tuple(

@@ -61,7 +61,14 @@ from spamguardd.core.cluster import (
 )
 from spamguardd.core.config import ClusterConfig
 from spamguardd.core.errors import ConfigError, StoreError
-from spamguardd.core.policy import Block, Change, Decision, Policy, StoreCountStatus
+from spamguardd.core.policy import (
+    Block,
+    Change,
+    Decision,
+    Policy,
+    StoreCountStatus,
+    WindowView,
+)
 from spamguardd.core.protocol import RcptRequest, Request
 from spamguardd.core.rate import Rate
 from spamguardd.core.resp import NEED_DATA, ErrorReply, Reply
@@ -85,6 +92,8 @@ SLOW_CALLS_TO_GO_DOWN: Final = 3
 #: loopback the answer takes about 0.1 ms; a wait in the scheduler costs a task, a scheduler
 #: turn and epoll bookkeeping besides (docs/fleet.md).
 ANSWER_ON_THE_SPOT: Final = 0.001
+#: How long ``show`` waits for the fleet's counts before it shows this relay's own.
+SHOW_TIMEOUT: Final = 2.0
 #: How long one read of the events stream waits on the server for something new.
 FOLLOW_WAIT_MS: Final = 1000
 #: Events read at once.
@@ -212,6 +221,16 @@ class Store:
     async def count(self, call: cluster.CountCall) -> Reply:
         """The script's raw answer to one ``count``."""
         return await self._call(call.keys, call.args)
+
+    async def peek(
+        self, user: str, rates: Sequence[Rate], *, now: float | None = None
+    ) -> cluster.FleetWindows:
+        """*user*'s counting state in the store (for ``show``); *now* is for tests."""
+        call = cluster.peek_call(self.keys, user, rates, now=now)
+        try:
+            return cluster.parse_peek(rates, await self._call(call.keys, call.args))
+        except ValueError as exc:
+            raise StoreUnavailableError(str(exc)) from exc
 
     def start_count(self, call: cluster.CountCall) -> PendingCall | None:
         """Write one ``count`` at once (:meth:`StoreLink.start`); None: use :meth:`count`."""
@@ -557,6 +576,29 @@ class Cluster:
                 self._adopt_now(StoredBlock(block, count.made_on or "fleet"))
                 return policy.decide(request, now=trio.current_time(), wall_now=self.wall_clock())
         return policy.settle(request, count, wall_now=self.wall_clock())
+
+    async def windows(self, user: str) -> tuple[WindowView, ...] | None:
+        """*user*'s windows as the fleet counts them (``show``); None when the store does not
+        answer within :data:`SHOW_TIMEOUT` or is away (the caller shows this relay's own)."""
+        if not self.up:
+            return None
+        rates = self.policy.config.limits_for(user)
+        try:
+            with trio.fail_after(SHOW_TIMEOUT):
+                fleet = await self.store.peek(user, rates)
+        except (StoreUnavailableError, trio.TooSlowError):
+            return None
+        return tuple(
+            WindowView(
+                rate=rate,
+                counted=counted,
+                tokens_left=tokens,
+                clears_at=None
+                if tokens >= rate.count
+                else fleet.now + (rate.count - tokens) / rate.per_second,
+            )
+            for rate, counted, tokens in zip(rates, fleet.counted, fleet.tokens_left, strict=True)
+        )
 
     def _adopt_now(self, stored: StoredBlock) -> None:
         change = self.policy.adopt_block(stored.block)

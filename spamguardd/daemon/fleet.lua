@@ -271,7 +271,47 @@ local function reset()
   return found
 end
 
-local operations = {count = count, block = block, unblock = unblock, reset = reset}
+-- peek: a user's counting state as of now, for an admin's show; changes nothing.
+-- KEYS: counter
+-- ARGV: 'peek', user, now, limit, w, then count and period for each window
+-- Returns {now, tokens_1, ..., tokens_w, counted_1, ..., counted_w}: the server's time and each
+-- bucket's tokens (as strings, refilled up to now), and the distinct failures remembered within
+-- each window's period. A user the store does not count has full buckets and none counted.
+local function peek()
+  local now = clock(ARGV[3])
+  local limit = tonumber(ARGV[4])
+  local w = tonumber(ARGV[5])
+  local counts, periods = {}, {}
+  for i = 1, w do
+    counts[i] = tonumber(ARGV[4 + 2 * i])
+    periods[i] = tonumber(ARGV[5 + 2 * i])
+  end
+  local updated, tokens, recents = now, {}, {}
+  local raw = redis.call('GET', KEYS[1])
+  if raw then
+    updated, tokens, recents = load(raw, counts, periods, now, limit)
+  else
+    for i = 1, w do
+      tokens[i] = counts[i]
+    end
+  end
+  local elapsed = math.max(0, now - updated)
+  local reply = {string.format('%.17g', now)}
+  for i = 1, w do
+    local level = math.min(counts[i], tokens[i] + elapsed * (counts[i] / periods[i]))
+    reply[1 + i] = string.format('%.17g', level)
+    local counted = 0
+    for _, entry in ipairs(recents) do
+      if now - entry[1 + i] < periods[i] then
+        counted = counted + 1
+      end
+    end
+    reply[1 + w + i] = counted
+  end
+  return reply
+end
+
+local operations = {count = count, block = block, unblock = unblock, reset = reset, peek = peek}
 local operation = operations[ARGV[1]]
 if operation == nil then
   return redis.error_reply('spamguardd: unknown operation ' .. tostring(ARGV[1]))
