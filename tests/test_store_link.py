@@ -151,3 +151,34 @@ async def test_the_wait_on_the_spot_gives_way_to_other_input(store_dir: Path) ->
         client.close()
         listener.close()
         await link.aclose()
+
+
+async def test_an_idle_connection_the_store_closed_is_not_used(store_dir: Path) -> None:
+    """A store with ``timeout`` set closes connections idle that long: the next call, or the
+    next count started on the spot, opens a new connection instead of failing (a failure would
+    put the relay in degraded mode)."""
+    with running_redis(store_dir) as lab:
+        link = StoreLink(
+            parse_store_url(lab.url), password=None, tls=None, client_name="idle relay"
+        )
+        watcher = link_to(lab.url)
+        assert await watcher.call(b"CONFIG", b"SET", b"timeout", b"1") == b"OK"
+
+        async def dropped_by_the_store() -> None:
+            with trio.fail_after(30):  # the store drops idle clients on its next timer run
+                while b"name=idle-relay" in await watcher.call(b"CLIENT", b"LIST"):  # type: ignore[operator]  # noqa: ASYNC110 - polling the server, nothing to wait on
+                    await trio.sleep(0.1)
+
+        assert await link.call(b"SET", b"k", b"v") == b"OK"
+        await dropped_by_the_store()
+        assert await link.call(b"GET", b"k") == b"v"
+        assert link.connections_opened == 2
+        await dropped_by_the_store()
+        assert link.start(b"GET", b"k") is None  # the closed one is dropped, not written to
+        assert await link.call(b"GET", b"k") == b"v"
+        pending = link.start(b"GET", b"k")
+        assert pending is not None
+        assert pending.read_now(5.0, select.poll()) == b"v"
+        assert link.connections_opened == 3
+        await link.aclose()
+        await watcher.aclose()

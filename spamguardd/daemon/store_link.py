@@ -79,6 +79,23 @@ class _Connection:
         """Close at once (a connection whose state is unknown is never reused)."""
         raise NotImplementedError
 
+    def fileno(self) -> int:
+        """The descriptor of the socket underneath (-1 once closed)."""
+        raise NotImplementedError
+
+    def closed_by_store(self) -> bool:
+        """Whether this idle connection must not be used: the store closed it (its
+        ``timeout`` setting closes clients idle that long; or it restarted) or sent something
+        nobody asked for. An idle connection has nothing to read; one that has input, an error
+        or a hang-up is done.
+        """
+        fd = self.fileno()
+        if fd < 0:
+            return True
+        check = select.poll()
+        check.register(fd, select.POLLIN)
+        return bool(check.poll(0))
+
 
 class _SocketConnection(_Connection):
     """A plain TCP or Unix connection on a non-blocking socket.
@@ -113,6 +130,9 @@ class _SocketConnection(_Connection):
         trio.lowlevel.notify_closing(self.sock)
         self.sock.close()
 
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
 
 class _StreamConnection(_Connection):
     """A TLS connection (``rediss://``), through trio's SSL stream."""
@@ -129,11 +149,18 @@ class _StreamConnection(_Connection):
 
     def close(self) -> None:
         # at once, without awaiting: no TLS goodbye to a peer whose state is unknown
-        transport = getattr(self.stream, "transport_stream", self.stream)
-        sock = getattr(transport, "socket", None)
+        sock = self._socket()
         if sock is not None:
             trio.lowlevel.notify_closing(sock)
             sock.close()
+
+    def fileno(self) -> int:
+        sock = self._socket()
+        return -1 if sock is None else sock.fileno()
+
+    def _socket(self) -> Any:
+        transport = getattr(self.stream, "transport_stream", self.stream)
+        return getattr(transport, "socket", None)
 
 
 async def _connect_socket(address: StoreAddress) -> socket.socket:
@@ -300,7 +327,7 @@ class StoreLink:
         except trio.WouldBlock:
             await self._slots.acquire()
         try:
-            connection = self._idle.pop() if self._idle else await self._connect()
+            connection = self._take_idle() or await self._connect()
             done = False
             try:
                 (reply,) = await connection.exchange(payload, 1)
@@ -332,8 +359,12 @@ class StoreLink:
             self._slots.acquire_nowait()
         except trio.WouldBlock:
             return None
-        connection = idle.pop()
-        assert isinstance(connection, _SocketConnection)  # noqa: S101 - checked above
+        connection = self._take_idle()
+        if not isinstance(connection, _SocketConnection):  # none left open: call() opens one
+            if connection is not None:
+                idle.append(connection)
+            self._slots.release()
+            return None
         payload = encode(*args)
         try:
             sent = connection.sock.send(payload)
@@ -345,6 +376,16 @@ class StoreLink:
             self._slots.release()
             return None
         return PendingCall(self, connection, payload[sent:])
+
+    def _take_idle(self) -> _Connection | None:
+        """The most recently used idle connection the store has not closed, if any (those it
+        closed are dropped on the way)."""
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed_by_store():
+                return connection
+            connection.close()
+        return None
 
     async def _connect(self) -> _Connection:
         address = self.address
