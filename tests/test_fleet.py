@@ -516,3 +516,53 @@ def test_many_blocks_pushed_back_into_an_empty_store(sock_dir: Path, redis: Redi
         assert b.block_file.read_text().count("from before") == len(users)
     finally:
         fleet.stop()
+
+
+def test_the_documented_acl_user_can_do_everything(sock_dir: Path) -> None:
+    """The ACL rule docs/fleet.md gives an admin is enough for all a relay does: counting to a
+    block, unblock, reset, show, a fleet-wide reload; nothing is refused by the store."""
+    (sock_dir / "store").mkdir()
+    admin_password, password = secrets.token_hex(16), secrets.token_hex(16)
+    docs = (Path(__file__).parent.parent / "docs" / "fleet.md").read_text()
+    (rule,) = [line.strip() for line in docs.splitlines() if "ACL SETUSER spamguardd" in line]
+    with running_redis(sock_dir / "store", password=admin_password) as lab:
+        setuser = subprocess.run(
+            [
+                "redis-cli",
+                "-s",
+                str(lab.socket),
+                "--no-auth-warning",
+                "-a",
+                admin_password,
+                *rule.replace(">PASSWORD", f">{password}").split(),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert setuser.stdout.strip() == "OK", setuser.stdout
+        secret = sock_dir / "password"
+        secret.write_text(f"{password}\n")
+        url = lab.url.replace("unix://", "unix://spamguardd@")
+        extra = f'password_file = "{secret}"\n'
+        fleet = make_fleet(sock_dir, url, ["relay-a", "relay-b"], limits='["3/1h"]', extra=extra)
+        for relay in fleet.relays:
+            relay.start()
+        try:
+            a, b = fleet.relays
+            for relay in fleet.relays:
+                wait_until(relay.cluster_up)
+            assert [a.fail("auth:acl", f"r{i}@x") for i in range(2)] == ["accept\n"] * 2
+            assert b.ctl_json("show", "auth:acl")["counted_in"] == "fleet"
+            assert b.ctl("reset", "auth:acl").returncode == 0
+            assert [a.fail("auth:acl", f"s{i}@x") for i in range(3)][-1].startswith("freeze ")
+            wait_until(lambda: b.check("auth:acl").startswith("freeze "))
+            assert b.ctl("unblock", "auth:acl").returncode == 0
+            wait_until(lambda: a.check("auth:acl") == "accept\n")
+            assert a.ctl("reload").returncode == 0
+            wait_until(lambda: len(b.log_events("reloaded")) >= 1)
+            for relay in fleet.relays:
+                assert relay.log_events("cluster_down") == [], relay.name
+                assert relay.ctl_json("stats")["cluster"]["errors"] == 0
+        finally:
+            fleet.stop()
