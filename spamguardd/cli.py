@@ -134,20 +134,30 @@ def check_config(config: Config) -> int:
             problem.describe(str(config.state.group))
             for problem in eximaccess.check(store.path, gid, uid=os.geteuid())
         ]
-    if config.cluster.enabled and config.cluster.password_file is not None:
-        # fleet mode's client library is loaded only when fleet mode is configured
-        from spamguardd.daemon.cluster import read_password  # noqa: PLC0415
-
-        try:
-            read_password(config.cluster.password_file)
-        except ConfigError as exc:
-            problems += exc.problems
+    problems += _password_file_problems(config)
     if problems:
         for problem in problems:
             print(f"spamguardd: {problem}", file=sys.stderr)
         return EX_CONFIG
     print(f"{config.source}: configuration is valid; {store.path}: {blocked} blocked users")
     return EX_OK
+
+
+def _password_file_problems(config: Config) -> list[str]:
+    """Fleet mode's password file: what stops a start (returned) and what is only unwise
+    (printed as a warning)."""
+    if not config.cluster.enabled or config.cluster.password_file is None:
+        return []
+    # fleet mode's client library is loaded only when fleet mode is configured
+    from spamguardd.daemon.cluster import read_password  # noqa: PLC0415
+
+    try:
+        _, warnings = read_password(config.cluster.password_file, source=config.source)
+    except ConfigError as exc:
+        return exc.problems
+    for warning in warnings:
+        print(f"spamguardd: warning: {warning}", file=sys.stderr)
+    return []
 
 
 def _missing_groups(config: Config) -> list[str]:

@@ -7,10 +7,13 @@ per notice to ``notices`` (so a test counts the notices the whole fleet sent).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -164,3 +167,51 @@ def make_fleet(
         (workdir / "spamguardd.toml").write_text(config)
         relays.append(Relay(workdir, name))
     return Fleet(root, relays)
+
+
+class SlowProxy:
+    """A Unix-socket proxy in front of the store that holds every answer for ``delay``
+    seconds: a store that answers, but slowly (a saturated server, a congested link)."""
+
+    def __init__(self, listen: Path, target: Path, delay: float) -> None:
+        self.listen = listen
+        self.target = target
+        self.delay = delay
+        self._server = socket.socket(socket.AF_UNIX)
+        self._server.bind(str(listen))
+        self._server.listen()
+        self._sockets: list[socket.socket] = [self._server]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.listen}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(str(self.target))
+            self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, slow: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if slow and self.delay:
+                    time.sleep(self.delay)
+                sink.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()

@@ -24,7 +24,7 @@ from spamguardd.core.policy import Block
 from spamguardd.daemon.app import Daemon
 from spamguardd.state.blockfile import encode
 from tests.exim_queue_fixture import make_exim_queue
-from tests.fleetlab import Fleet, make_fleet, wait_until
+from tests.fleetlab import Fleet, SlowProxy, make_fleet, wait_until
 from tests.helpers import T0
 from tests.redislab import RedisLab, running_redis
 
@@ -83,6 +83,9 @@ def test_spraying_round_robin_is_blocked_at_the_fleet_wide_limit(fleet: Fleet) -
     other = relays[0] if maker is not relays[0] else relays[1]
     shown = other.ctl_json("show", "auth:sprayer")
     assert shown["history"][-1]["relay"] == maker.name
+    history = other.ctl("show", "auth:sprayer").stdout.split("history:")[1]
+    assert "RELAY" in history.splitlines()[1]
+    assert maker.name in history.splitlines()[-1]
     assert other.ctl_json("stats")["cluster"]["remote_changes"] >= 1
 
 
@@ -183,6 +186,15 @@ def test_admin_changes_work_fleet_wide(fleet: Fleet) -> None:
         assert fleet.relays[i % 3].fail("auth:counted", f"r{i}@x") == "accept\n"
     reset = c.ctl("reset", "auth:counted")
     assert reset.returncode == 0, reset.stderr
+    # logged and journaled on every relay, with the relay that made it
+    for relay in (a, b):
+        wait_until(
+            lambda r=relay: any(  # type: ignore[misc]
+                e.get("relay") == c.name for e in r.log_events("user_reset")
+            )
+        )
+        history = relay.ctl_json("show", "auth:counted")["history"]
+        assert [(e["event"], e.get("relay")) for e in history] == [("reset", c.name)]
     # the fleet forgot the counters: five more failures pass again
     for i in range(LIMIT - 1):
         assert fleet.relays[i % 3].fail("auth:counted", f"s{i}@x") == "accept\n"
@@ -418,6 +430,7 @@ def test_password_from_a_file(sock_dir: Path) -> None:
     with running_redis(sock_dir / "store", password=password) as lab:
         secret = sock_dir / "password"
         secret.write_text(f"{password}\n")
+        secret.chmod(0o600)
         extra = f'password_file = "{secret}"\n'
         fleet = make_fleet(sock_dir, lab.url, ["relay-a"], limits='["5/1h"]', extra=extra)
         relay = fleet.relays[0]
@@ -443,7 +456,32 @@ def test_password_from_a_file(sock_dir: Path) -> None:
                 check=False,
             )
             assert result.returncode == 78
-            assert f"cluster.password_file: {secret}: cannot read" in result.stderr
+            # named as the admin named the configuration file
+            assert f"spamguardd.toml: cluster.password_file: {secret}: cannot read" in result.stderr
+            # readable by everyone: it works, and both --check-config and the start say so
+            secret.write_text(f"{password}\n")
+            secret.chmod(0o644)
+            checked = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "spamguardd",
+                    "--config",
+                    "spamguardd.toml",
+                    "--check-config",
+                ],
+                cwd=relay.workdir,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert checked.returncode == 0, checked.stderr
+            assert "readable by every local user (mode 0644)" in checked.stderr
+            relay.start()
+            wait_until(relay.cluster_up)
+            [exposed] = relay.log_events("password_file_exposed")
+            assert "make it 0640 root:spamguardd" in exposed["problem"]
         finally:
             fleet.stop()
 
@@ -566,3 +604,53 @@ def test_the_documented_acl_user_can_do_everything(sock_dir: Path) -> None:
                 assert relay.ctl_json("stats")["cluster"]["errors"] == 0
         finally:
             fleet.stop()
+
+
+def test_a_slow_store_keeps_the_relay_down_without_flapping(
+    sock_dir: Path, redis: RedisLab
+) -> None:
+    """A store that answers every call 150 ms late, against a budget of 50 ms: the relay says
+    once that it counts locally and stays so (no coming back up to give up on three more
+    counts, again and again); once the store is quick again, it comes back."""
+    proxy = SlowProxy(sock_dir / "slow.sock", redis.socket, delay=0.15)
+    fleet = make_fleet(sock_dir, proxy.url, ["relay-a"], limits='["100/1h"]')
+    (relay,) = fleet.relays
+    relay.start()
+    try:
+        wait_until(lambda: len(relay.log_events("cluster_down")) == 1)
+        began, sent = time.monotonic(), 0
+        while time.monotonic() - began < 3.0:  # a few of the relay's tries to come back
+            assert relay.fail(f"auth:slowly-{sent}", "r@x") == "accept\n"
+            sent += 1
+        [down] = relay.log_events("cluster_down")
+        assert "more than cluster.timeout (50 ms)" in down["reason"]
+        assert relay.log_events("cluster_up") == []
+        stats = relay.ctl_json("stats")["cluster"]
+        assert (stats["up"], stats["outages"], stats["local_counts"]) == (False, 1, sent)
+        proxy.delay = 0.0
+        wait_until(relay.cluster_up)
+        assert relay.fail("auth:slowly", "after@x") == "accept\n"
+        assert relay.ctl_json("stats")["cluster"]["store_counts"] == 1
+    finally:
+        fleet.stop()
+        proxy.close()
+
+
+def test_an_admin_block_while_the_store_hangs_is_made_at_once(
+    fleet: Fleet, redis: RedisLab
+) -> None:
+    """With the store hung, ``block`` waits at most a second for it, the block is in force on
+    this relay when the command returns, and it reaches the others once the store is back."""
+    a, b, _ = fleet.relays
+    redis.pause()
+    try:
+        blocked = a.ctl("--timeout", "3", "block", "auth:held", "--reason", "hung store")
+        assert blocked.returncode == 0, blocked.stderr
+        assert a.check("auth:held").startswith("freeze ")
+        again = a.ctl("--timeout", "3", "block", "auth:held2")  # the relay knows it is down now
+        assert again.returncode == 0, again.stderr
+    finally:
+        redis.resume()
+    wait_until(lambda: b.check("auth:held").startswith("freeze "))
+    wait_until(lambda: b.check("auth:held2").startswith("freeze "))
+    assert len(a.log_events("cluster_down")) == 1

@@ -8,8 +8,8 @@ retyped there fails the type check here, not at an admin's prompt.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
-from typing import TextIO
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TextIO
 
 from spamguardd.core.adminproto import (
     BlockInfo,
@@ -135,17 +135,27 @@ def _(reply: ShowReply, out: TextIO) -> None:
         out.write("  none in the sample\n")
     out.write("\nhistory:\n")
     if reply.history:
-        _table(
-            [("  AT", "EVENT", "ACTOR", "REASON")]
-            + [
-                (f"  {e.get('at')}", e.get("event"), e.get("actor"), e.get("reason", ""))
-                for e in reply.history
-            ],
-            out,
-        )
+        _history(reply.history, out)
     else:
         out.write("  no journal entries\n")
     _journal_notes(reply.journal, out)
+
+
+def _history(history: Sequence[Mapping[str, Any]], out: TextIO) -> None:
+    """The journal entries; in fleet mode, with the relay each change was made on."""
+    fleet = any("relay" in e for e in history)
+    header = (
+        ("  AT", "EVENT", "ACTOR", "RELAY", "REASON")
+        if fleet
+        else ("  AT", "EVENT", "ACTOR", "REASON")
+    )
+    rows: list[Sequence[object]] = [header]
+    for e in history:
+        relay = (e.get("relay", "(here)"),) if fleet else ()
+        rows.append(
+            (f"  {e.get('at')}", e.get("event"), e.get("actor"), *relay, e.get("reason", ""))
+        )
+    _table(rows, out)
 
 
 def _journal_notes(journal: JournalNotes, out: TextIO) -> None:

@@ -222,7 +222,11 @@ class Daemon:
         # single host (no [cluster]) should not pay at every start
         from spamguardd.daemon.cluster import Cluster, read_password  # noqa: PLC0415
 
-        password = None if settings.password_file is None else read_password(settings.password_file)
+        password = None
+        if settings.password_file is not None:
+            password, warnings = read_password(settings.password_file, source=config.source)
+            for warning in warnings:
+                log.warning("password_file_exposed", problem=warning)
         return Cluster(
             settings,
             self.policy,

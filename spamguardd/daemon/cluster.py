@@ -28,8 +28,10 @@ import functools
 import hashlib
 import importlib.resources
 import logging
+import math
 import select
 import ssl
+import stat
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -66,6 +68,7 @@ from spamguardd.core.policy import (
     Change,
     Decision,
     Policy,
+    Reset,
     StoreCountStatus,
     WindowView,
 )
@@ -92,6 +95,13 @@ SLOW_CALLS_TO_GO_DOWN: Final = 3
 #: loopback the answer takes about 0.1 ms; a wait in the scheduler costs a task, a scheduler
 #: turn and epoll bookkeeping besides (docs/fleet.md).
 ANSWER_ON_THE_SPOT: Final = 0.001
+#: How long an admin's change (block, unblock, reset, reload) waits for the store before it is
+#: made here alone and kept to be pushed when the store is back: the admin is waiting, and a
+#: block is not in force until this is settled.
+ADMIN_TIMEOUT: Final = 1.0
+#: ``PING``s tried before counting goes back to a store that was away; the fastest must come
+#: back within ``cluster.timeout``.
+PROBES: Final = 3
 #: How long ``show`` waits for the fleet's counts before it shows this relay's own.
 SHOW_TIMEOUT: Final = 2.0
 #: How long one read of the events stream waits on the server for something new.
@@ -110,21 +120,32 @@ class StoreUnavailableError(Exception):
     """The store did not answer, or answered what the script never returns."""
 
 
-def read_password(path: Path) -> str:
-    """The first line of ``cluster.password_file``.
+def read_password(path: Path, *, source: str = "") -> tuple[str, list[str]]:
+    """The first line of ``cluster.password_file``, and warnings about the file (it is readable
+    by every local user). *source* is the configuration file, named in every message.
 
     Raises:
         ConfigError: the file cannot be read or is empty.
     """
+    where = (
+        f"{source}: cluster.password_file: {path}" if source else f"cluster.password_file: {path}"
+    )
     try:
         text = path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
-        raise ConfigError([f"cluster.password_file: {path}: cannot read: {reason}"]) from exc
+        raise ConfigError([f"{where}: cannot read: {reason}"]) from exc
     password = text.splitlines()[0] if text.strip() else ""
     if not password:
-        raise ConfigError([f"cluster.password_file: {path}: empty"])
-    return password
+        raise ConfigError([f"{where}: empty"])
+    warnings = []
+    if mode & stat.S_IROTH:
+        warnings.append(
+            f"{where}: readable by every local user (mode {stat.S_IMODE(mode):04o}); "
+            "make it 0640 root:spamguardd"
+        )
+    return password, warnings
 
 
 def _tls_context(config: ClusterConfig) -> ssl.SSLContext | None:
@@ -616,8 +637,10 @@ class Cluster:
             adopts it instead: one block, one notice), else None (written, or the store is away
             and catching up will push it).
         """
+        if not self.up:  # made here now, pushed when the store is back
+            return None
         try:
-            with trio.fail_after(BACKGROUND_TIMEOUT):
+            with trio.fail_after(ADMIN_TIMEOUT):
                 status, record = await self.store.block(block, pushed=False)
         except (StoreUnavailableError, trio.TooSlowError) as exc:
             self._went_down(str(exc) or "no answer")
@@ -640,7 +663,7 @@ class Cluster:
             log.warning("cluster_reload_not_announced", reason="the store is away")
             return
         try:
-            with trio.fail_after(BACKGROUND_TIMEOUT):
+            with trio.fail_after(ADMIN_TIMEOUT):
                 await self.store.announce_reload(policy_digest(self.policy.config))
         except (StoreUnavailableError, trio.TooSlowError) as exc:
             self._went_down(str(exc) or "no answer")
@@ -648,7 +671,7 @@ class Cluster:
     async def _send(self, op: Op, user: str, by: str, at: float) -> bool | None:
         if self.up:
             try:
-                with trio.fail_after(BACKGROUND_TIMEOUT):
+                with trio.fail_after(ADMIN_TIMEOUT):
                     return await self._push_one(op, user, by, at)
             except (StoreUnavailableError, trio.TooSlowError) as exc:
                 self._went_down(str(exc) or "no answer")
@@ -689,6 +712,7 @@ class Cluster:
         block can be made here alone, and the block list read next holds every block made here
         while the store was away.
         """
+        await self._probe()
         # each call has the background budget, not the whole catch-up: a fleet with many
         # blocks to push back (a store that lost its data) takes as long as it takes
         after = await _bounded(self.store.last_event_id())
@@ -723,6 +747,31 @@ class Cluster:
         self._came_back(len(plan.adopt), len(plan.lift), len(plan.push))
         return after
 
+    async def _probe(self) -> None:
+        """Make sure the store answers within ``cluster.timeout`` before counting goes back to
+        it: one that answers, but slower (a saturated server, a congested link), would have
+        every count given up on, and the relay would go up and down all the time.
+
+        Raises:
+            StoreUnavailableError: no ``PING`` of :data:`PROBES` came back within the budget.
+        """
+        budget = self.config.timeout
+        fastest = math.inf
+        for _ in range(PROBES):
+            started = time.monotonic()
+            try:
+                with trio.fail_after(BACKGROUND_TIMEOUT):
+                    await self.store.link.call(b"PING")
+            except StoreLinkError as exc:
+                raise StoreUnavailableError(str(exc)) from exc
+            fastest = min(fastest, time.monotonic() - started)
+            if fastest <= budget:
+                return
+        raise StoreUnavailableError(
+            f"the store answers, but in {fastest * 1000:.0f} ms at best, more than "
+            f"cluster.timeout ({budget * 1000:g} ms)"
+        )
+
     async def _follow(self, after: bytes) -> None:
         """Apply the other relays' changes as they come, until the store fails."""
         while self.up:
@@ -750,7 +799,10 @@ class Cluster:
         if event.op is Op.UNBLOCK:
             return self._lift(event.user, by=event.by, at=event.at, relay=event.relay)
         if event.op is Op.RESET:
-            return self.policy.reset(event.user, by=event.by, wall_now=event.at), event.relay
+            change = self.policy.reset(event.user, by=event.by, wall_now=event.at)
+            if not change.effects:  # counted in the store only: still logged and journaled here
+                change = Change((Reset(event.user, event.by, event.at),))
+            return change, event.relay
         if event.op is Op.RELOAD:
             self._reload_for(event)
         return Change(), event.relay
@@ -807,6 +859,8 @@ class Cluster:
     def _went_down(self, reason: str) -> None:
         if self.up:
             self.up = False
+            if self._reported_down:  # catching up failed half-way: still the same outage
+                return
             self._down_since = self.wall_clock()
         elif self._reported_down:
             return
