@@ -533,7 +533,10 @@ class Cluster:
         """Count *request* in the store and decide it; locally when the store cannot answer in
         ``cluster.timeout``. Never raises for the store's sake."""
         reply: Reply | type[NEED_DATA] = NEED_DATA
-        with trio.move_on_after(self.config.timeout):
+        budget = self.config.timeout
+        if _begun is not None:  # the wait on the spot was part of the budget
+            budget -= time.monotonic() - _begun[2]
+        with trio.move_on_after(budget):
             try:
                 if _begun is None:
                     started = time.monotonic()
