@@ -27,7 +27,8 @@ daemon's own ``stats`` and its peak descriptors, and its log's
 ``--code DIR`` runs the daemon from another source tree (``git archive REV | tar -x -C DIR``), to
 compare designs under the same attack; ``--max-connections`` sets ``server.max_connections``;
 ``--attacker-nice 19`` runs the attacking clients at the lowest priority, as a stand-in for
-attackers on other machines (on a relay, their own CPU is not the relay's).
+attackers on other machines (on a relay, their own CPU is not the relay's); ``--daemon-nice
+-5`` runs the daemon above everything else, as a unit's ``Nice=-5`` would.
 
 Run: ``python bench/slow_clients.py [--rounds 2] [--seconds 20] [--idle 10000] [--slow 1000]``.
 """
@@ -240,6 +241,7 @@ def _daemon(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Popen[b
     with log.open("wb") as out:
         process = subprocess.Popen(
             [
+                *("nice", "-n", str(args.daemon_nice)),
                 *("prlimit", f"--nofile={args.nofile}", sys.executable),
                 *("-m", "spamguardd", "--config", str(config)),
             ],
@@ -403,7 +405,8 @@ def _bench(args: argparse.Namespace) -> int:
     print(
         f"slow clients: {args.idle} idle + {args.slow} slowloris, normal load {args.rate} q/s "
         f"for {args.seconds} s per phase, daemon under prlimit --nofile={args.nofile}, "
-        f"max_connections {args.max_connections}, code from {args.code}; "
+        f"max_connections {args.max_connections}, daemon nice {args.daemon_nice}, "
+        f"attackers nice {args.attacker_nice}, code from {args.code}; "
         f"load average before: {os.getloadavg()[0]:.2f}"
     )
     failures = 0
@@ -467,6 +470,12 @@ def main() -> int:
         help="run the idle and slow clients at this nice level: 19 stands for attackers on "
         "other machines, whose own CPU the relay does not pay (the kernel's work for their "
         "connections is still the relay's)",
+    )
+    parser.add_argument(
+        "--daemon-nice",
+        type=int,
+        default=0,
+        help="run the daemon at this nice level (below 0 needs root): a unit's Nice=",
     )
     parser.add_argument(
         "--code", type=Path, default=REPO, help="the daemon's source tree (e.g. an older commit)"
