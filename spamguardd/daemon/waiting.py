@@ -7,10 +7,11 @@ be tens of thousands of them. So a waiting connection is not given a trio task a
 scope: it is registered in one private epoll set and one queue ordered by arrival, and a
 single task watches both (measured: ``docs/reliability.md``, ## Connections).
 
-Every connection waits at most ``read_timeout`` from its accept, so arrival order is deadline
+Every connection is given ``read_timeout`` from its accept, so arrival order is deadline
 order: the watcher sleeps until the oldest deadline or until the epoll set has input. It is
 also shedding order: the room is bounded, and the connection that has waited longest is the
-one that makes room for a new one.
+one that makes room for a new one. Timeouts are paced (:data:`EXPIRY_PACE`): a flood of
+silent clients is told a hundred a second, not all at once, so they do not all come back.
 """
 
 from __future__ import annotations
@@ -29,18 +30,23 @@ import trio
 from spamguardd.core.errors import RemoteProtocolError
 from spamguardd.core.protocol import MAX_REQUEST_SIZE, NEED_DATA, PolicyConnection, Request
 
-#: Readiness events, and expired connections, handled in one pass before the watcher yields to
-#: the accept loop. Clients that connected in a burst time out in a burst and reconnect in one:
-#: handled all at once, they fill the listen backlog ahead of real queries (measured: 10,000 at
-#: once put a query behind 1.7 s of them); in slices, the backlog stays short.
+#: Readiness events handled in one pass before the watcher yields to the accept loop: a burst
+#: of input (a thousand slowloris clients each sending its byte in the same second) is read in
+#: slices, and a real query accepted in between.
 EVENTS_PER_PASS: Final = 64
-EXPIRED_PER_PASS: Final = 32
-#: Seconds between two passes of expiry when a pass had more than it could take: at most
-#: 3,200 timeouts a second. Sliced but not paced, 10,000 idle clients that timed out together
-#: still reconnected within a fraction of a second, and a query behind them waited hundreds of
-#: milliseconds; paced, their reconnections spread over seconds. A connection may then wait
-#: longer than ``read_timeout`` (its turn comes within a few seconds), never forever.
-EXPIRY_PACE: Final = 0.01
+#: Timeouts handed over in one pass, and the seconds between two such passes while more are
+#: due: at most 100 timeouts a second. A silent client that is closed costs nothing to keep
+#: but a good deal to lose: an attacker reconnects it at once, and each reconnection is an
+#: accept, a read, a timeout and a close for the daemon and a place in the listen backlog ahead
+#: of real queries. Unpaced, 10,000 idle clients that timed out together reconnected together
+#: and put a query behind 1.7 s of them; at 3,200 a second they still came back 2,000 a second
+#: and cost the daemon, the attacker and the kernel some 13 % of a core between them (measured:
+#: ``docs/reliability.md``, ## Connections). A new connection that needs a slot still gets one
+#: at once, by shedding the longest-waiting; the pace only decides how soon a silent one is
+#: told. Under a flood a connection may so wait past ``read_timeout``: at most the room's size
+#: / 100 seconds (164 s at the default ``max_connections``), never forever.
+EXPIRED_PER_PASS: Final = 4
+EXPIRY_PACE: Final = 0.04
 
 
 @attrs.define(slots=True)
@@ -101,7 +107,8 @@ class WaitingRoom:
         return True
 
     def close(self) -> None:
-        """Stop: the watcher returns once the room is empty (at most ``read_timeout``)."""
+        """Stop: the watcher returns once the room is empty (``read_timeout`` unless timeouts
+        are being paced; the server abandons what is left after its grace)."""
         self._closing = True
         self._arrived.set()
 
