@@ -8,6 +8,7 @@ import ipaddress
 from collections.abc import Sequence
 
 import attrs
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,6 +17,10 @@ from spamguardd.core.config import Mode, PolicyConfig
 from spamguardd.core.policy import Blocked, Decision, Effect, Failure, Policy, Warned, WouldBlock
 from spamguardd.core.protocol import IPAddress, RcptRequest, Verify
 from spamguardd.core.rate import Rate
+from spamguardd.tools.eximlog import Arrival, Completed, Delivery, Event, Rejection, UserKeys
+from spamguardd.tools.replay import engine
+from spamguardd.tools.replay.engine import Candidate, Replayer
+from spamguardd.tools.replay.report import to_json, to_table
 
 USERS = ("auth:a", "auth:b", "auth:c")
 IPS = (None, ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("198.51.100.7"))
@@ -235,3 +240,78 @@ class TestBucketsRuns:
             start += len(counted)
         assert got == expected
         assert bytes(ours) == bytes(theirs)
+
+
+# -- the replay: held back and handed over in runs, or each failure at once -------------------
+
+KEYS = UserKeys([ipaddress.ip_network("192.0.2.0/24")])
+SENDERS = (("a@x.test", None), ("b@x.test", None), (None, "192.0.2.9"))
+
+
+@st.composite
+def logs(draw: st.DrawFn) -> list[Event]:
+    """Events of a log: failed recipients of three senders, their messages (received,
+    delivered, failed at delivery, completed), in time order."""
+    events: list[Event] = []
+    now = 1_795_833_830.0
+    messages = 0
+    for _ in range(draw(st.integers(0, 150))):
+        now += draw(st.sampled_from([0.0, 0.0, 1.0, 30.0, 700.0]))
+        auth, host = draw(st.sampled_from(SENDERS))
+        kind = draw(st.sampled_from(["reject", "reject", "reject", "message"]))
+        rcpt = f"r{draw(st.integers(0, 10))}@y.test"
+        if kind == "reject":
+            events.append(Rejection(now, rcpt, auth, host, "Unrouteable address", True, False))
+            continue
+        messages += 1
+        mid = f"1xX8Pm-{messages:06d}-0q"
+        events.append(Arrival(now, mid, auth, host, recipients=2))
+        events.append(Delivery(now, mid, rcpt, False))
+        events.append(Delivery(now, mid, "z@y.test", True, by_transport=True))
+        events.append(Completed(now, mid))
+    return events
+
+
+class TestReplayRuns:
+    @settings(max_examples=150, deadline=None)
+    @given(events=logs(), guard=st.booleans())
+    def test_held_back_failures_report_as_failures_fed_at_once(
+        self, events: list[Event], guard: bool
+    ) -> None:
+        """The replay's report (blocks, failures before them, frozen recipients, peaks,
+        timelines) is the same whether failures are held back and handed over per user or
+        handed to the policies one at a time."""
+        config = PolicyConfig(accepted_recipients=(Rate(6, 3600),) if guard else None, warn_at=0.5)
+        candidates = [Candidate.parse("4/1m"), Candidate.parse("3/1h,8/1d")]
+
+        def replayed() -> tuple[object, ...]:
+            replayer = Replayer(config, candidates, KEYS)
+            replayer.feed_all(events)
+            report = replayer.report
+            return to_json(report), to_table(report), dict(report.timelines)
+
+        batched = replayed()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(engine, "MAX_PENDING", 1)
+            assert replayed() == batched
+
+
+def test_no_cap_reached_while_holding_back() -> None:
+    """Near ``limits.max_tracked_users`` (where which user makes room depends on the order of
+    all users' failures) the replay hands each failure over at once, and reports the same."""
+    events: list[Event] = [
+        Rejection(1000.0 + n, f"r{n}@y.test", f"u{n % 7}@x.test", None, "Unrouteable", True, False)
+        for n in range(200)
+    ]
+    config = PolicyConfig(max_tracked_users=3)
+    reports = []
+    for pending in (1, engine.MAX_PENDING):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(engine, "MAX_PENDING", pending)
+            replayer = Replayer(config, [Candidate.parse("5/1h")], KEYS)
+            replayer.feed_all(events)
+            reports.append(to_json(replayer.report))
+            assert all(
+                result.policy.statistics().tracked_users <= 3 for result in replayer.report.results
+            )
+    assert reports[0] == reports[1]
