@@ -219,10 +219,11 @@ def _rebuild(state: UserState, rates: Sequence[Rate], now: float, keep: int) -> 
     live: list[Sequence[float]]
     if w == 1:
         cutoff = now - rates[0].period
+        # an empty slot is (0.0, 0.0): its time is never later than a cutoff at or after 0
         live = [
             (mark, time)
             for mark, time in zip(values[0::2], values[1::2], strict=True)
-            if mark != _EMPTY and time > cutoff
+            if time > cutoff and mark
         ]
     else:
         entries = [values[at : at + width] for at in range(0, len(values), width) if values[at]]
@@ -238,8 +239,8 @@ def _rebuild(state: UserState, rates: Sequence[Rate], now: float, keep: int) -> 
     mask = capacity - 1
     if w == 1:
         for mark, time in kept:
-            at = (int(mark) & mask) * 2
-            while table[at] != _EMPTY:
+            at = (int(mark) & mask) << 1
+            while table[at]:  # a fingerprint is never 0.0
                 at += 2
                 if at == size:
                     at = 0

@@ -416,13 +416,13 @@ class Policy:
         """
         if user in self.blocks or not failures:
             return []
-        return self._count_failures(user, failures)[0]
+        return self._count_failures(user, failures, answer=False)[0]
 
-    def _count_failures(  # noqa: C901 - the filters and the loop of the hot path, together
-        self, user: str, failures: Sequence[Failure]
+    def _count_failures(  # noqa: C901, PLR0912 - the filters and the loop of the hot path
+        self, user: str, failures: Sequence[Failure], *, answer: bool = True
     ) -> tuple[list[tuple[int, Decision]], Decision]:
         """Count *failures* of *user* (not blocked): the decisions with effects, by index, and
-        the decision of the last failure decided."""
+        the decision of the last failure decided (with *answer*; else a placeholder)."""
         config = self.config
         rates = config.limits_for(user)
         if config.warn_at is not None:
@@ -433,16 +433,22 @@ class Policy:
         count_defer = config.count_defer
         picked: Sequence[Failure] = failures
         at = range(len(failures))  # the index in *failures* of each in *picked*
-        if networks or not count_defer:
+        if networks:
             kept = [
                 index
                 for index, (_, verify, ip, _, _) in enumerate(failures)
                 if (count_defer or verify is not Verify.DEFER)
                 and (ip is None or not any(ip in net for net in networks))
             ]
-            if len(kept) < len(failures):
-                at = kept  # type: ignore[assignment]
-                picked = [failures[index] for index in kept]
+        elif count_defer or Verify.DEFER not in [failure[1] for failure in failures]:
+            kept = None  # every one counts (the common case)
+        else:
+            kept = [
+                index for index, failure in enumerate(failures) if failure[1] is not Verify.DEFER
+            ]
+        if kept is not None and len(kept) < len(failures):
+            at = kept  # type: ignore[assignment]
+            picked = [failures[index] for index in kept]
         if not picked:
             return [], ACCEPTED
         limit = _recent_limit(rates)
@@ -483,8 +489,8 @@ class Policy:
             if user in self.blocks:
                 return notable, last
         self._users.file(user, state, buckets.updated(state) + self._idle_after(rates))
-        if at[-1] != len(failures) - 1:
-            return notable, ACCEPTED  # the last was not counted
+        if at[-1] != len(failures) - 1 or not answer:
+            return notable, ACCEPTED  # the last was not counted, or no one asks
         if last is None:
             last = Decision(ACCEPT, counted=counted, tokens_left=buckets.tokens_left(state, rates))
         return notable, last
