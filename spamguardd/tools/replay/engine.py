@@ -194,7 +194,7 @@ class Replayer:
         # handed over at once; and at the cap of tracked users, where which user goes depends
         # on the order of all users' failures, so users are held back only while every one of
         # them could be counted without reaching it (*room*).
-        self._batched = not expires(config.expire)
+        self._flush_at = MAX_PENDING if not expires(config.expire) else 1
         self._cap = config.max_tracked_users
         self._room = self._cap
 
@@ -211,23 +211,38 @@ class Replayer:
         self.feed_merged(zip(itertools.repeat(relay), events))
 
     def feed_merged(self, events: Iterable[tuple[int, Event]]) -> None:
-        """Account for every ``(relay, event)`` of *events*, in order: the loop of a replay."""
-        rejection, delivery, arrival = self._rejection, self._delivery, self._arrival
+        """Account for every ``(relay, event)`` of *events*, in order: the loop of a replay.
+
+        A rejection, every line of a spam wave, is dealt with here (:meth:`_rejection` says
+        what), from the tuple's fields unpacked at once.
+        """
+        delivery, arrival, failure = self._delivery, self._arrival, self._failure
+        key = self.keys.key
+        count_defer = self.count_defer
         relays = self._relays
         for relay, event in events:
-            if isinstance(event, Rejection):
-                rejection(event)
+            if type(event) is Rejection:
+                at, rcpt, auth_id, host, _, verify_failed, temporary, null_sender, local = event
+                if null_sender or not verify_failed or (temporary and not count_defer):
+                    continue
+                user = key(auth_id, host, local)
+                if user is not None:
+                    failure(user, rcpt, host, at, Verify.DEFER if temporary else Verify.FAIL)
             elif isinstance(event, Delivery):
                 delivery(event, relays[relay])
             elif isinstance(event, Arrival):
                 arrival(event, relays[relay])
+            elif isinstance(event, Rejection):
+                self._rejection(event)
             else:
                 relays[relay].forget(event.message_id)
         self._flush()
 
     def _rejection(self, event: Rejection) -> None:
+        """A failed recipient, unless a bounce's (neither verified nor counted by the shipped
+        ACL), not a verification failure, or a 4xx not counted; the user as the ACL keys it."""
         if event.null_sender:
-            return  # bounces are neither verified nor counted by the shipped ACL
+            return
         if event.verify_failed and (not event.temporary or self.count_defer):
             user = self.keys.key(event.auth_id, event.host, event.local)
             if user is not None:
@@ -306,24 +321,23 @@ class Replayer:
                     known.warnings += 1
 
     def _failure(self, user: str, rcpt: str, host: str | None, at: float, verify: Verify) -> None:
-        report = self.report
-        report.failures += 1
         state = self._users.get(user)
         if state is None:
-            state = self._users[user] = _User(UserPeaks(report.windows), user)
-            report.peaks[user] = state.peaks
+            state = self._users[user] = _User(UserPeaks(self.report.windows), user)
+            self.report.peaks[user] = state.peaks
         if at >= self._next_lift or at >= self._next_sweep:
             self._housekeep(at)
         pending = state.pending
         if not pending:
             self._pending[user] = state
+            if len(self._pending) >= self._room:
+                pending.append((rcpt, verify, _ip(host), at, at))
+                self._pending_count += 1
+                self._flush()
+                return
         pending.append((rcpt, verify, _ip(host), at, at))
         self._pending_count += 1
-        if (
-            not self._batched
-            or self._pending_count >= MAX_PENDING
-            or len(self._pending) >= self._room
-        ):
+        if self._pending_count >= self._flush_at:
             self._flush()
 
     def _flush(self) -> None:
@@ -351,6 +365,7 @@ class Replayer:
         for them in the order they came, as if each had been decided on its own."""
         failures = state.pending
         state.pending = []
+        self.report.failures += len(failures)
         notable: list[tuple[int, int, CandidateResult, Sequence[Effect]]] = []
         for order, (result, blocked, _) in enumerate(self._deciders):
             if user in blocked:
