@@ -74,6 +74,10 @@ _EMPTY: Final = 0.0
 WARNED: Final = _FINGERPRINT_MAX
 _DOUBLE: Final = struct.Struct("d")
 _TOKEN_LAYOUTS: dict[int, struct.Struct] = {}
+#: Per tuple of rates (by identity, the tuple kept alive here): capacities, refill speeds and
+#: periods as :func:`count_failures` reads them, worked out once instead of per call.
+_PARAMETERS: dict[int, tuple[Sequence[Rate], list[float], list[float], list[int]]] = {}
+_MAX_PARAMETERS: Final = 256
 #: A remembered failure: its fingerprint, then its time in each window.
 _Entry = TypeVar("_Entry", bound=Sequence[float])
 
@@ -349,9 +353,19 @@ def count_failures(  # noqa: C901, PLR0912, PLR0915 - one loop over one view: th
     w = len(rates)
     width = 1 + w
     base = _TOKENS + w
-    counts = [float(rate.count) for rate in rates]
-    speeds = [rate.per_second for rate in rates]
-    periods = [rate.period for rate in rates]
+    known = _PARAMETERS.get(id(rates))
+    if known is None or known[0] is not rates:
+        known = (
+            rates,
+            [float(rate.count) for rate in rates],
+            [rate.per_second for rate in rates],
+            [rate.period for rate in rates],
+        )
+        if type(rates) is tuple:  # not a list, which could change under the same identity
+            if len(_PARAMETERS) >= _MAX_PARAMETERS:
+                _PARAMETERS.clear()
+            _PARAMETERS[id(rates)] = known
+    _, counts, speeds, periods = known
     windows = range(w)
     counted: list[bool] = []
     tripped: Rate | None = None

@@ -277,7 +277,7 @@ class Policy:
         #: each tuple the configuration hands out, by identity (the tuple is kept alive here).
         self._layouts: list[tuple[Rate, ...]] = []
         self._layout_tags: dict[tuple[Rate, ...], float] = {}
-        self._tag_by_id: dict[int, tuple[tuple[Rate, ...], float, float]] = {}
+        self._tag_by_id: dict[int, tuple[tuple[Rate, ...], float, float, int]] = {}
         #: Monotonic times of the reloads that changed limits, oldest first.
         self._reloads: list[float] = []
         #: ``(user, rcpt, ip, wall_now)`` of each :class:`FailureSample`, made when asked for:
@@ -418,7 +418,7 @@ class Policy:
             return []
         return self._count_failures(user, failures, answer=False)[0]
 
-    def _count_failures(  # noqa: C901, PLR0912 - the filters and the loop of the hot path
+    def _count_failures(  # noqa: C901, PLR0911, PLR0912, PLR0915 - the hot path, in one piece
         self, user: str, failures: Sequence[Failure], *, answer: bool = True
     ) -> tuple[list[tuple[int, Decision]], Decision]:
         """Count *failures* of *user* (not blocked): the decisions with effects, by index, and
@@ -432,29 +432,36 @@ class Policy:
         networks = config.exempt_networks
         count_defer = config.count_defer
         picked: Sequence[Failure] = failures
-        at = range(len(failures))  # the index in *failures* of each in *picked*
-        if networks:
-            kept = [
-                index
-                for index, (_, verify, ip, _, _) in enumerate(failures)
-                if (count_defer or verify is not Verify.DEFER)
-                and (ip is None or not any(ip in net for net in networks))
-            ]
-        elif count_defer or Verify.DEFER not in [failure[1] for failure in failures]:
-            kept = None  # every one counts (the common case)
+        at: Sequence[int] = range(len(failures))  # the index in *failures* of each in *picked*
+        if len(failures) == 1:  # the query path
+            ((rcpt, verify, ip, now, _),) = failures
+            if (verify is Verify.DEFER and not count_defer) or (
+                ip is not None and networks and any(ip in net for net in networks)
+            ):
+                return [], ACCEPTED
+            rcpts: Sequence[str] = (rcpt,)
+            times: Sequence[float] = (now,)
         else:
-            kept = [
-                index for index, failure in enumerate(failures) if failure[1] is not Verify.DEFER
-            ]
-        if kept is not None and len(kept) < len(failures):
-            at = kept  # type: ignore[assignment]
-            picked = [failures[index] for index in kept]
-        if not picked:
-            return [], ACCEPTED
-        limit = _recent_limit(rates)
-        state = self._counted_state(user, rates, picked[0][3])
-        rcpts = [failure[0] for failure in picked]
-        times = [failure[3] for failure in picked]
+            if networks:
+                kept = [
+                    index
+                    for index, (_, verify, ip, _, _) in enumerate(failures)
+                    if (count_defer or verify is not Verify.DEFER)
+                    and (ip is None or not any(ip in net for net in networks))
+                ]
+            elif count_defer or Verify.DEFER not in [failure[1] for failure in failures]:
+                kept = None  # every one counts (the common case)
+            else:
+                kept = [i for i, failure in enumerate(failures) if failure[1] is not Verify.DEFER]
+            if kept is not None and len(kept) < len(failures):
+                at = kept
+                picked = [failures[index] for index in kept]
+                if not picked:
+                    return [], ACCEPTED
+            rcpts = [failure[0] for failure in picked]
+            times = [failure[3] for failure in picked]
+        limit = self._recent_limit(rates)
+        state = self._counted_state(user, rates, times[0])
         notable: list[tuple[int, Decision]] = []
         last: Decision | None = None
         start = 0
@@ -916,7 +923,12 @@ class Policy:
             tag = float(len(self._layouts))
             self._layouts.append(rates)
             self._layout_tags[rates] = tag
-        self._tag_by_id[id(rates)] = (rates, tag, float(max(rate.period for rate in rates)))
+        self._tag_by_id[id(rates)] = (
+            rates,
+            tag,
+            float(max(rate.period for rate in rates)),
+            _recent_limit(rates),
+        )
         return tag
 
     def _idle_after(self, rates: tuple[Rate, ...]) -> float:
@@ -927,6 +939,14 @@ class Policy:
             self._tag(rates)
             known = self._tag_by_id[id(rates)]
         return known[2]
+
+    def _recent_limit(self, rates: tuple[Rate, ...]) -> int:
+        """:func:`buckets.recent_limit` of *rates*, worked out once per tuple."""
+        known = self._tag_by_id.get(id(rates))
+        if known is None:
+            self._tag(rates)
+            known = self._tag_by_id[id(rates)]
+        return known[3]
 
     def _fitted(self, state: buckets.UserState, rates: tuple[Rate, ...]) -> buckets.UserState:
         """*state* (laid out for other rates) carried over to *rates*, as a new state."""
