@@ -104,8 +104,11 @@ def _policy_seconds(path: Path, limits: list[str]) -> tuple[float, int]:  # noqa
                 return twin.decide_failures(user, failures)
 
             calls.append((run, list(failures), 0.0))
-            decided[0] += len(failures)
-            return super().decide_failures(user, failures)
+            blocked = user in self.blocks
+            out = super().decide_failures(user, failures)
+            # a run ends at the failure that blocks: the rest are the block list's, not decided
+            decided[0] += out[-1][0] + 1 if not blocked and user in self.blocks else len(failures)
+            return out
 
     setattr(engine, "Policy", Recording)  # noqa: B010 - a module attribute, looked up late
     _replay(path, limits)
