@@ -71,12 +71,14 @@ def _replay(path: Path, limits: list[str]) -> Any:
     return logs.replay([path], PolicyConfig(), [engine.Candidate.parse(x) for x in limits], keys)
 
 
-def _policy_seconds(path: Path, limits: list[str]) -> tuple[float, int]:
-    """CPU seconds the replay of *path* spends in its policies, and how many calls it makes."""
+def _policy_seconds(path: Path, limits: list[str]) -> tuple[float, int]:  # noqa: C901 - a recorder
+    """CPU seconds the replay of *path* spends in its policies, and how many decisions it asks
+    for (a run of failures, ``decide_failures``, asks for one per failure)."""
     from spamguardd.core.policy import Policy  # noqa: PLC0415
 
     engine, _ = _modules()
     calls: list[tuple[Callable[..., Any], Any, float]] = []
+    decided = [0]
 
     class Recording(Policy):
         """Records each call for a twin that replays them later, timed."""
@@ -87,11 +89,26 @@ def _policy_seconds(path: Path, limits: list[str]) -> tuple[float, int]:
 
         def decide(self, request: Any, *, now: float, wall_now: float) -> Any:
             calls.append((self.twin.decide, request, now))
+            decided[0] += 1
             return super().decide(request, now=now, wall_now=wall_now)
 
         def forget_idle(self, now: float, users: Any = None) -> int:
             calls.append((self.twin.forget_idle, None, now))
+            decided[0] += 1
             return super().forget_idle(now, users)
+
+        def decide_failures(self, user: str, failures: Any) -> Any:
+            twin = self.twin
+
+            def run(failures: Any, *, now: float, wall_now: float) -> Any:  # noqa: ARG001
+                return twin.decide_failures(user, failures)
+
+            calls.append((run, list(failures), 0.0))
+            blocked = user in self.blocks
+            out = super().decide_failures(user, failures)
+            # a run ends at the failure that blocks: the rest are the block list's, not decided
+            decided[0] += out[-1][0] + 1 if not blocked and user in self.blocks else len(failures)
+            return out
 
     setattr(engine, "Policy", Recording)  # noqa: B010 - a module attribute, looked up late
     _replay(path, limits)
@@ -112,12 +129,12 @@ def _policy_seconds(path: Path, limits: list[str]) -> tuple[float, int]:
             call(now)
         else:
             call(request, now=now, wall_now=now)
-    return time.process_time() - started - overhead, len(calls)
+    return time.process_time() - started - overhead, decided[0]
 
 
 def _install_stand_in() -> None:
     """Replace the replay's policies with one that answers ``accept`` and keeps nothing."""
-    from spamguardd.core.policy import ACCEPT, Decision  # noqa: PLC0415
+    from spamguardd.core.policy import ACCEPT, Decision, PolicyStatistics  # noqa: PLC0415
 
     engine, _ = _modules()
     accepted = Decision(ACCEPT)
@@ -126,13 +143,19 @@ def _install_stand_in() -> None:
         """What the replay would cost with a policy that cost nothing."""
 
         def __init__(self, *_args: Any, **_kwargs: Any) -> None:
-            pass
+            self.blocks: dict[str, Any] = {}
 
         def decide(self, _request: Any, *, now: float, wall_now: float) -> Decision:  # noqa: ARG002
             return accepted
 
+        def decide_failures(self, _user: str, _failures: Any) -> list[Any]:
+            return []
+
         def forget_idle(self, _now: float, _users: Any = None) -> int:
             return 0
+
+        def statistics(self) -> Any:
+            return PolicyStatistics(0, 0, 0, 0)
 
     setattr(engine, "Policy", StandIn)  # noqa: B010 - a module attribute, looked up late
 

@@ -37,7 +37,8 @@ import hashlib
 import math
 import struct
 from collections.abc import Sequence
-from typing import Final, Protocol, Self, cast, overload
+from hashlib import blake2b as _blake2b
+from typing import Final, Protocol, Self, TypeVar, cast, overload
 
 from spamguardd.core.protocol import ENCODING, ERRORS
 from spamguardd.core.rate import Rate
@@ -73,6 +74,12 @@ _EMPTY: Final = 0.0
 WARNED: Final = _FINGERPRINT_MAX
 _DOUBLE: Final = struct.Struct("d")
 _TOKEN_LAYOUTS: dict[int, struct.Struct] = {}
+#: Per tuple of rates (by identity, the tuple kept alive here): capacities, refill speeds and
+#: periods as :func:`count_failures` reads them, worked out once instead of per call.
+_PARAMETERS: dict[int, tuple[Sequence[Rate], list[float], list[float], list[int]]] = {}
+_MAX_PARAMETERS: Final = 256
+#: A remembered failure: its fingerprint, then its time in each window.
+_Entry = TypeVar("_Entry", bound=Sequence[float])
 
 
 def recent_limit(rates: Sequence[Rate]) -> int:
@@ -193,7 +200,7 @@ def _live(entries: list[list[float]], rates: Sequence[Rate], now: float) -> list
     ]
 
 
-def _newest(entries: list[list[float]], keep: int) -> list[list[float]]:
+def _newest(entries: list[_Entry], keep: int) -> list[_Entry]:
     """The *keep* entries counted most recently."""
     if len(entries) <= keep:
         return entries
@@ -202,15 +209,58 @@ def _newest(entries: list[list[float]], keep: int) -> list[list[float]]:
 
 
 def _rebuild(state: UserState, rates: Sequence[Rate], now: float, keep: int) -> None:
-    """Rebuild the table in place: live entries only (the newest *keep*), room for one more."""
+    """Rebuild the table in place: live entries only (the newest *keep*), room for one more.
+
+    The table :func:`_build` makes from the :func:`_live` entries, made with fewer steps (a
+    user failing steadily rebuilds about once in twenty failures): the entries are read and
+    placed in the same order, so the table is the same, slot for slot.
+    """
     w = len(rates)
+    width = 1 + w
+    base = _TOKENS + w
     with _view(state) as view:
-        head = _head(view)
-        tokens = view[_TOKENS : _TOKENS + w].tolist()
-        live = _live(_entries(view, w), rates, now)
+        values = view[base:].tolist()
+    live: list[Sequence[float]]
+    if w == 1:
+        cutoff = now - rates[0].period
+        # an empty slot is (0.0, 0.0): its time is never later than a cutoff at or after 0
+        live = [
+            (mark, time)
+            for mark, time in zip(values[0::2], values[1::2], strict=True)
+            if time > cutoff and mark
+        ]
+    else:
+        entries = [values[at : at + width] for at in range(0, len(values), width) if values[at]]
+        live = list(_live(entries, rates, now))
     # past *keep*, leave room for keep/2 more, so that the next rebuild is as far away
     room = 1 if len(live) <= keep else max(1, keep // 2)
-    state[:] = _build(head, tokens, _newest(live, keep), w, room=room)
+    kept = _newest(live, keep)
+    capacity = 2
+    while capacity < 2 * (len(kept) + room):
+        capacity *= 2
+    size = capacity * width
+    table = [_EMPTY] * size
+    mask = capacity - 1
+    if w == 1:
+        for mark, time in kept:
+            at = (int(mark) & mask) << 1
+            while table[at]:  # a fingerprint is never 0.0
+                at += 2
+                if at == size:
+                    at = 0
+            table[at] = mark
+            table[at + 1] = time
+    else:
+        for entry in kept:
+            at = (int(entry[0]) & mask) * width
+            while table[at] != _EMPTY:
+                at += width
+                if at == size:
+                    at = 0
+            table[at : at + width] = entry
+    with _view(state) as view:
+        view[_ENTRIES] = float(len(kept))
+    state[8 * base :] = array.array("d", table).tobytes()
 
 
 def refill(state: UserState, rates: Sequence[Rate], now: float) -> None:
@@ -277,24 +327,112 @@ def count_failure(
     Returns:
         Whether any window counted it, and the first rate whose bucket it emptied.
     """
+    counted, tripped = count_failures(state, rates, (rcpt,), (now,), limit)
+    return counted[0], tripped
+
+
+def count_failures(  # noqa: C901, PLR0912, PLR0915 - one loop over one view: the hot path
+    state: UserState,
+    rates: Sequence[Rate],
+    rcpts: Sequence[str],
+    times: Sequence[float],
+    limit: int,
+) -> tuple[list[bool], Rate | None]:
+    """Count failed *rcpts* at *times* (in order) as :func:`count_failure` counts each, up to
+    and including the first that empties a bucket.
+
+    Every failed recipient of the daemon (a run of one) and of a replay (a user's failures
+    at a time) passes through here, so the refill (:func:`refilled`), the fingerprint, the
+    probe (:func:`_probe`) and the taking of tokens (:func:`_take`) are written out over one
+    view of the state, with the same arithmetic.
+
+    Returns:
+        Whether each failure counted, for those dealt with, and the first rate whose bucket the
+        last of them emptied (None: none did, and all were dealt with).
+    """
     w = len(rates)
-    mark = fingerprint(rcpt)
+    width = 1 + w
+    base = _TOKENS + w
+    known = _PARAMETERS.get(id(rates))
+    if known is None or known[0] is not rates:
+        known = (
+            rates,
+            [float(rate.count) for rate in rates],
+            [rate.per_second for rate in rates],
+            [rate.period for rate in rates],
+        )
+        if type(rates) is tuple:  # not a list, which could change under the same identity
+            if len(_PARAMETERS) >= _MAX_PARAMETERS:
+                _PARAMETERS.clear()
+            _PARAMETERS[id(rates)] = known
+    _, counts, speeds, periods = known
+    windows = range(w)
+    counted: list[bool] = []
+    tripped: Rate | None = None
     view = _view(state)
     try:
-        elapsed = now - view[_UPDATED]
-        if elapsed > 0:
-            for index, rate in enumerate(rates, start=_TOKENS):
-                view[index] = refilled(view[index], elapsed, rate)
-            view[_UPDATED] = now
-        found, free = _probe(view, mark, w)
-        if found < 0:
-            if 2 * (view[_ENTRIES] + 1) > (len(view) - _TOKENS - w) // (1 + w):
-                view.release()
-                _rebuild(state, rates, now, limit)
-                view = _view(state)
-                free = _probe(view, mark, w)[1]
-            found = _insert(view, free, mark, w)
-        return _take(view, found, rates, now)
+        capacity = (len(view) - base) // width
+        for rcpt, now in zip(rcpts, times, strict=True):
+            digest = _blake2b(rcpt.encode(ENCODING, ERRORS), digest_size=8).digest()
+            mark = float((int.from_bytes(digest, "big") >> 12) or 1)
+            elapsed = now - view[_UPDATED]
+            if elapsed > 0:
+                for i in windows:
+                    view[_TOKENS + i] = min(counts[i], view[_TOKENS + i] + elapsed * speeds[i])
+                view[_UPDATED] = now
+            found = free = -1
+            if capacity:
+                mask = capacity - 1
+                slot = int(mark) & mask
+                while True:
+                    offset = base + slot * width
+                    held = view[offset]
+                    if held == mark:
+                        found = offset
+                        break
+                    if held == _EMPTY:
+                        free = offset
+                        break
+                    slot = (slot + 1) & mask
+            if found < 0:  # never counted (or forgotten): counted in every window
+                if 2 * (view[_ENTRIES] + 1) > capacity:
+                    view.release()
+                    _rebuild(state, rates, now, limit)
+                    view = _view(state)
+                    capacity = (len(view) - base) // width
+                    free = _probe(view, mark, w)[1]
+                view[free] = mark
+                view[_ENTRIES] += 1
+                found = free
+                for i in windows:
+                    view[found + 1 + i] = now
+                    level = view[_TOKENS + i] - 1.0
+                    if level < 0.0:  # noqa: PLR1730 - a comparison, not a call, per failure
+                        level = 0.0
+                    view[_TOKENS + i] = level
+                    if tripped is None and level < 1.0 - _SLACK:
+                        tripped = rates[i]
+                counted.append(True)
+                if tripped is not None:
+                    break
+                continue
+            hit = False
+            for i in windows:
+                at = found + 1 + i
+                if now - view[at] < periods[i]:
+                    continue  # a retry in this window
+                hit = True
+                view[at] = now
+                level = view[_TOKENS + i] - 1.0
+                if level < 0.0:  # noqa: PLR1730 - a comparison, not a call, per failure
+                    level = 0.0
+                view[_TOKENS + i] = level
+                if tripped is None and level < 1.0 - _SLACK:
+                    tripped = rates[i]
+            counted.append(hit)
+            if tripped is not None:
+                break
+        return counted, tripped
     finally:
         view.release()
 

@@ -190,6 +190,11 @@ class StoreCount:
     made_on: str = ""
 
 
+#: One failed recipient of a run (:meth:`Policy.decide_failures`): ``(rcpt, verify, ip, now,
+#: wall_now)``, what an ``rcpt`` request of the run's user carries, and its times.
+Failure = tuple[str, Verify, IPAddress | None, float, float]
+
+
 @attrs.frozen
 class Decision:
     """What the policy decided for one request."""
@@ -272,10 +277,14 @@ class Policy:
         #: each tuple the configuration hands out, by identity (the tuple is kept alive here).
         self._layouts: list[tuple[Rate, ...]] = []
         self._layout_tags: dict[tuple[Rate, ...], float] = {}
-        self._tag_by_id: dict[int, tuple[tuple[Rate, ...], float, float]] = {}
+        self._tag_by_id: dict[int, tuple[tuple[Rate, ...], float, float, int]] = {}
         #: Monotonic times of the reloads that changed limits, oldest first.
         self._reloads: list[float] = []
-        self._samples: collections.deque[FailureSample] = collections.deque(maxlen=SAMPLE_CAPACITY)
+        #: ``(user, rcpt, ip, wall_now)`` of each :class:`FailureSample`, made when asked for:
+        #: every counted failure passes through here, few are ever looked at.
+        self._samples: collections.deque[tuple[str, str, IPAddress | None, float]] = (
+            collections.deque(maxlen=SAMPLE_CAPACITY)
+        )
         self._would_block: set[str] = set()
         #: Users dropped at ``max_tracked_users``.
         self.evicted_users = 0
@@ -314,11 +323,8 @@ class Policy:
             if not self._volume_guard:
                 return ACCEPTED
             return self._count_accepted(request, now=now, wall_now=wall_now)
-        if request.verify is Verify.DEFER and not self.config.count_defer:
-            return Decision(ACCEPT)
-        if self._is_exempt(request):
-            return Decision(ACCEPT)
-        return self._count_failure(request, now=now, wall_now=wall_now)
+        failure = (request.rcpt, request.verify, request.ip, now, wall_now)
+        return self._count_failures(request.user, (failure,))[1]
 
     def _count_accepted(self, request: RcptRequest, *, now: float, wall_now: float) -> Decision:
         """The volume guard: count an accepted recipient, under the user's key with
@@ -395,27 +401,166 @@ class Policy:
             users.mark(key)
         return state
 
-    def _count_failure(self, request: RcptRequest, *, now: float, wall_now: float) -> Decision:
-        user = request.user
-        rates = self.config.limits_for(user)
-        users = self._users
-        state = self._counted_state(user, rates, now)
-        warn_at = self.config.warn_at
-        before: tuple[float, ...] = ()
-        if warn_at is not None:  # the levels before this failure, for the warning mark
-            buckets.refill(state, rates, now)
+    def decide_failures(self, user: str, failures: Sequence[Failure]) -> list[tuple[int, Decision]]:
+        """Decide a run of *user*'s recipients that did not verify, in order, as one call.
+
+        Each failure is decided as :meth:`decide` decides an ``rcpt`` request of *user* with its
+        ``(rcpt, verify, ip)`` at its ``(now, wall_now)``, by the same code: the query path is a
+        run of one. Users are counted apart, so a caller holding several users' failures (a log
+        replay) may hand each user's over as one run, saving the per-call work of looking the
+        user up. A run stops at a failure that blocks the user: the rest would be answered from
+        the block list and change nothing.
+
+        Returns:
+            The decisions that carry effects, with their index in *failures*.
+        """
+        if user in self.blocks or not failures:
+            return []
+        return self._count_failures(user, failures, answer=False)[0]
+
+    def _count_failures(  # noqa: C901, PLR0911, PLR0912, PLR0915 - the hot path, in one piece
+        self, user: str, failures: Sequence[Failure], *, answer: bool = True
+    ) -> tuple[list[tuple[int, Decision]], Decision]:
+        """Count *failures* of *user* (not blocked): the decisions with effects, by index, and
+        the decision of the last failure decided (with *answer*; else a placeholder)."""
+        config = self.config
+        rates = config.limits_for(user)
+        if config.warn_at is not None:
+            return self._count_warned(user, rates, config.warn_at, failures)
+        if user in config.exempt_users:
+            return [], ACCEPTED
+        networks = config.exempt_networks
+        count_defer = config.count_defer
+        picked: Sequence[Failure] = failures
+        at: Sequence[int] = range(len(failures))  # the index in *failures* of each in *picked*
+        if len(failures) == 1:  # the query path
+            ((rcpt, verify, ip, now, _),) = failures
+            if (verify is Verify.DEFER and not count_defer) or (
+                ip is not None and networks and any(ip in net for net in networks)
+            ):
+                return [], ACCEPTED
+            rcpts: Sequence[str] = (rcpt,)
+            times: Sequence[float] = (now,)
+        else:
+            if networks:
+                kept = [
+                    index
+                    for index, (_, verify, ip, _, _) in enumerate(failures)
+                    if (count_defer or verify is not Verify.DEFER)
+                    and (ip is None or not any(ip in net for net in networks))
+                ]
+            elif count_defer or Verify.DEFER not in [failure[1] for failure in failures]:
+                kept = None  # every one counts (the common case)
+            else:
+                kept = [i for i, failure in enumerate(failures) if failure[1] is not Verify.DEFER]
+            if kept is not None and len(kept) < len(failures):
+                at = kept
+                picked = [failures[index] for index in kept]
+                if not picked:
+                    return [], ACCEPTED
+            rcpts = [failure[0] for failure in picked]
+            times = [failure[3] for failure in picked]
+        limit = self._recent_limit(rates)
+        state = self._counted_state(user, rates, times[0])
+        notable: list[tuple[int, Decision]] = []
+        last: Decision | None = None
+        start = 0
+        counted = False
+        while start < len(picked):
+            flags, tripped = buckets.count_failures(
+                state,
+                rates,
+                rcpts[start:] if start else rcpts,
+                times[start:] if start else times,
+                limit,
+            )
+            run = picked[start:] if start else picked
+            self._samples.extend(
+                [
+                    (user, rcpt, ip, wall)
+                    for (rcpt, _, ip, _, wall), hit in zip(run, flags, strict=False)
+                    if hit
+                ]
+            )
+            start += len(flags)
+            counted = flags[-1]
+            if tripped is None:
+                last = None
+                break
+            self._users.file(user, state, buckets.updated(state) + self._idle_after(rates))
+            last = self._tripped(
+                user, state, rates, tripped, counted=counted, wall_now=picked[start - 1][4]
+            )
+            if last.effects:
+                notable.append((at[start - 1], last))
+            if user in self.blocks:
+                return notable, last
+        self._users.file(user, state, buckets.updated(state) + self._idle_after(rates))
+        if at[-1] != len(failures) - 1 or not answer:
+            return notable, ACCEPTED  # the last was not counted, or no one asks
+        if last is None:
+            last = Decision(ACCEPT, counted=counted, tokens_left=buckets.tokens_left(state, rates))
+        return notable, last
+
+    def _count_warned(
+        self, user: str, rates: tuple[Rate, ...], warn_at: float, failures: Sequence[Failure]
+    ) -> tuple[list[tuple[int, Decision]], Decision]:
+        """:meth:`_count_failures` with the early warning on: one failure at a time, each with
+        the levels before it for the warning mark."""
+        config = self.config
+        limit = _recent_limit(rates)
+        count_defer = config.count_defer
+        exempt = user in config.exempt_users
+        networks = config.exempt_networks
+        notable: list[tuple[int, Decision]] = []
+        state: UserState | None = None
+        last = ACCEPTED
+        for index, (rcpt, verify, ip, now, wall_now) in enumerate(failures):
+            if (
+                (verify is Verify.DEFER and not count_defer)
+                or exempt
+                or (ip is not None and any(ip in net for net in networks))
+            ):
+                last = ACCEPTED
+                continue
+            if state is None:
+                state = self._counted_state(user, rates, now)
+            buckets.refill(state, rates, now)  # the levels before this failure, for the mark
             before = buckets.tokens_left(state, rates)
-        counted, tripped = buckets.count_failure(
-            state, rates, request.rcpt, now, _recent_limit(rates)
-        )
-        users.file(user, state, buckets.updated(state) + self._idle_after(rates))
+            counted, tripped = buckets.count_failure(state, rates, rcpt, now, limit)
+            if counted:
+                self._samples.append((user, rcpt, ip, wall_now))
+            self._users.file(user, state, buckets.updated(state) + self._idle_after(rates))
+            if tripped is not None:
+                last = self._tripped(
+                    user, state, rates, tripped, counted=counted, wall_now=wall_now
+                )
+            elif counted:
+                last = self._warning(
+                    user, state, rates, before, warn_at=warn_at, now=now, wall_now=wall_now
+                )
+            else:
+                last = Decision(
+                    ACCEPT, counted=False, tokens_left=buckets.tokens_left(state, rates)
+                )
+            if last.effects:
+                notable.append((index, last))
+            if user in self.blocks:
+                break
+        return notable, last
+
+    def _tripped(  # noqa: PLR0913 - the user, its state and limits, what tripped, the time
+        self,
+        user: str,
+        state: UserState,
+        rates: tuple[Rate, ...],
+        tripped: Rate,
+        *,
+        counted: bool,
+        wall_now: float,
+    ) -> Decision:
+        """The block (or, in monitor mode, the would-block) for a failure that emptied a bucket."""
         tokens_left = buckets.tokens_left(state, rates)
-        if counted:
-            self._samples.append(FailureSample(user, request.rcpt, request.ip, wall_now))
-        if tripped is None:
-            if warn_at is not None and counted:
-                return self._warning(request, rates, before, warn_at, now=now, wall_now=wall_now)
-            return Decision(ACCEPT, counted=counted, tokens_left=tokens_left)
         reason = f"{tripped.count} failed recipients within {format_duration(tripped.period)}"
         evidence = tuple(reversed(self.failure_samples(user, EVIDENCE_SAMPLES)))
         if self.config.mode is Mode.MONITOR:
@@ -438,21 +583,19 @@ class Policy:
             needs_generation=self.generation,
         )
 
-    def _warning(  # noqa: PLR0913 - the request, its limits and levels, the mark, the times
+    def _warning(  # noqa: PLR0913 - the user, its state, limits and levels, the mark, the times
         self,
-        request: RcptRequest,
+        user: str,
+        state: UserState,
         rates: tuple[Rate, ...],
         before: tuple[float, ...],
-        warn_at: float,
         *,
+        warn_at: float,
         now: float,
         wall_now: float,
     ) -> Decision:
         """The accept for a counted failure that emptied no bucket, with a warning if it took
         a window past ``limits.warn_at`` for the first time (since its bucket refilled)."""
-        user = request.user
-        state = self._users.get(user)
-        assert state is not None  # noqa: S101 - counted just now
         warned = buckets.check_warning(
             state, rates, before, now, warn_at=warn_at, limit=_recent_limit(rates)
         )
@@ -506,7 +649,7 @@ class Policy:
         """
         user = request.user
         if count.counted:
-            self._samples.append(FailureSample(user, request.rcpt, request.ip, wall_now))
+            self._samples.append((user, request.rcpt, request.ip, wall_now))
         tokens = count.tokens_left
         if count.status is StoreCountStatus.BLOCK and count.block is not None:
             if user in self.blocks:  # blocked here meanwhile: that block answers
@@ -780,7 +923,12 @@ class Policy:
             tag = float(len(self._layouts))
             self._layouts.append(rates)
             self._layout_tags[rates] = tag
-        self._tag_by_id[id(rates)] = (rates, tag, float(max(rate.period for rate in rates)))
+        self._tag_by_id[id(rates)] = (
+            rates,
+            tag,
+            float(max(rate.period for rate in rates)),
+            _recent_limit(rates),
+        )
         return tag
 
     def _idle_after(self, rates: tuple[Rate, ...]) -> float:
@@ -791,6 +939,14 @@ class Policy:
             self._tag(rates)
             known = self._tag_by_id[id(rates)]
         return known[2]
+
+    def _recent_limit(self, rates: tuple[Rate, ...]) -> int:
+        """:func:`buckets.recent_limit` of *rates*, worked out once per tuple."""
+        known = self._tag_by_id.get(id(rates))
+        if known is None:
+            self._tag(rates)
+            known = self._tag_by_id[id(rates)]
+        return known[3]
 
     def _fitted(self, state: buckets.UserState, rates: tuple[Rate, ...]) -> buckets.UserState:
         """*state* (laid out for other rates) carried over to *rates*, as a new state."""
@@ -911,8 +1067,8 @@ class Policy:
         """The most recent counted failures of *user* still in the sample ring, newest first."""
         found: list[FailureSample] = []
         for sample in reversed(self._samples):
-            if sample.user == user:
-                found.append(sample)
+            if sample[0] == user:
+                found.append(FailureSample(*sample))
                 if len(found) == limit:
                     break
         return found

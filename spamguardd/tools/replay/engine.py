@@ -21,7 +21,8 @@ from typing import Final
 import attrs
 
 from spamguardd.core.config import ACCEPTED_SUFFIX, Mode, PolicyConfig
-from spamguardd.core.policy import Block, Blocked, Effect, Policy, Warned
+from spamguardd.core.expiry import expires
+from spamguardd.core.policy import Block, Blocked, Effect, Failure, Policy, Warned
 from spamguardd.core.protocol import IPAddress, RcptRequest, Verify
 from spamguardd.core.rate import Rate
 from spamguardd.tools.eximlog import Arrival, Delivery, Event, Rejection, SkipTest, UserKeys
@@ -37,6 +38,10 @@ MAX_MESSAGES: Final = 200_000
 TIMELINE_POINTS: Final = 2_000
 #: Seconds of log time between sweeps of idle users out of each policy.
 SWEEP_INTERVAL: Final = 600.0
+#: Failures held back, across users, before each user's are handed to the policies as a run
+#: (:meth:`Policy.decide_failures`); they are handed over sooner when anything else needs the
+#: user's blocks, and before every sweep. Bounds the memory they take (about 150 bytes each).
+MAX_PENDING: Final = 65_536
 
 
 @attrs.frozen
@@ -179,6 +184,19 @@ class Replayer:
         ]
         #: Log time of the earliest block to lift (``block.expire``), across the candidates.
         self._next_lift = float("inf")
+        #: Users with failures not yet handed to the policies, in the order of their first.
+        self._pending: dict[str, _User] = {}
+        self._pending_count = 0
+        # A run of one user's failures is decided as they would be one by one as long as
+        # nothing in between depends on the user's blocks, which this engine sees to, and no
+        # other user's counting changes the user's. It can when blocks lift themselves by time
+        # (a lift is due at a time another user's failure reveals), so then each failure is
+        # handed over at once; and at the cap of tracked users, where which user goes depends
+        # on the order of all users' failures, so users are held back only while every one of
+        # them could be counted without reaching it (*room*).
+        self._flush_at = MAX_PENDING if not expires(config.expire) else 1
+        self._cap = config.max_tracked_users
+        self._room = self._cap
 
     def skip_test(self, relay: int = 0) -> SkipTest:
         """The skip test for the message lines of *relay* (:meth:`_Messages.consume`)."""
@@ -193,22 +211,38 @@ class Replayer:
         self.feed_merged(zip(itertools.repeat(relay), events))
 
     def feed_merged(self, events: Iterable[tuple[int, Event]]) -> None:
-        """Account for every ``(relay, event)`` of *events*, in order: the loop of a replay."""
-        rejection, delivery, arrival = self._rejection, self._delivery, self._arrival
+        """Account for every ``(relay, event)`` of *events*, in order: the loop of a replay.
+
+        A rejection, every line of a spam wave, is dealt with here (:meth:`_rejection` says
+        what), from the tuple's fields unpacked at once.
+        """
+        delivery, arrival, failure = self._delivery, self._arrival, self._failure
+        key = self.keys.key
+        count_defer = self.count_defer
         relays = self._relays
         for relay, event in events:
-            if isinstance(event, Rejection):
-                rejection(event)
+            if type(event) is Rejection:
+                at, rcpt, auth_id, host, _, verify_failed, temporary, null_sender, local = event
+                if null_sender or not verify_failed or (temporary and not count_defer):
+                    continue
+                user = key(auth_id, host, local)
+                if user is not None:
+                    failure(user, rcpt, host, at, Verify.DEFER if temporary else Verify.FAIL)
             elif isinstance(event, Delivery):
                 delivery(event, relays[relay])
             elif isinstance(event, Arrival):
                 arrival(event, relays[relay])
+            elif isinstance(event, Rejection):
+                self._rejection(event)
             else:
                 relays[relay].forget(event.message_id)
+        self._flush()
 
     def _rejection(self, event: Rejection) -> None:
+        """A failed recipient, unless a bounce's (neither verified nor counted by the shipped
+        ACL), not a verification failure, or a 4xx not counted; the user as the ACL keys it."""
         if event.null_sender:
-            return  # bounces are neither verified nor counted by the shipped ACL
+            return
         if event.verify_failed and (not event.temporary or self.count_defer):
             user = self.keys.key(event.auth_id, event.host, event.local)
             if user is not None:
@@ -233,6 +267,7 @@ class Replayer:
             return
         if event.at >= self._next_lift:
             self._lift(event.at)
+        self._decide_now(user)  # its blocks decide whether the message is frozen
         frozen = (
             tuple([user in result.policy.blocks for result in self.report.results])
             if user in self._blocked_somewhere
@@ -250,6 +285,10 @@ class Replayer:
         report = self.report
         report.accepted += count
         self._housekeep(at)
+        self._decide_now(user)  # a failure's block or the guard's: the order counts
+        self._room -= 1  # the guard may count a user new to the policies
+        if len(self._pending) >= self._room:
+            self._flush()
         request = RcptRequest(user, "", Verify.OK, _ip(host))
         for result, blocked, decide in self._deciders:
             for _ in range(count):
@@ -259,6 +298,7 @@ class Replayer:
 
     def _sweep(self, at: float) -> None:
         if at >= self._next_sweep:
+            self._flush()  # the sweep judges users idle by what is counted
             for result in self.report.results:
                 result.policy.forget_idle(at)
             self._next_sweep = at + SWEEP_INTERVAL
@@ -271,7 +311,7 @@ class Replayer:
             if isinstance(effect, Blocked):
                 state = self._users.get(user)
                 if state is None:  # blocked by the volume guard before any failure
-                    state = self._users[user] = _User(UserPeaks(self.report.windows))
+                    state = self._users[user] = _User(UserPeaks(self.report.windows), user)
                 self._blocked(result, state, user, at, effect.block)
             elif isinstance(effect, Warned):
                 known = result.warned.get(user)
@@ -281,27 +321,79 @@ class Replayer:
                     known.warnings += 1
 
     def _failure(self, user: str, rcpt: str, host: str | None, at: float, verify: Verify) -> None:
-        report = self.report
-        report.failures += 1
         state = self._users.get(user)
         if state is None:
-            state = self._users[user] = _User(UserPeaks(report.windows))
-            report.peaks[user] = state.peaks
-        state.failures += 1
+            state = self._users[user] = _User(UserPeaks(self.report.windows), user)
+            self.report.peaks[user] = state.peaks
         if at >= self._next_lift or at >= self._next_sweep:
             self._housekeep(at)
-        state.peaks.add(rcpt, at)
-        if state.timeline is not None:
-            state.timeline.append(at)
-        request = None
-        for result, blocked, decide in self._deciders:
+        pending = state.pending
+        if not pending:
+            self._pending[user] = state
+            if len(self._pending) >= self._room:
+                pending.append((rcpt, verify, _ip(host), at, at))
+                self._pending_count += 1
+                self._flush()
+                return
+        pending.append((rcpt, verify, _ip(host), at, at))
+        self._pending_count += 1
+        if self._pending_count >= self._flush_at:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand every user's held-back failures to the policies."""
+        if self._pending:
+            held = self._pending
+            self._pending = {}
+            self._pending_count = 0
+            for user, state in held.items():
+                self._decide(state, user)
+        self._room = self._cap - max(
+            (result.policy.statistics().tracked_users for result in self.report.results),
+            default=0,
+        )
+
+    def _decide_now(self, user: str) -> None:
+        """Hand *user*'s held-back failures to the policies, before what depends on its blocks."""
+        state = self._pending.pop(user, None)
+        if state is not None:
+            self._pending_count -= len(state.pending)
+            self._decide(state, user)
+
+    def _decide(self, state: _User, user: str) -> None:
+        """Hand *user*'s held-back failures to each candidate's policy as one run, and account
+        for them in the order they came, as if each had been decided on its own."""
+        failures = state.pending
+        state.pending = []
+        self.report.failures += len(failures)
+        notable: list[tuple[int, int, CandidateResult, Sequence[Effect]]] = []
+        for order, (result, blocked, _) in enumerate(self._deciders):
             if user in blocked:
                 continue  # the policy would answer from its block list and change nothing
-            if request is None:
-                request = RcptRequest(user, rcpt, verify, _ip(host))  # positional: faster
-            effects = decide(request, now=at, wall_now=at).effects
-            if effects:
-                self._effects(result, user, at, effects)
+            notable.extend(
+                (index, order, result, decision.effects)
+                for index, decision in result.policy.decide_failures(user, failures)
+            )
+        if len(notable) > 1:
+            notable.sort(key=lambda item: (item[0], item[1]))
+        start = 0
+        for index, _, result, effects in notable:
+            if index >= start:
+                self._account(state, failures, start, index + 1)
+                start = index + 1
+            self._effects(result, user, failures[index][3], effects)
+        self._account(state, failures, start, len(failures))
+
+    @staticmethod
+    def _account(state: _User, failures: Sequence[Failure], start: int, stop: int) -> None:
+        """Count *failures[start:stop]* into *state*'s failures, peaks and timeline."""
+        if start >= stop:
+            return
+        state.failures += stop - start
+        run = failures[start:stop] if start or stop < len(failures) else failures
+        state.peaks.add_run(run)
+        if state.timeline is not None:
+            state.timeline.extend(failure[3] for failure in run)
 
     def _housekeep(self, at: float) -> None:
         """Lift what expired and sweep idle users, when either is due at log time *at*."""
@@ -312,6 +404,7 @@ class Replayer:
     def _lift(self, at: float) -> None:
         """Lift the blocks whose time is up at log time *at*, as the daemon would."""
         upcoming = float("inf")
+        self._flush()
         for result in self.report.results:
             policy = result.policy
             policy.expire_due(at)
@@ -415,9 +508,12 @@ class _Messages:
 class _User:
     """What the replay keeps of a user with failures: their count, peaks, and timeline."""
 
-    __slots__ = ("failures", "peaks", "timeline")
+    __slots__ = ("failures", "peaks", "pending", "timeline", "user")
 
-    def __init__(self, peaks: UserPeaks) -> None:
+    def __init__(self, peaks: UserPeaks, user: str = "") -> None:
+        self.user = user
+        #: Failures not yet handed to the policies (:meth:`Replayer._flush`).
+        self.pending: list[Failure] = []
         #: Failure lines so far (repeats too): a block reports how many it took.
         self.failures = 0
         self.peaks = peaks
