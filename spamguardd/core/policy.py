@@ -225,6 +225,16 @@ class WindowView:
     #: Wall-clock time at which the bucket is full again; None when it is full now.
     clears_at: float | None
 
+    @classmethod
+    def at(cls, rate: Rate, counted: int, tokens_left: float, wall_now: float) -> WindowView:
+        """The window with *tokens_left* at wall-clock *wall_now* (when it clears follows)."""
+        clears_at = (
+            None
+            if tokens_left >= rate.count
+            else wall_now + (rate.count - tokens_left) / rate.per_second
+        )
+        return cls(rate=rate, counted=counted, tokens_left=tokens_left, clears_at=clears_at)
+
 
 @attrs.frozen
 class UserView:
@@ -802,14 +812,7 @@ class Policy:
             counted = buckets.window_counts(state, rates, now)
             marks = buckets.warned_windows(state, rates, now)
         windows = tuple(
-            WindowView(
-                rate=rate,
-                counted=count,
-                tokens_left=tokens,
-                clears_at=None
-                if tokens >= rate.count
-                else wall_now + (rate.count - tokens) / rate.per_second,
-            )
+            WindowView.at(rate, count, tokens, wall_now)
             for rate, count, tokens in zip(rates, counted, levels, strict=True)
         )
         return UserView(

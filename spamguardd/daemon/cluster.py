@@ -613,14 +613,7 @@ class Cluster:
         except (StoreUnavailableError, trio.TooSlowError):
             return None
         return tuple(
-            WindowView(
-                rate=rate,
-                counted=counted,
-                tokens_left=tokens,
-                clears_at=None
-                if tokens >= rate.count
-                else fleet.now + (rate.count - tokens) / rate.per_second,
-            )
+            WindowView.at(rate, counted, tokens, fleet.now)
             for rate, counted, tokens in zip(rates, fleet.counted, fleet.tokens_left, strict=True)
         )
 

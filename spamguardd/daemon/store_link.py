@@ -211,7 +211,7 @@ class PendingCall:
     connection and its slot until :meth:`read_now` has the answer or :meth:`result` returns.
     """
 
-    def __init__(self, link: StoreLink, connection: _SocketConnection, rest: bytes) -> None:
+    def __init__(self, link: StoreLink, connection: _Connection, rest: bytes) -> None:
         self._link = link
         self._connection = connection
         #: What the socket did not take at once (normally nothing).
@@ -227,9 +227,9 @@ class PendingCall:
             StoreLinkError: the store closed the connection or broke the protocol (the call
                 is done; the connection is closed).
         """
-        if self._rest:
-            return NEED_DATA
         connection = self._connection
+        if self._rest or not isinstance(connection, _SocketConnection):
+            return NEED_DATA
         sock, reader = connection.sock, connection.reader
         fd = sock.fileno()
         until = time.monotonic() + timeout
@@ -328,22 +328,10 @@ class StoreLink:
             await self._slots.acquire()
         try:
             connection = self._take_idle() or await self._connect()
-            done = False
-            try:
-                (reply,) = await connection.exchange(payload, 1)
-                done = True
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise StoreLinkError(str(exc) or type(exc).__name__) from exc
-            except RespProtocolError as exc:
-                raise StoreLinkError(f"not a RESP answer: {exc}") from exc
-            finally:
-                if done:
-                    self._idle.append(connection)
-                else:
-                    connection.close()
-        finally:
+        except BaseException:
             self._slots.release()
-        return reply
+            raise
+        return await PendingCall(self, connection, payload).result()
 
     def start(self, *args: bytes) -> PendingCall | None:
         """Write one command now, on an idle plain connection, without a turn of the scheduler.
