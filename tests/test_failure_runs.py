@@ -248,16 +248,24 @@ KEYS = UserKeys([ipaddress.ip_network("192.0.2.0/24")])
 SENDERS = (("a@x.test", None), ("b@x.test", None), (None, "192.0.2.9"))
 
 
+#: Enough senders to fill a small cap of tracked users.
+CROWD = tuple((f"u{n}@x.test", None) for n in range(7))
+
+
 @st.composite
-def logs(draw: st.DrawFn) -> list[Event]:
-    """Events of a log: failed recipients of three senders, their messages (received,
+def logs(
+    draw: st.DrawFn,
+    senders: tuple[tuple[str | None, str | None], ...] = SENDERS,
+    steps: tuple[float, ...] = (0.0, 0.0, 1.0, 30.0, 700.0),
+) -> list[Event]:
+    """Events of a log: failed recipients of *senders*, their messages (received,
     delivered, failed at delivery, completed), in time order."""
     events: list[Event] = []
     now = 1_795_833_830.0
     messages = 0
     for _ in range(draw(st.integers(0, 150))):
-        now += draw(st.sampled_from([0.0, 0.0, 1.0, 30.0, 700.0]))
-        auth, host = draw(st.sampled_from(SENDERS))
+        now += draw(st.sampled_from(steps))
+        auth, host = draw(st.sampled_from(senders))
         kind = draw(st.sampled_from(["reject", "reject", "reject", "message"]))
         rcpt = f"r{draw(st.integers(0, 10))}@y.test"
         if kind == "reject":
@@ -294,6 +302,27 @@ class TestReplayRuns:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(engine, "MAX_PENDING", 1)
             assert replayed() == batched
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=logs(CROWD, (0.0, 0.0, 1.0, 20.0, 61.0)), cap=st.integers(2, 5))
+def test_the_same_users_make_room_at_the_cap(events: list[Event], cap: int) -> None:
+    """At a small cap of tracked users, the user who makes room is the first filed in the
+    earliest minute of the policies' wheel: held back and handed over in runs, every candidate
+    files users in the order one by one would (interleaved users, messages, minutes), so the
+    same users are dropped and the same ones blocked."""
+    config = PolicyConfig(max_tracked_users=cap)
+    candidates = [Candidate.parse("3/1h"), Candidate.parse("2/10m,4/1d")]
+
+    def replayed() -> object:
+        replayer = Replayer(config, candidates, KEYS)
+        replayer.feed_all(events)
+        return to_json(replayer.report)
+
+    batched = replayed()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "MAX_PENDING", 1)
+        assert replayed() == batched
 
 
 def test_no_cap_reached_while_holding_back() -> None:

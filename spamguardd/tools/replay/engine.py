@@ -15,12 +15,14 @@ import collections
 import functools
 import ipaddress
 import itertools
+import math
 from collections.abc import Iterable, Sequence
 from typing import Final
 
 import attrs
 
 from spamguardd.core.config import ACCEPTED_SUFFIX, Mode, PolicyConfig
+from spamguardd.core.counters import SLOT
 from spamguardd.core.expiry import expires
 from spamguardd.core.policy import Block, Blocked, Effect, Failure, Policy, Warned
 from spamguardd.core.protocol import IPAddress, RcptRequest, Verify
@@ -182,6 +184,10 @@ class Replayer:
         self._deciders = [
             (result, result.policy.blocks, result.policy.decide) for result in results
         ]
+        #: Each candidate's limits, for the order in which its policy files users.
+        self._configs = [attrs.evolve(base, failed_recipients=c.rates) for c in candidates]
+        #: Every failure's place in the log, for that order.
+        self._seq = 0
         #: Log time of the earliest block to lift (``block.expire``), across the candidates.
         self._next_lift = float("inf")
         #: Users with failures not yet handed to the policies, in the order of their first.
@@ -285,10 +291,10 @@ class Replayer:
         report = self.report
         report.accepted += count
         self._housekeep(at)
-        self._decide_now(user)  # a failure's block or the guard's: the order counts
+        # a failure's block or the guard's: the order counts; and the guard files the user in
+        # the policies' wheel now, so everyone held back before goes first
+        self._flush()
         self._room -= 1  # the guard may count a user new to the policies
-        if len(self._pending) >= self._room:
-            self._flush()
         request = RcptRequest(user, "", Verify.OK, _ip(host))
         for result, blocked, decide in self._deciders:
             for _ in range(count):
@@ -328,6 +334,8 @@ class Replayer:
         if at >= self._next_lift or at >= self._next_sweep:
             self._housekeep(at)
         pending = state.pending
+        state.seqs.append(self._seq)
+        self._seq += 1
         if not pending:
             self._pending[user] = state
             if len(self._pending) >= self._room:
@@ -346,34 +354,82 @@ class Replayer:
             held = self._pending
             self._pending = {}
             self._pending_count = 0
-            for user, state in held.items():
-                self._decide(state, user)
+            if len(held) == 1:
+                for user, state in held.items():
+                    self._decide(state, user)
+            else:
+                self._decide_all(held)
+        self._update_room()
+
+    def _update_room(self) -> None:
+        """How many users may be held back: the room left under the cap of tracked users."""
         self._room = self._cap - max(
             (result.policy.statistics().tracked_users for result in self.report.results),
             default=0,
         )
 
     def _decide_now(self, user: str) -> None:
-        """Hand *user*'s held-back failures to the policies, before what depends on its blocks."""
-        state = self._pending.pop(user, None)
-        if state is not None:
-            self._pending_count -= len(state.pending)
-            self._decide(state, user)
+        """Hand *user*'s held-back failures to the policies, before what depends on its blocks;
+        with everyone else's (see :meth:`_flush`)."""
+        if user in self._pending:
+            self._flush()
+
+    def _decide_all(self, held: dict[str, _User]) -> None:
+        """Hand every held user's failures to each candidate's policy, one run per user.
+
+        The policies file each user in a wheel of one-minute slots, and at the cap of tracked
+        users the first user filed in the earliest slot makes room: so each candidate gets the
+        users in the order one by one would have filed them in their last slot (the first
+        failure there), not in the order of their first failure.
+        """
+        users = list(held.items())
+        notable: list[list[tuple[int, int, CandidateResult, Sequence[Effect]]]] = [
+            [] for _ in users
+        ]
+        for order, (result, blocked, _) in enumerate(self._deciders):
+            config = self._configs[order]
+            ranked = sorted(
+                range(len(users)), key=lambda i: _entering(users[i][1], config, users[i][0])
+            )
+            for i in ranked:
+                user, state = users[i]
+                if user in blocked:
+                    continue  # the policy would answer from its block list and change nothing
+                notable[i].extend(
+                    (index, order, result, decision.effects)
+                    for index, decision in result.policy.decide_failures(user, state.pending)
+                )
+        for (user, state), found in zip(users, notable, strict=True):
+            self._settle(state, user, found)
 
     def _decide(self, state: _User, user: str) -> None:
         """Hand *user*'s held-back failures to each candidate's policy as one run, and account
         for them in the order they came, as if each had been decided on its own."""
-        failures = state.pending
-        state.pending = []
-        self.report.failures += len(failures)
         notable: list[tuple[int, int, CandidateResult, Sequence[Effect]]] = []
         for order, (result, blocked, _) in enumerate(self._deciders):
             if user in blocked:
                 continue  # the policy would answer from its block list and change nothing
             notable.extend(
                 (index, order, result, decision.effects)
-                for index, decision in result.policy.decide_failures(user, failures)
+                for index, decision in result.policy.decide_failures(user, state.pending)
             )
+        self._settle(state, user, notable)
+
+    def _settle(
+        self,
+        state: _User,
+        user: str,
+        notable: list[tuple[int, int, CandidateResult, Sequence[Effect]]],
+    ) -> None:
+        """Account for *user*'s handed-over failures in the order they came, with the effects
+        the policies found (*notable*: index of the failure, candidate, effects)."""
+        failures = state.pending
+        state.pending = []
+        state.seqs = []
+        if failures:
+            latest = max(failure[3] for failure in failures)
+            state.last_at = max(state.last_at, latest)
+        self.report.failures += len(failures)
         if len(notable) > 1:
             notable.sort(key=lambda item: (item[0], item[1]))
         start = 0
@@ -508,17 +564,39 @@ class _Messages:
 class _User:
     """What the replay keeps of a user with failures: their count, peaks, and timeline."""
 
-    __slots__ = ("failures", "peaks", "pending", "timeline", "user")
+    __slots__ = ("failures", "last_at", "peaks", "pending", "seqs", "timeline", "user")
 
     def __init__(self, peaks: UserPeaks, user: str = "") -> None:
         self.user = user
         #: Failures not yet handed to the policies (:meth:`Replayer._flush`).
         self.pending: list[Failure] = []
+        #: The place in the log of each of those failures.
+        self.seqs: list[int] = []
+        #: The latest log time of the failures handed over so far (the policies' last update).
+        self.last_at = -float("inf")
         #: Failure lines so far (repeats too): a block reports how many it took.
         self.failures = 0
         self.peaks = peaks
         #: Failure times, from the user's first block in any candidate on.
         self.timeline: collections.deque[float] | None = None
+
+
+def _entering(state: _User, config: PolicyConfig, user: str) -> int:
+    """Where in the log a policy with *config* files *user* in the slot its held failures
+    leave it in: at the first of them in that slot (its last update plus its longest period,
+    in whole minutes, as the policy's wheel counts)."""
+    idle = max(rate.period for rate in config.limits_for(user))
+    failures, seqs = state.pending, state.seqs
+    updated = state.last_at
+    slots = []
+    for failure in failures:
+        updated = max(updated, failure[3])
+        slots.append(math.ceil((updated + idle) / SLOT))
+    last = slots[-1]
+    first = len(slots) - 1
+    while first > 0 and slots[first - 1] == last:
+        first -= 1
+    return seqs[first]
 
 
 @functools.lru_cache(maxsize=65536)
