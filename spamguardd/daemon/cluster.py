@@ -120,16 +120,14 @@ class StoreUnavailableError(Exception):
     """The store did not answer, or answered what the script never returns."""
 
 
-def read_password(path: Path, *, source: str = "") -> tuple[str, list[str]]:
+def read_password(path: Path, *, source: str) -> tuple[str, list[str]]:
     """The first line of ``cluster.password_file``, and warnings about the file (it is readable
     by every local user). *source* is the configuration file, named in every message.
 
     Raises:
         ConfigError: the file cannot be read or is empty.
     """
-    where = (
-        f"{source}: cluster.password_file: {path}" if source else f"cluster.password_file: {path}"
-    )
+    where = f"{source}: cluster.password_file: {path}"
     try:
         text = path.read_text(encoding="utf-8")
         mode = path.stat().st_mode

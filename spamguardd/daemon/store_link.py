@@ -340,19 +340,17 @@ class StoreLink:
         :meth:`PendingCall.result`; None when no idle connection can take it at once (none
         open yet, all busy, or TLS): then use :meth:`call`.
         """
-        idle = self._idle
-        if not idle or not isinstance(idle[-1], _SocketConnection):
+        if self.tls is not None:  # a TLS stream reads through trio's stream: no waiting here
             return None
         try:
             self._slots.acquire_nowait()
         except trio.WouldBlock:
             return None
         connection = self._take_idle()
-        if not isinstance(connection, _SocketConnection):  # none left open: call() opens one
-            if connection is not None:
-                idle.append(connection)
+        if connection is None:  # none open: call() opens one
             self._slots.release()
             return None
+        assert isinstance(connection, _SocketConnection)  # noqa: S101 - plain unless TLS
         payload = encode(*args)
         try:
             sent = connection.sock.send(payload)

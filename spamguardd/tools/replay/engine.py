@@ -354,11 +354,7 @@ class Replayer:
             held = self._pending
             self._pending = {}
             self._pending_count = 0
-            if len(held) == 1:
-                for user, state in held.items():
-                    self._decide(state, user)
-            else:
-                self._decide_all(held)
+            self._decide_all(held)
         self._update_room()
 
     def _update_room(self) -> None:
@@ -388,8 +384,12 @@ class Replayer:
         ]
         for order, (result, blocked, _) in enumerate(self._deciders):
             config = self._configs[order]
-            ranked = sorted(
-                range(len(users)), key=lambda i: _entering(users[i][1], config, users[i][0])
+            ranked = (
+                range(len(users))
+                if len(users) == 1
+                else sorted(
+                    range(len(users)), key=lambda i: _entering(users[i][1], config, users[i][0])
+                )
             )
             for i in ranked:
                 user, state = users[i]
@@ -401,19 +401,6 @@ class Replayer:
                 )
         for (user, state), found in zip(users, notable, strict=True):
             self._settle(state, user, found)
-
-    def _decide(self, state: _User, user: str) -> None:
-        """Hand *user*'s held-back failures to each candidate's policy as one run, and account
-        for them in the order they came, as if each had been decided on its own."""
-        notable: list[tuple[int, int, CandidateResult, Sequence[Effect]]] = []
-        for order, (result, blocked, _) in enumerate(self._deciders):
-            if user in blocked:
-                continue  # the policy would answer from its block list and change nothing
-            notable.extend(
-                (index, order, result, decision.effects)
-                for index, decision in result.policy.decide_failures(user, state.pending)
-            )
-        self._settle(state, user, notable)
 
     def _settle(
         self,
