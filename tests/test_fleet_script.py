@@ -195,3 +195,24 @@ def test_unblock_then_push(redis: RedisLab) -> None:
         assert (await store.unblock("auth:p", by="admin:0", at=2500.0))[0] == "newer"
 
     with_store(redis, body)
+
+
+def test_show_reads_an_8bit_key_as_it_was_counted(redis: RedisLab) -> None:
+    """A user key that is not UTF-8 (an 8-bit login, kept as surrogate escapes) is counted and
+    read back for ``show`` under the same key in the store, and nobody else's counts."""
+    user = b"auth:\xe9t\xe9@example.com".decode("utf-8", "surrogateescape")
+    rates = (Rate(5, 3600),)
+
+    async def body(store: Store) -> None:
+        for n in range(2):
+            call = count_call(
+                store.keys, user, f"r{n}@x", rates, mode=Mode.ENFORCE, relay="r1", origin="o1"
+            )
+            await store.count(call)
+        seen = await store.peek(user, rates)
+        assert seen.counted == (2,)
+        assert seen.tokens_left[0] == pytest.approx(3.0, abs=0.01)
+        other = await store.peek("auth:\u00e9t\u00e9@example.com", rates)  # the UTF-8 spelling
+        assert (other.counted, other.tokens_left) == ((0,), (5.0,))
+
+    with_store(redis, body)
