@@ -17,12 +17,13 @@ import trio
 from spamguardd import __version__
 from spamguardd.core.config import Config, load_config, parse_inet_listen
 from spamguardd.core.errors import ConfigError, StateLockedError, StoreError
-from spamguardd.daemon.app import Daemon
+from spamguardd.daemon.app import WRITTEN_ENTRIES, Daemon
 from spamguardd.daemon.fdlimit import raise_soft_limit
 from spamguardd.daemon.log import configure_logging
 from spamguardd.daemon.systemd import SdNotify, listen_fds, watchdog_interval
 from spamguardd.state import eximaccess
 from spamguardd.state.blockfile import BlockStore
+from spamguardd.state.statelock import symbolic_links
 
 EX_OK: Final = 0
 EX_FAILURE: Final = 1
@@ -128,6 +129,7 @@ def check_config(config: Config) -> int:
     except StoreError as exc:
         problems.append(str(exc))
         blocked = 0
+    problems += symbolic_links(config.state.dir, WRITTEN_ENTRIES)
     problems += _unwritable(config.state.dir, store.path)
     if gid is not None:
         problems += [

@@ -21,7 +21,7 @@ from spamguardd.core.adminproto import (
     Verb,
 )
 from spamguardd.core.config import Config, PolicyConfig
-from spamguardd.core.errors import ConfigError
+from spamguardd.core.errors import ConfigError, StoreError
 from spamguardd.core.latency import LatencyHistogram, percentiles
 from spamguardd.core.policy import Blocked, Change, Policy, Reset, Unblocked
 from spamguardd.core.protocol import RcptRequest, Verdict, Verify
@@ -267,6 +267,16 @@ class TestJournal:
         assert [e["event"] for e in contents.entries] == ["block", "reset"]
         assert contents.truncated_line is None
         assert contents.damaged_lines == (2,)
+
+    def test_never_appends_through_a_symbolic_link(self, tmp_path: Path) -> None:
+        """A link put in the journal's place while the daemon runs is refused, not followed:
+        the daemon's rights must not write into whatever it points at."""
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.write_bytes(b"not ours\n")
+        (tmp_path / "journal").symlink_to(elsewhere)
+        with pytest.raises(StoreError, match="journal: cannot append: is a symbolic link"):
+            Journal(tmp_path / "journal").append({"event": "reset", "user": "a"})
+        assert elsewhere.read_bytes() == b"not ours\n"
 
 
 class TestLatency:

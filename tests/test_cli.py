@@ -125,6 +125,23 @@ class TestProcess:
         assert "var/blocked:2: the user key must be in double quotes" in result.stderr
         assert (state / "blocked").read_bytes() == damaged
 
+    @pytest.mark.parametrize("name", ["journal", "counters", "repeats"])
+    def test_a_symbolic_link_in_the_state_directory_stops_the_start(
+        self, workdir: Path, name: str
+    ) -> None:
+        """A link where the daemon appends or renames would make it write wherever the link
+        points: exit 78 naming it, and the file it points to untouched."""
+        state = workdir / "var"
+        state.mkdir()
+        elsewhere = workdir / "elsewhere"
+        elsewhere.write_bytes(b"someone else's file\n")
+        (state / name).symlink_to(elsewhere)
+        result = run_to_exit(workdir)
+        assert result.returncode == EX_CONFIG
+        assert f"var/{name}: is a symbolic link (to {elsewhere})" in result.stderr
+        assert elsewhere.read_bytes() == b"someone else's file\n"
+        assert (state / name).is_symlink()
+
     def test_help_runs(self) -> None:
         """python -m spamguardd --help works from a clean process."""
         result = subprocess.run(
@@ -174,6 +191,18 @@ class TestCheckConfig:
             assert stat.S_IMODE(state.stat().st_mode) == 0o700
         finally:
             shutil.rmtree(scratch)
+
+    def test_a_symbolic_link_in_the_state_directory_is_reported(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--check-config names a link the start would refuse."""
+        state = tmp_path / "s"
+        state.mkdir()
+        (state / "journal").symlink_to("/etc/passwd")
+        path = tmp_path / "c.toml"
+        path.write_text("")
+        assert main(["--config", str(path), "--state-dir", str(state), "--check-config"]) == 78
+        assert f"{state}/journal: is a symbolic link (to /etc/passwd)" in capsys.readouterr().err
 
     def test_fleet_password_file_is_read(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -11,7 +11,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import attrs
 import structlog
@@ -40,18 +40,28 @@ from spamguardd.daemon.notices import NoticeQueue
 from spamguardd.daemon.persist import BlockPersister
 from spamguardd.daemon.query_server import QueryServer
 from spamguardd.daemon.systemd import SdNotify
-from spamguardd.state import eximaccess
+from spamguardd.state import eximaccess, legacy_snapshot, repeats, snapshot
 from spamguardd.state.blockfile import BlockStore
 from spamguardd.state.journal import FILENAME as JOURNAL_FILENAME
 from spamguardd.state.journal import Journal
 from spamguardd.state.repeats import RepeatStore
 from spamguardd.state.snapshot import SnapshotStore
-from spamguardd.state.statelock import StateLock
+from spamguardd.state.statelock import StateLock, symbolic_links
 
 if TYPE_CHECKING:
     from spamguardd.daemon.cluster import Cluster
 
 log = structlog.get_logger("spamguardd")
+
+
+#: What the daemon writes in the state directory besides the block file (which checks itself,
+#: where it is opened) and the lock (opened without following a link).
+WRITTEN_ENTRIES: Final = (
+    JOURNAL_FILENAME,
+    snapshot.DIRNAME,
+    legacy_snapshot.FILENAME,
+    repeats.FILENAME,
+)
 
 
 def load_policy(config: Config, lock: StateLock | None = None) -> tuple[Policy, BlockStore]:
@@ -60,8 +70,8 @@ def load_policy(config: Config, lock: StateLock | None = None) -> tuple[Policy, 
     Raises:
         ConfigError: the state group does not exist.
         StateLockedError: another daemon holds the state directory.
-        StoreError: the state directory cannot be created or written, or the block file is
-            damaged or not a regular file.
+        StoreError: the state directory cannot be created or written, the block file is
+            damaged or not a regular file, or one of :data:`WRITTEN_ENTRIES` is a symbolic link.
     """
     gid = None
     if config.state.group is not None:
@@ -76,6 +86,7 @@ def load_policy(config: Config, lock: StateLock | None = None) -> tuple[Policy, 
     if lock is not None:
         lock.acquire()  # before anything is read, removed or written
     try:
+        _refuse_links(config.state.dir)
         for path in store.remove_stale_temporaries():
             log.warning("stale_temporary_removed", path=str(path))
         policy = Policy(config.policy, store.open(), load_repeats(RepeatStore(config.state.dir)))
@@ -86,6 +97,11 @@ def load_policy(config: Config, lock: StateLock | None = None) -> tuple[Policy, 
     if gid is not None:
         ensure_exim_access(store.path, gid, group=str(config.state.group))
     return policy, store
+
+
+def _refuse_links(state_dir: Path) -> None:
+    if links := symbolic_links(state_dir, WRITTEN_ENTRIES):
+        raise StoreError("; ".join(links))
 
 
 def load_repeats(store: RepeatStore) -> list[tuple[str, tuple[float, ...]]]:

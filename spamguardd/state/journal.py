@@ -12,6 +12,7 @@ append starts on a fresh line, so one torn write never damages the entries after
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -104,7 +105,11 @@ class Journal:
         """
         data = b"".join(map(encode_entry, entries))
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            fd = os.open(
+                self.path,
+                os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o640,
+            )
             try:
                 prefix = b"" if self._checked_tail else _separator_after_torn_tail(fd)
                 os.write(fd, prefix + data)
@@ -114,6 +119,8 @@ class Journal:
             finally:
                 os.close(fd)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StoreError(f"{self.path}: cannot append: is a symbolic link") from exc
             raise StoreError(f"{self.path}: cannot append: {exc.strerror or exc}") from exc
 
 

@@ -55,7 +55,9 @@ class BaseWriter:
         self.path = store.dir / f"{number:010d}"
         self._tmp = self.path.with_name(self.path.name + ".tmp")
         # 0600 like the logs, whatever the umask: the counters say who sent what, when
-        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(
+            self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
         self._file: BinaryIO | None = os.fdopen(fd, "wb")  # closed in commit/abort
         self.size = 0
         self.write(snapshot_format.header(base=True))
@@ -214,7 +216,9 @@ class SnapshotStore:
             files = self.numbered()
             number = max(files[-1][0] if files else 0, self.log_number) + 1
             path = self.dir / f"{number:010d}"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+            fd = os.open(
+                path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600
+            )
             try:
                 os.write(fd, snapshot_format.header(base=False))
             finally:
@@ -237,7 +241,7 @@ class SnapshotStore:
             self.open_log()
         assert self._log is not None  # noqa: S101 - opened above
         try:
-            fd = os.open(self._log, os.O_WRONLY | os.O_APPEND)
+            fd = os.open(self._log, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 view = memoryview(data)
                 while view:

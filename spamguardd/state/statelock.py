@@ -13,6 +13,7 @@ import contextlib
 import errno
 import fcntl
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
@@ -85,6 +86,21 @@ class StateLock:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
+
+
+def symbolic_links(state_dir: Path, names: Iterable[str]) -> list[str]:
+    """A problem for each of *names* in *state_dir* that is a symbolic link (dangling or not).
+
+    The daemon appends to its files and replaces them by rename; through a link it would write
+    wherever the link points, with its own rights. A state directory holds no links of its own
+    making, so one is refused at the start rather than followed.
+    """
+    return [
+        f"{state_dir / name}: is a symbolic link (to {(state_dir / name).readlink()}); it must "
+        "be a regular file or directory of the state directory"
+        for name in names
+        if (state_dir / name).is_symlink()
+    ]
 
 
 def holder(state_dir: Path) -> int | None:
