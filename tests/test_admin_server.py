@@ -17,7 +17,7 @@ from spamguardd.core.config import AdminConfig, Config, PolicyConfig, ServerConf
 from spamguardd.core.policy import Block
 from spamguardd.core.rate import Rate
 from spamguardd.core.timestamps import format_time
-from spamguardd.daemon.admin_server import is_allowed
+from spamguardd.daemon.admin_server import MAX_ADMIN_CONNECTIONS, is_allowed
 from spamguardd.daemon.app import Daemon
 from tests.helpers import T0, readsocket
 
@@ -119,6 +119,35 @@ async def test_bad_requests_and_several_per_connection(daemon: Daemon, sock_dir:
     assert [r["ok"] for r in replies] == [False, True, False]
     assert replies[0]["error"].startswith("request is not a JSON object")
     assert replies[2]["error"] == "block needs a user key"
+
+
+async def test_connections_past_the_bound_are_turned_away_and_the_rest_served(
+    daemon: Daemon, sock_dir: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A script that opens admin connections in a loop cannot take the daemon's descriptors:
+    past the bound each gets one error line; an admin gets in again once one has closed, and
+    queries are answered throughout."""
+    idle = []
+    try:
+        for _ in range(MAX_ADMIN_CONNECTIONS):
+            sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+            idle.append(sock)
+            await sock.connect(str(sock_dir / "a.sock"))
+        await trio.sleep(1)  # every one accepted, none past its read timeout
+        turned_away = await admin(sock_dir / "a.sock", command="stats")
+        assert turned_away["ok"] is False
+        assert "64 admin connections are open already" in turned_away["error"]
+        assert await readsocket(sock_dir / "q.sock", b"rcpt user=auth:q rcpt=r verify=ok\n") == (
+            b"accept\n"
+        )
+        idle.pop().close()
+        await trio.sleep(1)
+        stats = await admin(sock_dir / "a.sock", command="stats")
+        assert stats["ok"] is True
+        assert stats["errors"]["admin"] == 1
+    finally:
+        for sock in idle:
+            sock.close()
 
 
 class TestIsAllowed:

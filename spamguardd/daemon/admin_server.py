@@ -71,6 +71,11 @@ log = structlog.get_logger("spamguardd.daemon.admin_server")
 READ_TIMEOUT: Final = 30.0
 #: After a refusal, how long the client's request is read and dropped before closing.
 DRAIN_TIMEOUT: Final = 1.0
+#: Admin connections served at once. spamguardctl uses one at a time; a script gone wrong that
+#: opens them in a loop would otherwise hold descriptors the state files need (each may stay
+#: up to READ_TIMEOUT): past the bound a connection gets one error line (and its request is
+#: drained for up to DRAIN_TIMEOUT, at most as many again at once) and is closed.
+MAX_ADMIN_CONNECTIONS: Final = 64
 DEFAULT_BLOCK_REASON: Final = "blocked by an admin"
 _UCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -160,8 +165,13 @@ class AdminServer:
     def __init__(self, target: AdminTarget, *, wall_clock: Callable[[], float] = time.time) -> None:
         self.target = target
         self.wall_clock = wall_clock
-        #: Requests refused as malformed, or that hit a bug.
+        #: Requests refused as malformed, or that hit a bug; connections turned away because
+        #: :data:`MAX_ADMIN_CONNECTIONS` were open.
         self.errors = 0
+        self._serving = 0
+        self._turning_away = 0
+        #: Whether connections were turned away since the last time there was room (logged once).
+        self._full = False
         self._stopping = trio.Event()
 
     def stop(self) -> None:
@@ -186,6 +196,18 @@ class AdminServer:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         async with stream:
+            if self._serving >= MAX_ADMIN_CONNECTIONS:
+                # told why, unless as many again are being told: then closed at once
+                if self._turning_away < MAX_ADMIN_CONNECTIONS:
+                    self._turning_away += 1
+                    try:
+                        await self._turn_away(stream)
+                    finally:
+                        self._turning_away -= 1
+                else:
+                    self.errors += 1
+                return
+            self._serving += 1
             try:
                 await self._converse(stream)
             except (OSError, trio.BrokenResourceError):
@@ -193,6 +215,25 @@ class AdminServer:
             except Exception:  # a bug here must not take the daemon down with it
                 self.errors += 1
                 log.exception("admin_internal_error")
+            finally:
+                self._serving -= 1
+                self._full = False
+
+    async def _turn_away(self, stream: trio.SocketStream) -> None:
+        """One error line for a connection past :data:`MAX_ADMIN_CONNECTIONS`; its request is
+        drained, not read."""
+        if not self._full:
+            log.warning("admin_connections_full", limit=MAX_ADMIN_CONNECTIONS)
+            self._full = True
+        self.errors += 1
+        message = (
+            f"{MAX_ADMIN_CONNECTIONS} admin connections are open already; try again when "
+            "one has closed"
+        )
+        with contextlib.suppress(OSError, trio.BrokenResourceError):
+            with trio.move_on_after(DRAIN_TIMEOUT):
+                await stream.send_all(AdminConnection(Role.SERVER).send(ErrorReply(error=message)))
+            await _drain(stream)
 
     async def _converse(self, stream: trio.SocketStream) -> None:
         pid, uid, gid = peer_credentials(stream.socket)
