@@ -182,6 +182,10 @@ def test_admin_changes_work_fleet_wide(fleet: Fleet) -> None:
         wait_until(lambda r=relay: r.check("auth:phished") == "accept\n")  # type: ignore[misc]
         wait_until(lambda r=relay: not r.blocked_in_file("auth:phished"))  # type: ignore[misc]
 
+    # a reset with nothing to forget anywhere is refused, and no relay journals it
+    refused = c.ctl("reset", "auth:nothing")
+    assert refused.returncode != 0
+    assert "auth:nothing has no counters to forget" in refused.stderr
     for i in range(LIMIT - 1):
         assert fleet.relays[i % 3].fail("auth:counted", f"r{i}@x") == "accept\n"
     reset = c.ctl("reset", "auth:counted")
@@ -195,6 +199,9 @@ def test_admin_changes_work_fleet_wide(fleet: Fleet) -> None:
         )
         history = relay.ctl_json("show", "auth:counted")["history"]
         assert [(e["event"], e.get("relay")) for e in history] == [("reset", c.name)]
+        # the events come in order: the refused reset, had it been announced, came first
+        assert not relay.ctl_json("show", "auth:nothing")["history"]
+        assert not any(e.get("user") == "auth:nothing" for e in relay.log_events("user_reset"))
     # the fleet forgot the counters: five more failures pass again
     for i in range(LIMIT - 1):
         assert fleet.relays[i % 3].fail("auth:counted", f"s{i}@x") == "accept\n"

@@ -263,11 +263,14 @@ end
 -- reset: forget a user's counters fleet-wide.
 -- KEYS: counter, would-block mark, events
 -- ARGV: 'reset', user, by, at, origin, relay, maxlen
--- Returns how many of the two keys existed.
+-- Returns how many of the two keys existed. Announced only when there was something to
+-- forget: the other relays journal what they are told.
 local function reset()
   local found = redis.call('DEL', KEYS[1], KEYS[2])
-  announce(KEYS[3], ARGV[7], 'op', 'reset', 'user', ARGV[2], 'by', ARGV[3], 'at', ARGV[4],
-    'origin', ARGV[5], 'relay', ARGV[6])
+  if found > 0 then
+    announce(KEYS[3], ARGV[7], 'op', 'reset', 'user', ARGV[2], 'by', ARGV[3], 'at', ARGV[4],
+      'origin', ARGV[5], 'relay', ARGV[6])
+  end
   return found
 end
 
