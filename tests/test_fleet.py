@@ -163,6 +163,20 @@ def test_exactly_one_notice_per_block_under_a_storm(sock_dir: Path, redis: Redis
         fleet.stop()
 
 
+def test_an_admin_block_is_new_and_announced_once(fleet: Fleet) -> None:
+    """A first block of a user is answered as new (``changed``), though the store announces it
+    to this relay too while the answer is on its way; the notice is an admin block's, once."""
+    a, b, _ = fleet.relays
+    users = [f"auth:first{i}" for i in range(30)]
+    for user in users:
+        reply = a.ctl_json("block", user, "--reason", "phished")
+        assert reply["changed"] is True, reply
+        assert reply["block"]["by"].startswith("admin:")
+    wait_until(lambda: all(b.blocked_in_file(user) for user in users))
+    wait_until(lambda: len(fleet.notice_lines()) >= len(users))
+    assert sorted(fleet.notice_lines()) == sorted(f"{a.name} admin_block {user}" for user in users)
+
+
 def test_admin_changes_work_fleet_wide(fleet: Fleet) -> None:
     """Block on one relay, unblock on another, reset on a third: each takes effect on all."""
     a, b, c = fleet.relays

@@ -452,6 +452,8 @@ class Cluster:
         #: Whether the store's last answer came within :data:`ANSWER_ON_THE_SPOT`: only then is
         #: the next one read on the spot (see :meth:`start_count`).
         self._quick = True
+        #: Users whose admin block is being written to the store (:meth:`claim_block`).
+        self._claiming: set[str] = set()
         #: Admin changes made while the store was away, pushed first when it returns, in order.
         self._pending: list[tuple[Op, str, str, float]] = []
         self._outages = self._store_counts = self._local_counts = 0
@@ -633,12 +635,17 @@ class Cluster:
         """
         if not self.up:  # made here now, pushed when the store is back
             return None
+        # the store announces the block to every relay, this one too: the caller makes it
+        # here, with the admin's answer, so its announcement is not taken as a count's
+        self._claiming.add(block.user)
         try:
             with trio.fail_after(ADMIN_TIMEOUT):
                 status, record = await self.store.block(block, pushed=False)
         except (StoreUnavailableError, trio.TooSlowError) as exc:
             self._went_down(str(exc) or "no answer")
             return None
+        finally:
+            self._claiming.discard(block.user)
         if status != "exists":
             return None
         return decode_record(block.user, record)
@@ -781,7 +788,11 @@ class Cluster:
                     continue
                 if event.origin != self.origin:
                     changes.append(self._change_for(event))
-                elif event.op is Op.BLOCK and event.block is not None:
+                elif (
+                    event.op is Op.BLOCK
+                    and event.block is not None
+                    and event.block.user not in self._claiming
+                ):
                     # ours: made by a count whose answer we stopped waiting for (or is still
                     # on its way); whichever comes first makes the block here, with the notice
                     await self._own_block(event.block, event.rate)
