@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import grp
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -157,9 +158,31 @@ def _password_file_problems(config: Config) -> list[str]:
         _, warnings = read_password(config.cluster.password_file, source=config.source)
     except ConfigError as exc:
         return exc.problems
+    warnings += _root_only(config.cluster.password_file, source=config.source)
     for warning in warnings:
         print(f"spamguardd: warning: {warning}", file=sys.stderr)
     return []
+
+
+def _root_only(path: Path, *, source: str) -> list[str]:
+    """A warning when root, running the check, reads a file only root can read: the daemon
+    itself normally runs as another user (the packaged unit's ``spamguardd``), and would not."""
+    if os.geteuid() != 0:
+        return []  # the check reads as the daemon would when run as the daemon's user
+    try:
+        info = path.stat()
+    except OSError:
+        return []
+    if info.st_uid != 0 or info.st_mode & (stat.S_IRGRP | stat.S_IROTH):
+        return []
+    warning = (
+        f"{source}: cluster.password_file: {path}: only root can read it (mode "
+        f"{stat.S_IMODE(info.st_mode):04o}); a daemon running as another user (the package's "
+        f"runs as spamguardd) cannot: chgrp spamguardd {path}; chmod 0640 {path}. Run this "
+        "check as the daemon's user to be sure: runuser -u spamguardd -- spamguardd --config "
+        f"{source} --check-config"
+    )
+    return [warning]
 
 
 def _missing_groups(config: Config) -> list[str]:

@@ -192,6 +192,27 @@ class TestCheckConfig:
         finally:
             shutil.rmtree(scratch)
 
+    @pytest.mark.skipif(os.geteuid() != 0, reason="what root sees that the daemon would not")
+    def test_a_password_file_only_root_can_read_is_pointed_out(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Run as root, the check reads any file; it says when the daemon's user could not."""
+        secret = tmp_path / "store-password"
+        secret.write_text("s3cret\n")
+        secret.chmod(0o600)
+        path = tmp_path / "c.toml"
+        path.write_text(
+            f'[cluster]\nurl = "redis://127.0.0.1:6379/0"\npassword_file = "{secret}"\n'
+        )
+        argv = ["--config", str(path), "--state-dir", str(tmp_path / "s"), "--check-config"]
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+        assert f"cluster.password_file: {secret}: only root can read it (mode 0600)" in err
+        assert f"chgrp spamguardd {secret}; chmod 0640 {secret}" in err
+        secret.chmod(0o640)
+        assert main(argv) == 0
+        assert "only root" not in capsys.readouterr().err
+
     def test_a_symbolic_link_in_the_state_directory_is_reported(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
