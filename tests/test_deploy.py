@@ -87,6 +87,10 @@ def shell_blocks(page: Path) -> list[str]:
 
 
 INSTALL = shell_blocks(REPO / "docs" / "install.md")
+#: docs/operations.md: starting everything again after an exit 78.
+(RECOVER,) = [
+    block for block in shell_blocks(REPO / "docs" / "operations.md") if "reset-failed" in block
+]
 
 
 def package() -> Path:
@@ -389,13 +393,37 @@ def test_admin_story(story: Story, tmp_path_factory: pytest.TempPathFactory) -> 
         group = lab.run(["stat", "-c", "%G", "/var/lib/spamguardd/blocked"]).stdout.strip()
         assert group == "Debian-exim"
 
+    with story.step("a configuration error: exit 78, the sockets give up, mail goes on"):
+        config = lab.path("/etc/spamguardd/spamguardd.toml")
+        good = config.read_text()
+        config.write_text(good + "\nthis is not TOML\n")
+        lab.run(["systemctl", "restart", "spamguardd"], check=False)
+        started = time.monotonic()
+        sent = story.send("friend6@remote.test", user="Mallory@Lab.test")
+        story.timings["a query to a daemon that exits 78"] = time.monotonic() - started
+        assert sent["message_id"] in story.wait("the message to be frozen", story.frozen)
+        for unit in ("spamguardd.socket", "spamguardd-admin.socket"):
+            state = lab.run(["systemctl", "is-failed", unit], check=False).stdout.strip()
+            assert state == "failed", (unit, state)
+        assert not lab.path("/run/spamguardd/query.sock").exists()
+        # without the daemon and its socket file, Exim does not wait: the block file decides
+        started = time.monotonic()
+        sent = story.send("friend7@remote.test", user="alice")
+        story.timings["a message with the sockets failed"] = time.monotonic() - started
+        assert sent["replies"]["friend7@remote.test"][0] == 250, sent
+        config.write_text(good)
+        story.sh(RECOVER)
+        assert "mode:           enforce" in story.ctl("stats").stdout
+        assert lab.path("/run/spamguardd/query.sock").exists()
+
     with story.step("the everyday commands of docs/admin.md, operations.md and exim.md"):
         for command in EVERYDAY:
             story.sh(command)
         headers = story.sh("exim -Mvh $(exiqgrep -z -i | head -1) | grep X-Spamguard-User")
         assert "X-Spamguard-User: auth:mallory@lab.test" in headers
         blocked = story.sh(
-            "journalctl -u spamguardd -o cat | jq -r 'select(.event == \"user_blocked\") | .user'"
+            "journalctl -u spamguardd -o cat "
+            "| jq -rR 'fromjson? | select(.event == \"user_blocked\") | .user'"
         )
         assert "auth:mallory@lab.test" in blocked.split()
 

@@ -12,8 +12,11 @@ import os
 import re
 import shutil
 import smtplib
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -232,6 +235,74 @@ class TestDaemonDown:
                 "nobody is frozen for this connection"
             ) in log
             no_panic(lab)
+
+
+@contextlib.contextmanager
+def a_daemon_that_dies_with_every_query(path: Path) -> Iterator[list[bytes]]:
+    """On *path*, a listener that reads each request and closes without an answer, as a daemon
+    does that crashes or fails its start with the query in hand; yields the requests seen."""
+    seen: list[bytes] = []
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    path.chmod(0o666)
+    listener.listen(16)
+    listener.settimeout(0.1)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    seen.append(conn.recv(4096))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        thread.join()
+        listener.close()
+        path.unlink()
+
+
+class TestDaemonDiesWithTheQuery:
+    """Exim reads a connection closed or reset without an answer as an empty answer, not as a
+    failure (docs/exim-facts.md): the ACL must take it as an unreachable daemon, not let the
+    mail of a blocked user through."""
+
+    def test_rcpt_acl_falls_back_to_the_block_file(self, exim_lab: EximLab) -> None:
+        lab = exim_lab
+        lab.send(["bad1@remote.test", "bad2@remote.test", "bad3@remote.test"], user="mallory")
+        assert lab.spamguard.is_blocked("auth:mallory")
+        lab.spamguard.stop()
+        with a_daemon_that_dies_with_every_query(lab.spamguard.socket) as seen:
+            frozen = lab.send(["ok@remote.test"], user="mallory")
+            assert_frozen_for(lab, frozen.message_id, "auth:mallory")
+            other = lab.send(["ok@remote.test"], user="alice")
+            assert_delivered(lab, other.message_id, "ok@remote.test")
+        assert seen
+        assert all(request.startswith(b"rcpt user=") for request in seen)
+        log = lab.mainlog.read_text()
+        assert "spamguardd: daemon unreachable, using the block file for this connection" in log
+        no_panic(lab)
+
+    def test_not_smtp_acl_falls_back_to_the_block_file(self, exim_lab: EximLab) -> None:
+        lab = exim_lab
+        lab.submit_local([f"bad{i}@remote.test" for i in range(3)], login="www-data")
+        wait_for("the block", lambda: lab.spamguard.is_blocked("uid:www-data"))
+        lab.spamguard.stop()
+        with a_daemon_that_dies_with_every_query(lab.spamguard.socket) as seen:
+            frozen = lab.submit_local(["friend@remote.test"], login="www-data")
+            assert_frozen_for(lab, frozen, "uid:www-data")
+        assert seen == [b'check user="uid:www-data"\n']
+        assert "using the block file for this message" in lab.mainlog.read_text()
+        no_panic(lab)
 
 
 def messages_in_one_session(lab: EximLab, count: int) -> list[int]:
