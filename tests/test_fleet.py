@@ -577,6 +577,39 @@ def test_many_blocks_pushed_back_into_an_empty_store(sock_dir: Path, redis: Redi
         fleet.stop()
 
 
+def test_blocks_pushed_back_by_two_relays_are_counted_where_written(
+    sock_dir: Path, redis: RedisLab
+) -> None:
+    """Two relays with the same blocks meet a store restarted empty: each block is written
+    once, and what each relay says it pushed (``cluster_up``, ``stats``, the metric) is what it
+    wrote, not what it offered."""
+    fleet = make_fleet(sock_dir, redis.url, ["relay-a", "relay-b"], limits='["5/1h"]')
+    a, b = fleet.relays
+    users = [f"auth:old{n}@example.com" for n in range(300)]
+    for relay in (a, b):
+        (relay.workdir / "var").mkdir()
+        relay.block_file.write_bytes(encode(Block(user, T0, "from before") for user in users))
+    try:
+        a.start()
+        wait_until(a.cluster_up, timeout=60)
+        b.start()
+        wait_until(b.cluster_up, timeout=60)
+        redis.kill()
+        redis.start()
+        for relay in (a, b):
+            wait_until(
+                lambda r=relay: len(r.log_events("cluster_up")) == 2,  # type: ignore[misc]
+                timeout=60,
+                what=f"{relay.name} back",
+            )
+        stats = [relay.ctl_json("stats")["cluster"]["pushed"] for relay in (a, b)]
+        logged = [sum(e["pushed"] for e in relay.log_events("cluster_up")) for relay in (a, b)]
+        assert logged == stats
+        assert sum(stats) == 2 * len(users)  # once at a's start, once after the restart
+    finally:
+        fleet.stop()
+
+
 def test_the_documented_acl_user_can_do_everything(sock_dir: Path) -> None:
     """The ACL rule docs/fleet.md gives an admin is enough for all a relay does: counting to a
     block, unblock, reset, show, a fleet-wide reload; nothing is refused by the store."""

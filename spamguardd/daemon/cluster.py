@@ -733,19 +733,21 @@ class Cluster:
             if remote[block.user].origin != self.origin
         ]
         changes += [self._lift(user, by="fleet", at=at, relay="fleet") for user, at in plan.lift]
+        pushed = 0
         for block in plan.push:
             status, _ = await _bounded(self.store.block(block, pushed=True))
             if status == "unblocked":  # lifted elsewhere after it was made: lift it here too
                 changes.append(
                     self._lift(block.user, by="fleet", at=self.wall_clock(), relay="fleet")
                 )
-            elif status == "new":
-                self._pushed += 1
+            elif status == "new":  # not when another relay pushed the same block first
+                pushed += 1
                 log.info("cluster_block_pushed", user=block.user, reason=block.reason)
+        self._pushed += pushed
         await self._carry_out(changes)
         for stored in own:
             await self._own_block(stored.block, stored.rate)
-        self._came_back(len(plan.adopt), len(plan.lift), len(plan.push))
+        self._came_back(len(plan.adopt), len(plan.lift), pushed)
         return after
 
     async def _probe(self) -> None:

@@ -152,7 +152,11 @@ class _Collector(Collector):
                 ),
                 (
                     "cluster_pushed_blocks",
-                    "Blocks made here while the store was away, pushed on its return.",
+                    (
+                        "Blocks this relay had and the store had not, written to it when it "
+                        "came back (made here while it was away, or lost by a store that "
+                        "restarted empty)."
+                    ),
                     fleet.pushed,
                 ),
             )
