@@ -23,6 +23,7 @@ from spamguardd.core.config import Config, StateConfig
 from spamguardd.core.policy import Block
 from spamguardd.daemon.app import Daemon
 from spamguardd.state.blockfile import encode
+from spamguardd.state.journal import read_journal
 from tests.exim_queue_fixture import make_exim_queue
 from tests.fleetlab import Fleet, SlowProxy, make_fleet, wait_until
 from tests.helpers import T0
@@ -238,6 +239,17 @@ def test_reload_reaches_every_relay(fleet: Fleet) -> None:
     assert a.ctl("reload").returncode == 0
     for relay in (b, c):
         wait_until(lambda r=relay: len(r.log_events("reloaded")) >= 1)  # type: ignore[misc]
+        # logged and journaled with the relay it came from and who asked, as other changes
+        (applied,) = relay.log_events("cluster_reload")
+        assert (applied["relay"], applied["by"], applied["reloaded"]) == (a.name, "admin:0", True)
+        wait_until(
+            lambda r=relay: any(  # type: ignore[misc]
+                entry["event"] == "reload"
+                for entry in read_journal(r.workdir / "var" / "journal").entries
+            )
+        )
+        (entry,) = read_journal(relay.workdir / "var" / "journal").entries
+        assert (entry["actor"], entry["relay"]) == ("admin:0", a.name)
     for i in range(3 * LIMIT):
         assert fleet.relays[i % 3].fail("auth:bulk", f"r{i}@x") == "accept\n"
     assert not b.log_events("cluster_config_differs")

@@ -330,7 +330,8 @@ class Event:
     block: Block | None = None
     #: The window that emptied, for an automatic ``block``.
     rate: Rate | None = None
-    #: Who lifted the block or forgot the counters, for ``unblock`` and ``reset``.
+    #: Who lifted the block, forgot the counters or reloaded, for ``unblock``, ``reset`` and
+    #: ``reload``.
     by: str = ""
     #: Wall-clock time of an unblock or reset.
     at: float = 0.0
@@ -348,6 +349,8 @@ def event_fields(event: Event) -> dict[bytes, bytes]:
     }
     if event.digest:
         fields[b"digest"] = event.digest.encode("ascii")
+    if event.by:
+        fields[b"by"] = event.by.encode(ENCODING, ERRORS)
     return fields
 
 
@@ -371,7 +374,14 @@ def parse_event(fields: Mapping[bytes, bytes]) -> Event:
         stored = decode_record(user, fields.get(b"record", b""))
         return Event(op, user, origin, relay or stored.relay, block=stored.block, rate=stored.rate)
     if op is Op.RELOAD:
-        return Event(op, "", origin, relay, digest=fields.get(b"digest", b"").decode("ascii"))
+        return Event(
+            op,
+            "",
+            origin,
+            relay,
+            digest=fields.get(b"digest", b"").decode("ascii"),
+            by=fields.get(b"by", b"").decode(ENCODING, ERRORS),
+        )
     try:
         at = float(text(b"at"))
     except ValueError:

@@ -464,7 +464,7 @@ class AdminServer:
         journal.record({"at": format_time(self.wall_clock()), "event": "reload", "actor": actor})
         await journal.wait_written()
         if self.target.cluster is not None:
-            await self.target.cluster.reloaded()
+            await self.target.cluster.reloaded(by=actor)
         return ReloadReply(
             config=result.source,
             needs_restart=result.needs_restart,

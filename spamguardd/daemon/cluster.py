@@ -76,6 +76,7 @@ from spamguardd.core.protocol import RcptRequest, Request
 from spamguardd.core.rate import Rate
 from spamguardd.core.resp import NEED_DATA, ErrorReply, Reply
 from spamguardd.core.statistics import ClusterStatistics
+from spamguardd.core.timestamps import format_time
 from spamguardd.daemon.effects import EffectExecutor
 from spamguardd.daemon.store_link import PendingCall, StoreLink, StoreLinkError
 
@@ -327,9 +328,11 @@ class Store:
         )
         return isinstance(answer, int) and answer > 0
 
-    async def announce_reload(self, digest: str) -> None:
-        """Tell every relay to re-read its configuration."""
-        fields = cluster.event_fields(Event(Op.RELOAD, "", self.origin, self.relay, digest=digest))
+    async def announce_reload(self, digest: str, *, by: str) -> None:
+        """Tell every relay to re-read its configuration (asked by *by*)."""
+        fields = cluster.event_fields(
+            Event(Op.RELOAD, "", self.origin, self.relay, digest=digest, by=by)
+        )
         try:
             await self.client.xadd(self.keys.events, fields)
         except (RedisError, OSError, TimeoutError) as exc:
@@ -658,14 +661,14 @@ class Cluster:
         """Forget *user*'s counters in the store; None when it is away (done on its return)."""
         return await self._send(Op.RESET, user, by, at)
 
-    async def reloaded(self) -> None:
+    async def reloaded(self, *, by: str) -> None:
         """Tell the other relays to reload their configuration (an admin's ``reload``)."""
         if not self.up:
             log.warning("cluster_reload_not_announced", reason="the store is away")
             return
         try:
             with trio.fail_after(ADMIN_TIMEOUT):
-                await self.store.announce_reload(policy_digest(self.policy.config))
+                await self.store.announce_reload(policy_digest(self.policy.config), by=by)
         except (StoreUnavailableError, trio.TooSlowError) as exc:
             self._went_down(str(exc) or "no answer")
 
@@ -815,8 +818,18 @@ class Cluster:
         return Change(), event.relay
 
     def _reload_for(self, event: Event) -> None:
-        if not self._reload():
-            return  # reload_failed is logged; the running configuration stays
+        ok = self._reload()  # logs reloaded, or reload_failed and keeps the running configuration
+        log.info("cluster_reload", relay=event.relay, by=event.by, reloaded=ok)
+        if not ok:
+            return
+        self.effects.journal.record(
+            {
+                "at": format_time(self.wall_clock()),
+                "event": "reload",
+                "actor": event.by or "fleet",
+                "relay": event.relay,
+            }
+        )
         mine = policy_digest(self.policy.config)
         if event.digest and event.digest != mine:
             log.warning(
