@@ -87,6 +87,10 @@ def shell_blocks(page: Path) -> list[str]:
 
 
 INSTALL = shell_blocks(REPO / "docs" / "install.md")
+#: docs/fleet.md: the store on the relay's own host, over Debian's redis Unix socket.
+(FLEET_UNIX,) = [
+    block for block in shell_blocks(REPO / "docs" / "fleet.md") if "unixsocketperm" in block
+]
 #: docs/operations.md: starting everything again after an exit 78.
 (RECOVER,) = [
     block for block in shell_blocks(REPO / "docs" / "operations.md") if "reset-failed" in block
@@ -445,6 +449,34 @@ def test_admin_story(story: Story, tmp_path_factory: pytest.TempPathFactory) -> 
         listing = story.ctl("list").stdout
         assert "auth:carol@lab.test" in listing
         assert re.search(r"^5/1h\s+2\s", story.ctl("show", "auth:bob").stdout, re.MULTILINE)
+
+    with story.step("fleet mode with the store on this host (docs/fleet.md)"):
+        # this lab's systemd runs without user namespaces, which the redis unit's PrivateUsers=
+        # needs; a real Debian has them
+        dropin = lab.path("/etc/systemd/system/redis-server.service.d/lab.conf")
+        dropin.parent.mkdir(parents=True)
+        dropin.write_text("[Service]\nPrivateUsers=no\n")
+        lab.run(["systemctl", "daemon-reload"])
+        # the admin's edits the block's comments ask for
+        socket_lines = [line.strip("# ") for line in FLEET_UNIX.splitlines()[1:3]]
+        assert socket_lines[0].startswith("unixsocket /run/redis/"), socket_lines
+        with lab.path("/etc/redis/redis.conf").open("a") as conf:
+            conf.write("\n".join(socket_lines) + "\n")
+        with lab.path("/etc/spamguardd/spamguardd.toml").open("a") as conf:
+            conf.write('\n[cluster]\nurl = "unix:///run/redis/redis-server.sock"\nname = "lab"\n')
+        story.sh(FLEET_UNIX)
+        fleet = story.wait(
+            "the relay to count in the store",
+            lambda: "store unix:///run/redis/redis-server.sock: up" in story.ctl("stats").stdout,
+        )
+        assert fleet
+        sent = story.send(*[f"bad-fleet{i}@remote.test" for i in range(6)], user="eve")
+        assert sorted(code for code, _ in sent["replies"].values()) == [550] * 6, sent
+        assert "counted:  fleet-wide" in story.ctl("show", "auth:eve").stdout
+        stored = lab.run(
+            ["redis-cli", "-s", "/run/redis/redis-server.sock", "HKEYS", "spamguardd:blocks"]
+        ).stdout.split()
+        assert "auth:eve" in stored, stored
 
     with story.step("remove keeps the state, purge deletes it, Exim keeps working"):
         assert "apt-get remove spamguardd" in remove
