@@ -148,10 +148,12 @@ def block_reason(rate: Rate) -> str:
 
 @attrs.frozen
 class CountCall:
-    """One call of the script's ``count``: its keys and arguments."""
+    """One call of the script's ``count`` (or ``peek``): its keys and arguments, and the
+    limits it counts under, which its answer is read with (:func:`parse_count`)."""
 
     keys: tuple[bytes, ...]
     args: tuple[bytes, ...]
+    rates: tuple[Rate, ...] = ()
 
 
 def count_call(  # noqa: PLR0913 - every argument is part of the one call
@@ -178,6 +180,7 @@ def count_call(  # noqa: PLR0913 - every argument is part of the one call
             b"" if now is None else _number(now),
             *_window_args(rates, mode, relay, origin),
         ),
+        rates=rates,
     )
 
 

@@ -519,7 +519,7 @@ class Cluster:
             if reply.code == "NOSCRIPT":  # the script did not run: count afresh (it loads it)
                 return functools.partial(self.decide, request)
             return self._failed(request, reply.message)
-        return self._counted(request, reply)
+        return self._counted(request, call.rates, reply)
 
     async def _finish(
         self, request: RcptRequest, call: CountCall, pending: PendingCall, started: float
@@ -543,7 +543,8 @@ class Cluster:
             try:
                 if _begun is None:
                     started = time.monotonic()
-                    reply = await self.store.count(self._count_call(request))
+                    call = self._count_call(request)
+                    reply = await self.store.count(call)
                 else:
                     call, pending, started = _begun
                     reply = await self.store.finish_count(call, pending)
@@ -560,7 +561,7 @@ class Cluster:
                     f"{self.config.timeout * 1000:g} ms"
                 )
             return self._decide_here(request)
-        return self._counted(request, reply)
+        return self._counted(request, call.rates, reply)
 
     def _count_call(self, request: RcptRequest) -> CountCall:
         return count_call(
@@ -583,11 +584,11 @@ class Cluster:
         self._went_down(error)
         return self._decide_here(request)
 
-    def _counted(self, request: RcptRequest, reply: Reply) -> Decision:
-        """Decide *request* from the script's answer."""
+    def _counted(self, request: RcptRequest, rates: tuple[Rate, ...], reply: Reply) -> Decision:
+        """Decide *request* from the script's answer to a count under *rates*."""
         policy = self.policy
         try:
-            count = parse_count(request.user, policy.config.limits_for(request.user), reply)
+            count = parse_count(request.user, rates, reply)
         except ValueError as exc:
             return self._failed(request, str(exc))
         self._slow_in_a_row = 0
