@@ -1,5 +1,5 @@
 """What ``spamguardctl replay`` reads: pipes and standard input, compressed logs (whole, cut
-short or damaged).
+short or damaged), a file given twice.
 
 Admins feed the replay as they feed any log tool: ``zcat``, ``ssh relay cat ...``, a process
 substitution. Every case is compared with the replay of the same log read as a plain file.
@@ -241,3 +241,27 @@ class TestCompressed:
         assert (code, out) == (1, "")
         assert err.startswith(f"spamguardctl replay: {path}: zstd-compressed")
         assert err.count("\n") == 1
+
+
+class TestGivenTwice:
+    def test_the_same_path(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """The same log twice would count its deliveries and failures twice: exit 2."""
+        err = usage_error([str(MAINLOG), str(EXIM / "rejectlog"), str(MAINLOG)], capsys)
+        assert f"{MAINLOG} is given twice" in err
+
+    def test_a_hard_link(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """Another name of the same file (same device and inode) is the same log."""
+        link = tmp_path / "mainlog.copy"
+        link.hardlink_to(MAINLOG)
+        err = usage_error([str(MAINLOG), str(link)], capsys)
+        assert f"{MAINLOG} and {link} are the same file" in err
+
+    def test_across_relays(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """Two relays given the same log (here by a symbolic link) are refused as well."""
+        link = tmp_path / "mx2.mainlog"
+        link.symlink_to(MAINLOG)
+        argv = ["--relay", "mx1", str(MAINLOG), "--relay", "mx2", str(link)]
+        assert f"{MAINLOG} and {link} are the same file" in usage_error(argv, capsys)
+
+    def test_standard_input_twice(self, capsys: pytest.CaptureFixture[str]) -> None:
+        assert "- (standard input) is given twice" in usage_error(["-", "-"], capsys)

@@ -18,7 +18,7 @@ from spamguardd.core.config import Config, load_config
 from spamguardd.core.errors import ConfigError
 from spamguardd.tools.eximlog import Network, UserKeys
 from spamguardd.tools.replay.engine import Candidate
-from spamguardd.tools.replay.logs import LogError, RelayLogs, replay
+from spamguardd.tools.replay.logs import LogError, RelayLogs, given_twice, replay
 from spamguardd.tools.replay.report import to_html, to_json, to_table
 
 
@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="A LOGFILE is an Exim main or reject log, plain or compressed with gzip, bzip2 or"
         " xz (told by its content, not its name). It is read once from start to end, so a pipe"
         " does: - is standard input (zcat mainlog.2.gz | spamguardctl replay -), and a process"
-        " substitution such as <(ssh relay cat /var/log/exim4/mainlog) is a LOGFILE too.",
+        " substitution such as <(ssh relay cat /var/log/exim4/mainlog) is a LOGFILE too. A file"
+        " may be given once.",
     )
     parser.add_argument(
         "--config", type=Path, metavar="FILE", help="spamguardd TOML (overrides, exemptions)"
@@ -83,7 +84,11 @@ def _sources(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[
         if any(isinstance(r, RelayLogs) and r.name == name for r in relays):
             parser.error(f"--relay {name} is given twice")
         relays.append(RelayLogs(name, tuple(map(Path, paths))))
-    return relays or list(args.logs)
+    sources: list[Path | RelayLogs] = relays or list(args.logs)
+    repeated = given_twice(sources)
+    if repeated is not None:
+        parser.error(repeated)
+    return sources
 
 
 def replay_main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import gc
 import gzip
 import io
 import lzma
+import os
 import sys
 import time
 import zlib
@@ -211,6 +212,29 @@ def _text(binary: IO[bytes]) -> IO[str]:
 def open_log(path: Path) -> IO[str]:
     """Open a log as text: plain, gzip, bzip2 or xz (by its first bytes); ``-`` is stdin."""
     return _open(path, 0).file
+
+
+def given_twice(sources: Sequence[Path | RelayLogs]) -> str | None:
+    """What is wrong if a log is given twice, by the same name or another (a hard or symbolic
+    link, ``-`` and ``/dev/stdin``), across relays too: its lines would be counted twice."""
+    seen: dict[tuple[int, int], str] = {}
+    names: set[str] = set()
+    for source in sources:
+        for path in source.paths if isinstance(source, RelayLogs) else (source,):
+            given = str(path)
+            if given in names:
+                if given == STDIN:
+                    return "- (standard input) is given twice; it can be read once"
+                return f"{given} is given twice; its lines would be counted twice"
+            names.add(given)
+            try:
+                stat = os.fstat(sys.stdin.fileno()) if given == STDIN else path.stat()
+            except (OSError, ValueError, AttributeError):
+                continue  # a file that cannot be read is said when it is opened
+            first = seen.setdefault((stat.st_dev, stat.st_ino), given)
+            if first != given:
+                return f"{first} and {given} are the same file; its lines would be counted twice"
+    return None
 
 
 def _reporting(events: Iterable[T], progress: IO[str]) -> Iterator[T]:
