@@ -1,5 +1,5 @@
 """What ``spamguardctl replay`` reads: pipes and standard input, compressed logs (whole, cut
-short or damaged), a file given twice.
+short or damaged), a file given twice, and how unparsed lines are named.
 
 Admins feed the replay as they feed any log tool: ``zcat``, ``ssh relay cat ...``, a process
 substitution. Every case is compared with the replay of the same log read as a plain file.
@@ -265,3 +265,35 @@ class TestGivenTwice:
 
     def test_standard_input_twice(self, capsys: pytest.CaptureFixture[str]) -> None:
         assert "- (standard input) is given twice" in usage_error(["-", "-"], capsys)
+
+
+class TestUnparsedExamples:
+    def test_named_by_file_and_line_with_bytes_escaped(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Unparsed lines are shown as ``FILE:LINE: text``, a byte that is not UTF-8 as
+        ``\\xfd``; the JSON is valid for a strict parser (no lone surrogates)."""
+        lines = MAINLOG.read_bytes().splitlines(keepends=True)
+        path = tmp_path / "mainlog"
+        path.write_bytes(
+            b"".join(lines[:6]) + b"not a log \xfd line\tat all\n" + b"".join(lines[6:])
+        )
+        other = tmp_path / "rejectlog"
+        other.write_bytes((EXIM / "rejectlog").read_bytes() + b"junk\n")
+        code, out, _ = run(["--json", str(path), str(other)], capsys)
+        assert code == 0
+        examples = json.loads(out)["lines"]["unparsed_examples"]
+        assert examples == [
+            f"{path}:7: not a log \\xfd line\\tat all",
+            f"{other}:{len((EXIM / 'rejectlog').read_bytes().splitlines()) + 1}: junk",
+        ]
+        out.encode("utf-8")  # a lone surrogate would raise
+
+    def test_standard_input_is_named(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        with piped(b"junk\n" + MAINLOG.read_bytes()) as read, open(read, closefd=False) as stdin:
+            monkeypatch.setattr(sys, "stdin", stdin)
+            code, out, _ = run(["--json", "-"], capsys)
+        assert code == 0
+        assert json.loads(out)["lines"]["unparsed_examples"] == ["<stdin>:1: junk"]

@@ -30,6 +30,7 @@ from typing import IO, TYPE_CHECKING, Final, TypeVar
 import attrs
 
 from spamguardd.core.config import PolicyConfig
+from spamguardd.core.notice import printable
 from spamguardd.tools.eximlog import ScanCounts, SkipTest, UserKeys, scan, stamp_seconds
 from spamguardd.tools.replay.engine import Candidate, RelayLines, Replayer, Report
 from spamguardd.tools.replay.merge import Horizon, merge, read_events
@@ -305,7 +306,11 @@ def replay(  # noqa: PLR0913 - keyword-only: where progress and warnings go
         progress.write("\n")
     report.lines_read = sum(log.counts.lines for log in files)
     report.unparsed = sum(log.counts.unparsed for log in files)
-    report.unparsed_examples = [x for log in files for x in log.counts.examples][:UNPARSED_EXAMPLES]
+    report.unparsed_examples = [
+        f"{log.name}:{n}: {printable(text)}"
+        for log in files
+        for n, text in zip(log.counts.example_lines, log.counts.examples, strict=True)
+    ][:UNPARSED_EXAMPLES]
     report.zoned = any(log.counts.zoned for log in files)
     if any(relay.name for relay in relays):
         report.relays = [
