@@ -72,8 +72,8 @@ def log_name(path: Path) -> str:
 class _Source(io.RawIOBase):
     """A file's bytes from the start: *head* (read to tell the format) first, then the rest.
 
-    Reading the head again from the file would lose it on a pipe (and lost the buffer a
-    second ``open`` of ``/dev/stdin`` had read ahead).
+    The head is not read again from the file: a pipe cannot seek back, and a second ``open``
+    of ``/dev/fd/N`` would start after what the first had read ahead.
     """
 
     def __init__(self, raw: io.FileIO, head: bytes, name: str) -> None:
@@ -110,9 +110,10 @@ class _Decompressed(io.RawIOBase):
     :class:`LogError` naming the file: what was read of it may be wrong already.
     """
 
-    def __init__(self, stream: io.BufferedIOBase, name: str, kind: str) -> None:
+    def __init__(self, stream: io.BufferedIOBase, source: IO[bytes], name: str, kind: str) -> None:
         super().__init__()
         self._stream = stream
+        self._source = source  # the decompressors leave a file object they were given open
         self._name = name
         self._kind = kind
         #: Whether the compressed data ended before its end-of-stream marker.
@@ -134,6 +135,7 @@ class _Decompressed(io.RawIOBase):
 
     def close(self) -> None:
         self._stream.close()
+        self._source.close()
         super().close()
 
 
@@ -201,7 +203,7 @@ def _open(path: Path, relay: int) -> _Log:
     if found is None:
         return _Log(name, relay, _text(binary), counts)
     kind, decompress = found
-    decompressed = _Decompressed(decompress(binary), name, kind)
+    decompressed = _Decompressed(decompress(binary), binary, name, kind)
     return _Log(name, relay, _text(io.BufferedReader(decompressed)), counts, kind, decompressed)
 
 
