@@ -81,13 +81,15 @@ class TestReplayOfCapturedLogs:
         assert to_json(split) == to_json(whole)
 
     def test_truncated_last_line(self, tmp_path: Path) -> None:
-        """A log cut mid-line (copied while Exim wrote it) is read; the stub is counted."""
+        """A log cut mid-line (copied while Exim wrote it) is read; the stub is counted, and
+        shown with the file and line it is on."""
         text = MAINLOG.read_text()
         path = tmp_path / "mainlog"
         path.write_text(text + text.splitlines()[5][:14])
         report = run([path])
         assert report.unparsed == 1
-        assert report.unparsed_examples == [text.splitlines()[5][:14]]
+        stub = f"{path}:{len(text.splitlines()) + 1}: {text.splitlines()[5][:14]}"
+        assert report.unparsed_examples == [stub]
         assert blocked(report) == {SPAMMER: (6, 5)}
 
     def test_several_candidates(self) -> None:

@@ -64,7 +64,8 @@ def _selectors(tmp: Path) -> list[Path]:
 
 
 def _damaged(tmp: Path) -> list[Path]:
-    """The spam wave with a line cut short every 997 lines and a stray text line every 1,499."""
+    """The spam wave with a line cut short every 997 lines and a stray text line every 1,499;
+    named relative to *tmp* (the replay's directory), as the report names it with the lines."""
     path = tmp / "mainlog"
     out = []
     for n, line in enumerate(_lines("spam-wave.log.gz")):
@@ -75,7 +76,7 @@ def _damaged(tmp: Path) -> list[Path]:
         else:
             out.append(line)
     path.write_text("".join(out), encoding="utf-8")
-    return [path]
+    return [path.relative_to(tmp)]
 
 
 def _without_for_lists(tmp: Path) -> list[Path]:
@@ -196,10 +197,15 @@ def _run(case: Case, tmp: Path, output: str, capsys: pytest.CaptureFixture[str])
     [pytest.param(c, o, id=f"{c.name}.{o}") for c in CASES for o in c.outputs],
 )
 def test_output_is_unchanged(
-    case: Case, output: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    case: Case,
+    output: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The replay writes, byte for byte, the output stored for this case."""
     golden = GOLDEN / f"{case.name}.{'txt' if output == 'table' else output}"
+    monkeypatch.chdir(tmp_path)
     text = _run(case, tmp_path, output, capsys)
     if WRITE:
         GOLDEN.mkdir(exist_ok=True)

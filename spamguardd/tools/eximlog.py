@@ -393,6 +393,8 @@ class ScanCounts:
         self.lines = 0
         self.unparsed = 0
         self.examples: list[str] = []
+        #: The line number (from 1) of each example in what was scanned.
+        self.example_lines: list[int] = []
         self.keep = examples
         #: Whether any line carried a zone (``log_timezone``): times are then true UTC.
         self.zoned = False
@@ -417,7 +419,7 @@ def scan(  # noqa: C901, PLR0912, PLR0915 - one flat loop: the hot path of a rep
     stamp = ""  # the last time stamp read, and its seconds: lines of one second come together
     at = 0.0
     n = 0
-    for n, line in enumerate(lines, start=1):  # noqa: B007 - n counts the lines
+    for n, line in enumerate(lines, start=1):
         # The commonest line first: "YYYY-MM-DD HH:MM:SS 1xX8Pm-00035Q-0q => ...".
         if line[36:37] == " " and line[26:27] == "-" and line[33:34] == "-" and line[19:20] == " ":
             end = 36
@@ -481,6 +483,7 @@ def scan(  # noqa: C901, PLR0912, PLR0915 - one flat loop: the hot path of a rep
         counts.unparsed += 1
         if len(counts.examples) < counts.keep:
             counts.examples.append(line.rstrip("\r\n")[:200])
+            counts.example_lines.append(n)
     counts.lines += n
 
 

@@ -2,7 +2,7 @@
 
 ``spamguardctl replay [--config FILE] [--limit RATE ...] [--relay-net CIDR ...] [--no-local]
 [--json] [--html REPORT.html] LOGFILE...``, or, for a fleet, ``--relay NAME LOGFILE...`` per relay
-instead of the plain ``LOGFILE...``.
+instead of the plain ``LOGFILE...``. A ``LOGFILE`` of ``-`` is standard input.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from spamguardd.core.config import Config, load_config
 from spamguardd.core.errors import ConfigError
 from spamguardd.tools.eximlog import Network, UserKeys
 from spamguardd.tools.replay.engine import Candidate
-from spamguardd.tools.replay.logs import RelayLogs, replay
+from spamguardd.tools.replay.logs import LogError, RelayLogs, given_twice, replay
 from spamguardd.tools.replay.report import to_html, to_json, to_table
 
 
@@ -26,6 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spamguardctl replay",
         description="Replay Exim main/reject logs through the policy to choose a limit.",
+        epilog="A LOGFILE is an Exim main or reject log, plain or compressed with gzip, bzip2 or"
+        " xz (told by its content, not its name). It is read once from start to end, so a pipe"
+        " does: - is standard input (zcat mainlog.2.gz | spamguardctl replay -), and a process"
+        " substitution such as <(ssh relay cat /var/log/exim4/mainlog) is a LOGFILE too. A file"
+        " may be given once.",
     )
     parser.add_argument(
         "--config", type=Path, metavar="FILE", help="spamguardd TOML (overrides, exemptions)"
@@ -60,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar=("NAME", "LOGFILE"),
         help="the logs of one relay of a fleet, merged with the others' by time; repeatable",
     )
-    parser.add_argument("logs", nargs="*", type=Path, metavar="LOGFILE")
+    parser.add_argument(
+        "logs", nargs="*", type=Path, metavar="LOGFILE", help="a log; - for standard input"
+    )
     return parser
 
 
@@ -77,7 +84,11 @@ def _sources(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[
         if any(isinstance(r, RelayLogs) and r.name == name for r in relays):
             parser.error(f"--relay {name} is given twice")
         relays.append(RelayLogs(name, tuple(map(Path, paths))))
-    return relays or list(args.logs)
+    sources: list[Path | RelayLogs] = relays or list(args.logs)
+    repeated = given_twice(sources)
+    if repeated is not None:
+        parser.error(repeated)
+    return sources
 
 
 def replay_main(argv: Sequence[str] | None = None) -> int:
@@ -107,7 +118,10 @@ def replay_main(argv: Sequence[str] | None = None) -> int:
         # the report's file is opened first: a path it cannot be written to is said before a
         # replay of hours, not after it
         html = None if args.html is None else args.html.open("w", encoding="utf-8")
-        report = replay(sources, config.policy, candidates, keys, progress=progress)
+        report = replay(sources, config.policy, candidates, keys, progress=progress, warn=_warn)
+    except LogError as exc:
+        print(f"spamguardctl replay: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"spamguardctl replay: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1
@@ -126,3 +140,7 @@ def replay_main(argv: Sequence[str] | None = None) -> int:
     else:
         sys.stdout.write(to_table(report))
     return 0
+
+
+def _warn(message: str) -> None:
+    print(f"spamguardctl replay: warning: {message}", file=sys.stderr)
