@@ -141,8 +141,10 @@ class Report:
 class Replayer:
     """Feeds events, in time order, to one policy per candidate. Pure apart from being stateful.
 
-    Invariants: a user is in ``blocked`` of a candidate from the failure that tripped it on,
-    and every later recipient of a message received afterwards adds one to ``frozen_after``;
+    Invariants: a user is in ``blocked`` of a candidate from the failure (or accepted
+    recipient) that tripped it on, and every recipient of a message received afterwards, bounces
+    too, or of the message whose recipient tripped the volume guard, adds one to
+    ``frozen_after``;
     each relay's messages are its own (:class:`_Messages`), its users everyone's.
     """
 
@@ -256,35 +258,56 @@ class Replayer:
                 self._failure(user, event.rcpt, event.host, event.at, verify)
 
     def _delivery(self, event: Delivery, messages: _Messages) -> None:
-        known = messages.senders.get(event.message_id)
+        message_id = event.message_id
+        known = messages.senders.get(message_id)
         if known is None:
             return  # not from a countable user, or received before the logs start
-        user, host, frozen = known
-        if any(frozen):
-            messages.count_frozen(event.message_id)
-        if event.message_id in messages.by_delivery:  # no "for" list: its deliveries count
+        user, host, frozen, bounce = known
+        delivered = messages.by_delivery.get(message_id)
+        if delivered is not None:  # no "for" list: its deliveries are its accepted recipients
+            messages.by_delivery[message_id] = delivered + 1
+            before = self._blocks_of(user)
             self._accepted(user, host, event.at, 1)
-        if event.by_transport:  # what the shipped event_action reports (msg:fail:delivery)
+            after = self._blocks_of(user)
+            if after != before:
+                # the guard blocked the user at a recipient of this very message, and the
+                # ACL's freeze holds the whole message: its recipients delivered so far too
+                newly = [a and not b for a, b in zip(after, before, strict=True)]
+                messages.freeze(message_id, newly, delivered)
+                frozen = messages.senders[message_id][2]
+        if any(frozen):
+            messages.count_frozen(message_id)
+        if event.by_transport and not bounce:  # what the shipped event_action reports
             self._failure(user, event.rcpt, host, event.at, Verify.FAIL)
 
     def _arrival(self, event: Arrival, messages: _Messages) -> None:
-        user = None if event.null_sender else self.keys.key(event.auth_id, event.host, event.local)
+        if event.null_sender and event.host is None and event.auth_id is None:
+            # Exim's own bounces and other local ones: the non-SMTP ACL leaves them alone
+            return
+        user = self.keys.key(event.auth_id, event.host, event.local)
         if user is None:
             return
         if event.at >= self._next_lift:
             self._lift(event.at)
         self._decide_now(user)  # its blocks decide whether the message is frozen
-        frozen = (
-            tuple([user in result.policy.blocks for result in self.report.results])
-            if user in self._blocked_somewhere
-            else self._never_frozen
-        )
-        messages.add(event.message_id, user, event.host, frozen)
-        if self.report.volume:
-            if event.recipients:
-                self._accepted(user, event.host, event.at, event.recipients)
-            else:
-                messages.by_delivery.add(event.message_id)
+        volume = self.report.volume
+        if volume and event.recipients:
+            # counted at RCPT time, before the message is accepted: a block at one of its
+            # recipients freezes the whole message (the ACL's freeze is per message)
+            self._accepted(user, event.host, event.at, event.recipients)
+        # A bounce (null sender) of an outgoing user is asked about too (verify=ok, so the
+        # guard counts its recipients), and frozen when the user is blocked; its failures at
+        # delivery are not reported (the shipped event_action skips the null sender).
+        frozen = self._blocks_of(user)
+        messages.add(event.message_id, user, event.host, frozen, bounce=event.null_sender)
+        if volume and not event.recipients:
+            messages.by_delivery[event.message_id] = 0
+
+    def _blocks_of(self, user: str) -> tuple[bool, ...]:
+        """Per candidate, whether *user* is blocked now."""
+        if user not in self._blocked_somewhere:
+            return self._never_frozen
+        return tuple([user in result.policy.blocks for result in self.report.results])
 
     def _accepted(self, user: str, host: str | None, at: float, count: int) -> None:
         """Feed *count* accepted recipients of *user* to the volume guard of each candidate."""
@@ -490,34 +513,54 @@ class _Messages:
 
     def __init__(self, results: Sequence[CandidateResult]) -> None:
         self.results = results
-        #: message id -> (user key, client address, frozen per candidate)
-        self.senders: dict[str, tuple[str, str | None, tuple[bool, ...]]] = {}
+        #: message id -> (user key, client address, frozen per candidate, a bounce)
+        self.senders: dict[str, tuple[str, str | None, tuple[bool, ...], bool]] = {}
         self.frozen: set[str] = set()
         #: Messages whose ``<=`` line had no ``for`` list, while the volume guard is on: their
-        #: deliveries (``=>``, ``->``, ``**``) are its accepted recipients.
-        self.by_delivery: set[str] = set()
+        #: deliveries (``=>``, ``->``, ``**``) are its accepted recipients. Each with its
+        #: deliveries so far (frozen too when the guard blocks at one of them).
+        self.by_delivery: dict[str, int] = {}
 
-    def add(self, message_id: str, user: str, host: str | None, frozen: tuple[bool, ...]) -> None:
+    def add(
+        self,
+        message_id: str,
+        user: str,
+        host: str | None,
+        frozen: tuple[bool, ...],
+        *,
+        bounce: bool = False,
+    ) -> None:
         """Remember a message received from *user*; forget the oldest past the bound."""
         senders = self.senders
-        senders[message_id] = (user, host, frozen)
+        senders[message_id] = (user, host, frozen, bounce)
         if any(frozen):
             self.frozen.add(message_id)
         if len(senders) > MAX_MESSAGES:
             oldest = next(iter(senders))
             del senders[oldest]
             self.frozen.discard(oldest)
-            self.by_delivery.discard(oldest)
+            self.by_delivery.pop(oldest, None)
 
     def forget(self, message_id: str) -> None:
         """The message is ``Completed``."""
         self.senders.pop(message_id, None)
         self.frozen.discard(message_id)
-        self.by_delivery.discard(message_id)
+        self.by_delivery.pop(message_id, None)
+
+    def freeze(self, message_id: str, newly: Sequence[bool], delivered: int) -> None:
+        """Freeze the message for the candidates *newly* says, counting its *delivered*
+        recipients so far as frozen there."""
+        user, host, frozen, bounce = self.senders[message_id]
+        for result, is_new in zip(self.results, newly, strict=True):
+            if is_new:
+                result.blocked[user].frozen_after += delivered
+        frozen = tuple(old or new for old, new in zip(frozen, newly, strict=True))
+        self.senders[message_id] = (user, host, frozen, bounce)
+        self.frozen.add(message_id)
 
     def count_frozen(self, message_id: str) -> None:
         """One more recipient of a frozen message, for each candidate that froze it."""
-        user, _, frozen = self.senders[message_id]
+        user, _, frozen, _ = self.senders[message_id]
         for result, is_frozen in zip(self.results, frozen, strict=True):
             if is_frozen:
                 result.blocked[user].frozen_after += 1
@@ -543,7 +586,7 @@ class _Messages:
             message_id = line[20:end]
             if self.senders.pop(message_id, None) is not None:
                 self.frozen.discard(message_id)
-                self.by_delivery.discard(message_id)
+                self.by_delivery.pop(message_id, None)
             return True
         return line[20:end] not in self.senders  # "**": parsed only for counted users
 
