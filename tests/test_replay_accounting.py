@@ -8,6 +8,7 @@ The logs are small and written here in Exim 4.96's formats (as in ``tests/data/e
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 
 from spamguardd.core.config import PolicyConfig
@@ -15,6 +16,7 @@ from spamguardd.core.rate import Rate
 from spamguardd.tools.eximlog import UserKeys
 from spamguardd.tools.replay.engine import Candidate, Report
 from spamguardd.tools.replay.logs import replay
+from spamguardd.tools.replay.report import to_html, to_table
 
 RELAY = UserKeys([ipaddress.ip_network("127.0.0.2/32")])
 FIVE = Candidate.parse("5/1h")
@@ -147,3 +149,64 @@ class TestVolumeGuardFreezesTheTrippingMessage:
         deliveries too."""
         report = _replay(tmp_path, self._log(listed=False), GUARD, Candidate.parse("1000/1h"))
         assert _frozen(report) == {"auth:vol": 5}
+
+
+class TestExemptionsAndOverrides:
+    def test_exempt_users_are_neither_counted_nor_peaked(self, tmp_path: Path) -> None:
+        """Exempt by user, or by the client's network (for that client only, as the daemon
+        decides per query): none of it is counted, peaked or drawn."""
+        config = PolicyConfig(
+            exempt_users=frozenset({"auth:trusted"}),
+            exempt_networks=(ipaddress.ip_network("192.0.2.0/24"),),
+        )
+        report = _replay(
+            tmp_path,
+            [
+                *_rejections("10:00:00", "127.0.0.1", "trusted", *(f"t{n}@r" for n in range(7))),
+                *_rejections("10:00:01", "192.0.2.7", "roamer", *(f"e{n}@r" for n in range(7))),
+                *_rejections("10:00:02", "127.0.0.1", "roamer", "x1@r", "x2@r"),
+            ],
+            config,
+        )
+        assert report.failures == 2
+        assert set(report.peaks) == {"auth:roamer"}
+        assert report.peaks["auth:roamer"][3600] == 2
+        table, page = to_table(report), to_html(report)
+        assert "trusted" not in table
+        assert "trusted" not in page
+        assert "fill='#d00'" not in page  # no bar reaches a limit
+
+    def test_an_override_is_compared_with_its_own_limit(self, tmp_path: Path) -> None:
+        """A user with 20/1h of its own and a peak of 8 is no red bar against the candidate's
+        3/1h; every bar names its user, peak and limit."""
+        config = PolicyConfig(overrides={"auth:bulk": (Rate(20, 3600),)})
+        report = _replay(
+            tmp_path,
+            [
+                *_rejections("10:00:00", "127.0.0.1", "bulk", *(f"b{n}@r" for n in range(8))),
+                *_rejections("10:00:01", "127.0.0.1", "spam", *(f"s{n}@r" for n in range(4))),
+            ],
+            config,
+            Candidate.parse("3/1h"),
+        )
+        page = to_html(report)
+        found = re.findall(r"fill='(#[0-9a-f]+)'><title>auth:(\w+):", page)
+        bars = {user: fill for fill, user in found}
+        assert bars == {"bulk": "#93c", "spam": "#d00"}
+        assert "<title>auth:bulk: peak 8 within 1h, limit 20/1h (override)</title>" in page
+        assert "<title>auth:spam: peak 4 within 1h, limit 3/1h</title>" in page
+
+    def test_the_chart_says_how_many_users_it_leaves_out(self, tmp_path: Path) -> None:
+        """A chart draws the 200 highest peaks and says so when there were more users."""
+        lines = [
+            line
+            for n in range(201)
+            for line in _rejections(
+                "10:00:00", "127.0.0.1", f"u{n:03d}", *(f"a{k}@r" for k in range(1 + n % 3))
+            )
+        ]
+        page = to_html(_replay(tmp_path, lines))
+        assert "<h4>peak failures within 1h, per user (the 200 highest of 201 users)</h4>" in page
+        assert page.count("<rect") == 200
+        assert "auth:u198:" not in page  # the last by name of the lowest peaks
+        assert "auth:u195:" in page

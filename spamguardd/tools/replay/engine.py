@@ -136,6 +136,9 @@ class Report:
     volume: bool = False
     #: Accepted recipients fed to the volume guard.
     accepted: int = 0
+    #: Users with their own limits on failed recipients (``[[override]]``), which the HTML
+    #: compares their peaks with instead of the candidate's.
+    overrides: dict[str, tuple[Rate, ...]] = attrs.field(factory=dict)
 
 
 class Replayer:
@@ -175,6 +178,11 @@ class Replayer:
             windows=tuple(sorted(periods)),
             warn=config.warn_at is not None,
             volume=config.volume_guard,
+            overrides={
+                user: rates
+                for user, rates in config.overrides.items()
+                if not user.endswith(ACCEPTED_SUFFIX)
+            },
         )
         self._relays = [_Messages(results) for _ in range(relays)]
         self._users: dict[str, _User] = {}
@@ -205,6 +213,25 @@ class Replayer:
         self._flush_at = MAX_PENDING if not expires(config.expire) else 1
         self._cap = config.max_tracked_users
         self._room = self._cap
+        # Exempt users are never counted by the daemon: their failures are neither counted nor
+        # peaked here. By user: looked up only when a user has no state yet (an exempt user
+        # never gets one), so counted users pay nothing. By network: per client address
+        # (cached), and only when the configuration has exempt networks.
+        self._exempt_users = config.exempt_users
+        self._count_failure = self._failure
+        if config.exempt_networks:
+            networks = config.exempt_networks
+
+            @functools.lru_cache(maxsize=65536)
+            def exempt_host(host: str | None) -> bool:
+                ip = _ip(host)
+                return ip is not None and any(ip in net for net in networks)
+
+            def failure(user: str, rcpt: str, host: str | None, at: float, verify: Verify) -> None:
+                if not exempt_host(host):
+                    self._failure(user, rcpt, host, at, verify)
+
+            self._count_failure = failure
 
     def skip_test(self, relay: int = 0) -> SkipTest:
         """The skip test for the message lines of *relay* (:meth:`_Messages.consume`)."""
@@ -224,7 +251,7 @@ class Replayer:
         A rejection, every line of a spam wave, is dealt with here (:meth:`_rejection` says
         what), from the tuple's fields unpacked at once.
         """
-        delivery, arrival, failure = self._delivery, self._arrival, self._failure
+        delivery, arrival, failure = self._delivery, self._arrival, self._count_failure
         key = self.keys.key
         count_defer = self.count_defer
         relays = self._relays
@@ -255,7 +282,7 @@ class Replayer:
             user = self.keys.key(event.auth_id, event.host, event.local)
             if user is not None:
                 verify = Verify.DEFER if event.temporary else Verify.FAIL
-                self._failure(user, event.rcpt, event.host, event.at, verify)
+                self._count_failure(user, event.rcpt, event.host, event.at, verify)
 
     def _delivery(self, event: Delivery, messages: _Messages) -> None:
         message_id = event.message_id
@@ -278,7 +305,7 @@ class Replayer:
         if any(frozen):
             messages.count_frozen(message_id)
         if event.by_transport and not bounce:  # what the shipped event_action reports
-            self._failure(user, event.rcpt, host, event.at, Verify.FAIL)
+            self._count_failure(user, event.rcpt, host, event.at, Verify.FAIL)
 
     def _arrival(self, event: Arrival, messages: _Messages) -> None:
         if event.null_sender and event.host is None and event.auth_id is None:
@@ -352,6 +379,8 @@ class Replayer:
     def _failure(self, user: str, rcpt: str, host: str | None, at: float, verify: Verify) -> None:
         state = self._users.get(user)
         if state is None:
+            if user in self._exempt_users:
+                return  # never counted by the daemon (and never given a state here)
             state = self._users[user] = _User(UserPeaks(self.report.windows), user)
             self.report.peaks[user] = state.peaks
         if at >= self._next_lift or at >= self._next_sweep:

@@ -5,9 +5,15 @@ from __future__ import annotations
 import datetime as dt
 import html
 from collections.abc import Sequence
+from typing import Final
 
-from spamguardd.core.rate import format_duration
+from spamguardd.core.rate import Rate, format_duration
 from spamguardd.tools.replay.engine import BlockRecord, Candidate, Report
+
+#: Users in the table of peaks: the highest peaks in any window.
+TABLE_PEAKS: Final = 20
+#: Users drawn in each chart of peaks: the highest peaks in that window.
+CHART_PEAKS: Final = 200
 
 
 def _iso(at: float, *, zoned: bool) -> str:
@@ -123,9 +129,9 @@ def to_table(report: Report) -> str:
     if report.peaks:
         out.append("")
         heads = " ".join(f"{format_duration(p):>8}" for p in report.windows)
-        out.append(f"peak failures per window (top 20)\n  {'user':<40} {heads}")
+        out.append(f"peak failures per window (top {TABLE_PEAKS})\n  {'user':<40} {heads}")
         top = sorted(report.peaks.items(), key=lambda item: (-max(item[1].values()), item[0]))
-        for user, per in top[:20]:
+        for user, per in top[:TABLE_PEAKS]:
             cells = " ".join(f"{per.get(p, 0):>8}" for p in report.windows)
             out.append(f"  {user:<40} {cells}")
     return "\n".join(out) + "\n"
@@ -200,35 +206,75 @@ def _timeline_svg(times: Sequence[float], block_at: float, *, zoned: bool) -> st
     return f"<svg width='{width}' height='{height}' role='img'>{marks}{block}{labels}</svg>"
 
 
+def _own_limit(report: Report, user: str, rate: Rate) -> Rate | None:
+    """The limit *user* is held to in *rate*'s window: its override's (None when the override
+    has no such window), else the candidate's *rate*."""
+    override = report.overrides.get(user)
+    if override is None:
+        return rate
+    return next((own for own in override if own.period == rate.period), None)
+
+
 def _peaks_svg(report: Report, candidate: Candidate) -> str:
-    """Per window of *candidate*: each user's peak as a bar, sorted, with the limit as a line."""
+    """Per window of *candidate*: the highest peaks as bars, sorted, with the limit as a line.
+
+    A bar is red where the user reached the limit it is held to: a user with an override is
+    compared with its own (drawn in purple, its limit as a black tick on the bar when within
+    the chart). Each bar's tooltip names the user, its peak and its limit.
+    """
     out = []
     for rate in candidate.rates:
-        peaks = sorted((per.get(rate.period, 0) for per in report.peaks.values()), reverse=True)[
-            :200
-        ]
-        if not peaks:
+        window = format_duration(rate.period)
+        ranked = sorted(
+            ((per.get(rate.period, 0), user) for user, per in report.peaks.items()),
+            key=lambda item: (-item[0], item[1]),
+        )[:CHART_PEAKS]
+        if not ranked:
             continue
         width, height, pad = 600, 160, 20
-        top = max(*peaks, rate.count) * 1.1
-        bar = (width - 2 * pad) / len(peaks)
+        top = max(ranked[0][0], rate.count) * 1.1
+        bar = (width - 2 * pad) / len(ranked)
 
         def y(n: float, top: float = top, height: int = height, pad: int = pad) -> float:
             return height - pad - n / top * (height - 2 * pad)
 
-        bars = "".join(
-            f"<rect x='{pad + i * bar:.1f}' y='{y(n):.1f}' width='{max(bar - 1, 1):.1f}' "
-            f"height='{height - pad - y(n):.1f}' fill='{'#d00' if n >= rate.count else '#36c'}'/>"
-            for i, n in enumerate(peaks)
-        )
+        bars = []
+        for i, (n, user) in enumerate(ranked):
+            own = _own_limit(report, user, rate)
+            overridden = user in report.overrides
+            if own is not None and n >= own.count:
+                fill = "#d00"
+            else:
+                fill = "#93c" if overridden else "#36c"
+            if own is None:
+                held = f"no limit on {window} (override)"
+            else:
+                held = f"limit {own}" + (" (override)" if overridden else "")
+            left, wide = pad + i * bar, max(bar - 1, 1)
+            bars.append(
+                f"<rect x='{left:.1f}' y='{y(n):.1f}' width='{wide:.1f}' "
+                f"height='{height - pad - y(n):.1f}' fill='{fill}'>"
+                f"<title>{html.escape(user)}: peak {n} within {window}, {held}"
+                "</title></rect>"
+            )
+            if overridden and own is not None and own != rate and own.count <= top:
+                bars.append(
+                    f"<line x1='{left:.1f}' x2='{left + wide:.1f}' y1='{y(own.count):.1f}' "
+                    f"y2='{y(own.count):.1f}' stroke='#000' stroke-width='2'/>"
+                )
         limit = (
             f"<line x1='{pad}' x2='{width - pad}' y1='{y(rate.count):.1f}' "
             f"y2='{y(rate.count):.1f}' stroke='#000' stroke-dasharray='4'/>"
             f"<text x='{width - pad}' y='{y(rate.count) - 3:.1f}' text-anchor='end' "
             f"font-size='11'>limit {rate}</text>"
         )
+        shown = (
+            f" (the {len(ranked)} highest of {len(report.peaks):,} users)"
+            if len(ranked) < len(report.peaks)
+            else ""
+        )
         out.append(
-            f"<h4>peak failures within {format_duration(rate.period)}, per user</h4>"
-            f"<svg width='{width}' height='{height}' role='img'>{bars}{limit}</svg>"
+            f"<h4>peak failures within {window}, per user{shown}</h4>"
+            f"<svg width='{width}' height='{height}' role='img'>{''.join(bars)}{limit}</svg>"
         )
     return "".join(out)
