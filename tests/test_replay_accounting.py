@@ -8,6 +8,7 @@ The logs are small and written here in Exim 4.96's formats (as in ``tests/data/e
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from spamguardd.core.rate import Rate
 from spamguardd.tools.eximlog import UserKeys
 from spamguardd.tools.replay.engine import Candidate, Report
 from spamguardd.tools.replay.logs import replay
-from spamguardd.tools.replay.report import to_html, to_table
+from spamguardd.tools.replay.report import to_html, to_json, to_table
 
 RELAY = UserKeys([ipaddress.ip_network("127.0.0.2/32")])
 FIVE = Candidate.parse("5/1h")
@@ -210,3 +211,28 @@ class TestExemptionsAndOverrides:
         assert page.count("<rect") == 200
         assert "auth:u198:" not in page  # the last by name of the lowest peaks
         assert "auth:u195:" in page
+
+
+class TestBytesThatAreNotUtf8:
+    def test_table_and_json_escape_them(self, tmp_path: Path) -> None:
+        """A NUL and a lone 8-bit byte in an authenticated id reach neither the terminal nor
+        the JSON raw: both show ``\\x00`` and ``\\xe9``, and the JSON is valid UTF-8."""
+        report = _replay(
+            tmp_path,
+            [
+                *_rejections("10:00:00", "127.0.0.1", "b\udce9b", *(f"r{n}@r" for n in range(6))),
+                *_rejections("10:00:01", "127.0.0.1", "n\x00l", "z@r"),
+            ],
+        )
+        table = to_table(report)
+        assert "auth:b\\xe9b" in table
+        assert "auth:n\\x00l" in table
+        assert "\udce9" not in table
+        assert "\x00" not in table
+        document = json.dumps(to_json(report), ensure_ascii=False).encode("utf-8")
+        parsed = json.loads(document)
+        assert "auth:b\\xe9b" in parsed["peaks"]
+        assert parsed["limits"][0]["blocked"][0]["user"] == "auth:b\\xe9b"
+        page = to_html(report)
+        assert "auth:b\\xe9b" in page
+        page.encode("utf-8")  # written as UTF-8: no lone surrogate left in it

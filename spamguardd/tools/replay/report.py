@@ -7,6 +7,7 @@ import html
 from collections.abc import Sequence
 from typing import Final
 
+from spamguardd.core.notice import printable
 from spamguardd.core.rate import Rate, format_duration
 from spamguardd.tools.replay.engine import BlockRecord, Candidate, Report
 
@@ -14,6 +15,16 @@ from spamguardd.tools.replay.engine import BlockRecord, Candidate, Report
 TABLE_PEAKS: Final = 20
 #: Users drawn in each chart of peaks: the highest peaks in that window.
 CHART_PEAKS: Final = 200
+
+
+def _json_text(text: str) -> str:
+    """*text* for the JSON: bytes of the log that are not UTF-8 (kept as lone surrogates, which
+    strict JSON parsers refuse) written as ``\\xNN``, the way the table shows them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text
 
 
 def _iso(at: float, *, zoned: bool) -> str:
@@ -41,7 +52,7 @@ def to_json(report: Report) -> dict[str, object]:
             "limit": result.candidate.label,
             "blocked": [
                 {
-                    "user": b.user,
+                    "user": _json_text(b.user),
                     "at": _iso(b.at, zoned=report.zoned),
                     "failures": b.failures,
                     "frozen_after": b.frozen_after,
@@ -54,7 +65,7 @@ def to_json(report: Report) -> dict[str, object]:
         if report.warn:  # only with limits.warn_at: today's documents stay as they were
             entry["warned"] = [
                 {
-                    "user": w.user,
+                    "user": _json_text(w.user),
                     "at": _iso(w.at, zoned=report.zoned),
                     "limit": w.limit,
                     "counted": w.counted,
@@ -69,17 +80,17 @@ def to_json(report: Report) -> dict[str, object]:
     return {
         "limits": limits,
         "peaks": {
-            user: {format_duration(period): n for period, n in sorted(per.items())}
+            _json_text(user): {format_duration(period): n for period, n in sorted(per.items())}
             for user, per in sorted(report.peaks.items())
         },
         "lines": {
             "read": report.lines_read,
             "unparsed": report.unparsed,
-            "unparsed_examples": report.unparsed_examples,
+            "unparsed_examples": [_json_text(line) for line in report.unparsed_examples],
             **(
                 {
                     "relays": {
-                        relay.name: {"read": relay.lines, "unparsed": relay.unparsed}
+                        _json_text(relay.name): {"read": relay.lines, "unparsed": relay.unparsed}
                         for relay in report.relays
                     }
                 }
@@ -114,7 +125,7 @@ def to_table(report: Report) -> str:
             out.append(f"  {'user':<40} {'blocked at':<20} {'failures':>8} {'frozen after':>12}")
             for b in sorted(result.blocked.values(), key=lambda b: (b.at, b.user)):
                 at = _iso(b.at, zoned=report.zoned)
-                row = f"  {b.user:<40} {at:<20} {b.failures:>8} {b.frozen_after:>12}"
+                row = f"  {printable(b.user):<40} {at:<20} {b.failures:>8} {b.frozen_after:>12}"
                 extra = _expiry(b, zoned=report.zoned)
                 if extra:
                     last = extra.get("until", "never")
@@ -123,7 +134,8 @@ def to_table(report: Report) -> str:
         if report.warn:
             out.append(f"  {len(result.warned)} user(s) warned (limits.warn_at)")
             out.extend(
-                f"    {w.user:<38} {_iso(w.at, zoned=report.zoned):<20} {w.limit} {w.counted}"
+                f"    {printable(w.user):<38} {_iso(w.at, zoned=report.zoned):<20} "
+                f"{w.limit} {w.counted}"
                 for w in sorted(result.warned.values(), key=lambda w: (w.at, w.user))
             )
     if report.peaks:
@@ -133,7 +145,7 @@ def to_table(report: Report) -> str:
         top = sorted(report.peaks.items(), key=lambda item: (-max(item[1].values()), item[0]))
         for user, per in top[:TABLE_PEAKS]:
             cells = " ".join(f"{per.get(p, 0):>8}" for p in report.windows)
-            out.append(f"  {user:<40} {cells}")
+            out.append(f"  {printable(user):<40} {cells}")
     return "\n".join(out) + "\n"
 
 
@@ -163,7 +175,8 @@ def to_html(report: Report) -> str:
         for b in sorted(result.blocked.values(), key=lambda b: (b.at, b.user)):
             times = list(report.timelines.get(b.user, ()))
             parts.append(
-                f"<h3>{esc(b.user)}</h3><p>blocked {esc(_iso(b.at, zoned=report.zoned))} "
+                f"<h3>{esc(printable(b.user))}</h3>"
+                f"<p>blocked {esc(_iso(b.at, zoned=report.zoned))} "
                 f"after {b.failures} failures; {b.frozen_after} later recipients frozen</p>"
             )
             parts.append(_timeline_svg(times, b.at, zoned=report.zoned))
@@ -171,7 +184,7 @@ def to_html(report: Report) -> str:
             warned = sorted(result.warned.values(), key=lambda w: (w.at, w.user))
             parts.append(f"<h3>{len(warned)} warned (limits.warn_at)</h3><ul>")
             parts.extend(
-                f"<li>{esc(w.user)}: {esc(_iso(w.at, zoned=report.zoned))}, "
+                f"<li>{esc(printable(w.user))}: {esc(_iso(w.at, zoned=report.zoned))}, "
                 f"{esc(w.limit)} {esc(w.counted)}</li>"
                 for w in warned
             )
@@ -254,7 +267,7 @@ def _peaks_svg(report: Report, candidate: Candidate) -> str:
             bars.append(
                 f"<rect x='{left:.1f}' y='{y(n):.1f}' width='{wide:.1f}' "
                 f"height='{height - pad - y(n):.1f}' fill='{fill}'>"
-                f"<title>{html.escape(user)}: peak {n} within {window}, {held}"
+                f"<title>{html.escape(printable(user))}: peak {n} within {window}, {held}"
                 "</title></rect>"
             )
             if overridden and own is not None and own != rate and own.count <= top:
