@@ -151,6 +151,18 @@ class TestVolumeGuardFreezesTheTrippingMessage:
         report = _replay(tmp_path, self._log(listed=False), GUARD, Candidate.parse("1000/1h"))
         assert _frozen(report) == {"auth:vol": 5}
 
+    def test_failures_after_a_block_of_the_guard_are_peaked(self, tmp_path: Path) -> None:
+        """A user blocked by the guard before any failure has its later failures in the peaks,
+        as every counted failure is (they were counted, but the user had no peaks)."""
+        lines = [
+            *_message("10:00:00", "1xYnPH-0003ms-2B", "vol@x", AUTH_VOL, ["a@r", "b@r", "c@r"]),
+            *_rejections("10:01:00", "127.0.0.1", "vol", "x1@r", "x2@r"),
+        ]
+        report = _replay(tmp_path, lines, GUARD, Candidate.parse("1000/1h"))
+        assert report.failures == 2
+        assert report.peaks["auth:vol"][3600] == 2
+        assert "auth:vol" in to_table(report).split("peak failures")[1]
+
 
 class TestExemptionsAndOverrides:
     def test_exempt_users_are_neither_counted_nor_peaked(self, tmp_path: Path) -> None:

@@ -473,6 +473,8 @@ class Replayer:
             latest = max(failure[3] for failure in failures)
             state.last_at = max(state.last_at, latest)
         self.report.failures += len(failures)
+        if failures and user not in self.report.peaks:  # given a state by a block of the guard
+            self.report.peaks[user] = state.peaks
         if len(notable) > 1:
             notable.sort(key=lambda item: (item[0], item[1]))
         start = 0
