@@ -136,13 +136,18 @@ class Report:
     volume: bool = False
     #: Accepted recipients fed to the volume guard.
     accepted: int = 0
+    #: Users with their own limits on failed recipients (``[[override]]``), which the HTML
+    #: compares their peaks with instead of the candidate's.
+    overrides: dict[str, tuple[Rate, ...]] = attrs.field(factory=dict)
 
 
 class Replayer:
     """Feeds events, in time order, to one policy per candidate. Pure apart from being stateful.
 
-    Invariants: a user is in ``blocked`` of a candidate from the failure that tripped it on,
-    and every later recipient of a message received afterwards adds one to ``frozen_after``;
+    Invariants: a user is in ``blocked`` of a candidate from the failure (or accepted
+    recipient) that tripped it on, and every recipient of a message received afterwards, bounces
+    too, or of the message whose recipient tripped the volume guard, adds one to
+    ``frozen_after``;
     each relay's messages are its own (:class:`_Messages`), its users everyone's.
     """
 
@@ -173,6 +178,11 @@ class Replayer:
             windows=tuple(sorted(periods)),
             warn=config.warn_at is not None,
             volume=config.volume_guard,
+            overrides={
+                user: rates
+                for user, rates in config.overrides.items()
+                if not user.endswith(ACCEPTED_SUFFIX)
+            },
         )
         self._relays = [_Messages(results) for _ in range(relays)]
         self._users: dict[str, _User] = {}
@@ -203,6 +213,25 @@ class Replayer:
         self._flush_at = MAX_PENDING if not expires(config.expire) else 1
         self._cap = config.max_tracked_users
         self._room = self._cap
+        # Exempt users are never counted by the daemon: their failures are neither counted nor
+        # peaked here. By user: looked up only when a user has no state yet (an exempt user
+        # never gets one), so counted users pay nothing. By network: per client address
+        # (cached), and only when the configuration has exempt networks.
+        self._exempt_users = config.exempt_users
+        self._count_failure = self._failure
+        if config.exempt_networks:
+            networks = config.exempt_networks
+
+            @functools.lru_cache(maxsize=65536)
+            def exempt_host(host: str | None) -> bool:
+                ip = _ip(host)
+                return ip is not None and any(ip in net for net in networks)
+
+            def failure(user: str, rcpt: str, host: str | None, at: float, verify: Verify) -> None:
+                if not exempt_host(host):
+                    self._failure(user, rcpt, host, at, verify)
+
+            self._count_failure = failure
 
     def skip_test(self, relay: int = 0) -> SkipTest:
         """The skip test for the message lines of *relay* (:meth:`_Messages.consume`)."""
@@ -222,7 +251,7 @@ class Replayer:
         A rejection, every line of a spam wave, is dealt with here (:meth:`_rejection` says
         what), from the tuple's fields unpacked at once.
         """
-        delivery, arrival, failure = self._delivery, self._arrival, self._failure
+        delivery, arrival, failure = self._delivery, self._arrival, self._count_failure
         key = self.keys.key
         count_defer = self.count_defer
         relays = self._relays
@@ -253,38 +282,63 @@ class Replayer:
             user = self.keys.key(event.auth_id, event.host, event.local)
             if user is not None:
                 verify = Verify.DEFER if event.temporary else Verify.FAIL
-                self._failure(user, event.rcpt, event.host, event.at, verify)
+                self._count_failure(user, event.rcpt, event.host, event.at, verify)
 
     def _delivery(self, event: Delivery, messages: _Messages) -> None:
-        known = messages.senders.get(event.message_id)
+        message_id = event.message_id
+        known = messages.senders.get(message_id)
         if known is None:
             return  # not from a countable user, or received before the logs start
-        user, host, frozen = known
-        if any(frozen):
-            messages.count_frozen(event.message_id)
-        if event.message_id in messages.by_delivery:  # no "for" list: its deliveries count
+        user, host, frozen, bounce = known
+        delivered = messages.by_delivery.get(message_id)
+        if delivered is not None:  # no "for" list: its deliveries are its accepted recipients
+            messages.by_delivery[message_id] = delivered + 1
+            before = self._blocks_of(user)
             self._accepted(user, host, event.at, 1)
-        if event.by_transport:  # what the shipped event_action reports (msg:fail:delivery)
-            self._failure(user, event.rcpt, host, event.at, Verify.FAIL)
+            after = self._blocks_of(user)
+            if after != before:
+                # the guard blocked the user at a recipient of this very message, and the
+                # ACL's freeze holds the whole message: its recipients delivered so far too
+                newly = [a and not b for a, b in zip(after, before, strict=True)]
+                messages.freeze(message_id, newly, delivered)
+                frozen = messages.senders[message_id][2]
+        if any(frozen):
+            messages.count_frozen(message_id)
+        if event.by_transport and not bounce:  # what the shipped event_action reports
+            self._count_failure(user, event.rcpt, host, event.at, Verify.FAIL)
 
     def _arrival(self, event: Arrival, messages: _Messages) -> None:
-        user = None if event.null_sender else self.keys.key(event.auth_id, event.host, event.local)
+        if event.null_sender and event.host is None and event.auth_id is None:
+            # Exim's own bounces and other local ones: the non-SMTP ACL leaves them alone
+            return
+        user = self.keys.key(event.auth_id, event.host, event.local)
         if user is None:
             return
         if event.at >= self._next_lift:
             self._lift(event.at)
         self._decide_now(user)  # its blocks decide whether the message is frozen
-        frozen = (
+        volume = self.report.volume
+        if volume and event.recipients:
+            # counted at RCPT time, before the message is accepted: a block at one of its
+            # recipients freezes the whole message (the ACL's freeze is per message)
+            self._accepted(user, event.host, event.at, event.recipients)
+        # A bounce (null sender) of an outgoing user is asked about too (verify=ok, so the
+        # guard counts its recipients), and frozen when the user is blocked; its failures at
+        # delivery are not reported (the shipped event_action skips the null sender).
+        frozen = (  # self._blocks_of(user), inline: one in six lines of a main log is a "<="
             tuple([user in result.policy.blocks for result in self.report.results])
             if user in self._blocked_somewhere
             else self._never_frozen
         )
-        messages.add(event.message_id, user, event.host, frozen)
-        if self.report.volume:
-            if event.recipients:
-                self._accepted(user, event.host, event.at, event.recipients)
-            else:
-                messages.by_delivery.add(event.message_id)
+        messages.add(event.message_id, user, event.host, frozen, bounce=event.null_sender)
+        if volume and not event.recipients:
+            messages.by_delivery[event.message_id] = 0
+
+    def _blocks_of(self, user: str) -> tuple[bool, ...]:
+        """Per candidate, whether *user* is blocked now."""
+        if user not in self._blocked_somewhere:
+            return self._never_frozen
+        return tuple([user in result.policy.blocks for result in self.report.results])
 
     def _accepted(self, user: str, host: str | None, at: float, count: int) -> None:
         """Feed *count* accepted recipients of *user* to the volume guard of each candidate."""
@@ -329,6 +383,8 @@ class Replayer:
     def _failure(self, user: str, rcpt: str, host: str | None, at: float, verify: Verify) -> None:
         state = self._users.get(user)
         if state is None:
+            if user in self._exempt_users:
+                return  # never counted by the daemon (and never given a state here)
             state = self._users[user] = _User(UserPeaks(self.report.windows), user)
             self.report.peaks[user] = state.peaks
         if at >= self._next_lift or at >= self._next_sweep:
@@ -417,6 +473,8 @@ class Replayer:
             latest = max(failure[3] for failure in failures)
             state.last_at = max(state.last_at, latest)
         self.report.failures += len(failures)
+        if failures and user not in self.report.peaks:  # given a state by a block of the guard
+            self.report.peaks[user] = state.peaks
         if len(notable) > 1:
             notable.sort(key=lambda item: (item[0], item[1]))
         start = 0
@@ -490,34 +548,54 @@ class _Messages:
 
     def __init__(self, results: Sequence[CandidateResult]) -> None:
         self.results = results
-        #: message id -> (user key, client address, frozen per candidate)
-        self.senders: dict[str, tuple[str, str | None, tuple[bool, ...]]] = {}
+        #: message id -> (user key, client address, frozen per candidate, a bounce)
+        self.senders: dict[str, tuple[str, str | None, tuple[bool, ...], bool]] = {}
         self.frozen: set[str] = set()
         #: Messages whose ``<=`` line had no ``for`` list, while the volume guard is on: their
-        #: deliveries (``=>``, ``->``, ``**``) are its accepted recipients.
-        self.by_delivery: set[str] = set()
+        #: deliveries (``=>``, ``->``, ``**``) are its accepted recipients. Each with its
+        #: deliveries so far (frozen too when the guard blocks at one of them).
+        self.by_delivery: dict[str, int] = {}
 
-    def add(self, message_id: str, user: str, host: str | None, frozen: tuple[bool, ...]) -> None:
+    def add(
+        self,
+        message_id: str,
+        user: str,
+        host: str | None,
+        frozen: tuple[bool, ...],
+        *,
+        bounce: bool = False,
+    ) -> None:
         """Remember a message received from *user*; forget the oldest past the bound."""
         senders = self.senders
-        senders[message_id] = (user, host, frozen)
+        senders[message_id] = (user, host, frozen, bounce)
         if any(frozen):
             self.frozen.add(message_id)
         if len(senders) > MAX_MESSAGES:
             oldest = next(iter(senders))
             del senders[oldest]
             self.frozen.discard(oldest)
-            self.by_delivery.discard(oldest)
+            self.by_delivery.pop(oldest, None)
 
     def forget(self, message_id: str) -> None:
         """The message is ``Completed``."""
         self.senders.pop(message_id, None)
         self.frozen.discard(message_id)
-        self.by_delivery.discard(message_id)
+        self.by_delivery.pop(message_id, None)
+
+    def freeze(self, message_id: str, newly: Sequence[bool], delivered: int) -> None:
+        """Freeze the message for the candidates *newly* says, counting its *delivered*
+        recipients so far as frozen there."""
+        user, host, frozen, bounce = self.senders[message_id]
+        for result, is_new in zip(self.results, newly, strict=True):
+            if is_new:
+                result.blocked[user].frozen_after += delivered
+        frozen = tuple(old or new for old, new in zip(frozen, newly, strict=True))
+        self.senders[message_id] = (user, host, frozen, bounce)
+        self.frozen.add(message_id)
 
     def count_frozen(self, message_id: str) -> None:
         """One more recipient of a frozen message, for each candidate that froze it."""
-        user, _, frozen = self.senders[message_id]
+        user, _, frozen, _ = self.senders[message_id]
         for result, is_frozen in zip(self.results, frozen, strict=True):
             if is_frozen:
                 result.blocked[user].frozen_after += 1
@@ -543,7 +621,7 @@ class _Messages:
             message_id = line[20:end]
             if self.senders.pop(message_id, None) is not None:
                 self.frozen.discard(message_id)
-                self.by_delivery.discard(message_id)
+                self.by_delivery.pop(message_id, None)
             return True
         return line[20:end] not in self.senders  # "**": parsed only for counted users
 

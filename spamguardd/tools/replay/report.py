@@ -5,9 +5,26 @@ from __future__ import annotations
 import datetime as dt
 import html
 from collections.abc import Sequence
+from typing import Final
 
-from spamguardd.core.rate import format_duration
+from spamguardd.core.notice import printable
+from spamguardd.core.rate import Rate, format_duration
 from spamguardd.tools.replay.engine import BlockRecord, Candidate, Report
+
+#: Users in the table of peaks: the highest peaks in any window.
+TABLE_PEAKS: Final = 20
+#: Users drawn in each chart of peaks: the highest peaks in that window.
+CHART_PEAKS: Final = 200
+
+
+def _json_text(text: str) -> str:
+    """*text* for the JSON: bytes of the log that are not UTF-8 (kept as lone surrogates, which
+    strict JSON parsers refuse) written as ``\\xNN``, the way the table shows them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text
 
 
 def _iso(at: float, *, zoned: bool) -> str:
@@ -35,7 +52,7 @@ def to_json(report: Report) -> dict[str, object]:
             "limit": result.candidate.label,
             "blocked": [
                 {
-                    "user": b.user,
+                    "user": _json_text(b.user),
                     "at": _iso(b.at, zoned=report.zoned),
                     "failures": b.failures,
                     "frozen_after": b.frozen_after,
@@ -48,7 +65,7 @@ def to_json(report: Report) -> dict[str, object]:
         if report.warn:  # only with limits.warn_at: today's documents stay as they were
             entry["warned"] = [
                 {
-                    "user": w.user,
+                    "user": _json_text(w.user),
                     "at": _iso(w.at, zoned=report.zoned),
                     "limit": w.limit,
                     "counted": w.counted,
@@ -63,17 +80,17 @@ def to_json(report: Report) -> dict[str, object]:
     return {
         "limits": limits,
         "peaks": {
-            user: {format_duration(period): n for period, n in sorted(per.items())}
+            _json_text(user): {format_duration(period): n for period, n in sorted(per.items())}
             for user, per in sorted(report.peaks.items())
         },
         "lines": {
             "read": report.lines_read,
             "unparsed": report.unparsed,
-            "unparsed_examples": report.unparsed_examples,
+            "unparsed_examples": [_json_text(line) for line in report.unparsed_examples],
             **(
                 {
                     "relays": {
-                        relay.name: {"read": relay.lines, "unparsed": relay.unparsed}
+                        _json_text(relay.name): {"read": relay.lines, "unparsed": relay.unparsed}
                         for relay in report.relays
                     }
                 }
@@ -108,7 +125,7 @@ def to_table(report: Report) -> str:
             out.append(f"  {'user':<40} {'blocked at':<20} {'failures':>8} {'frozen after':>12}")
             for b in sorted(result.blocked.values(), key=lambda b: (b.at, b.user)):
                 at = _iso(b.at, zoned=report.zoned)
-                row = f"  {b.user:<40} {at:<20} {b.failures:>8} {b.frozen_after:>12}"
+                row = f"  {printable(b.user):<40} {at:<20} {b.failures:>8} {b.frozen_after:>12}"
                 extra = _expiry(b, zoned=report.zoned)
                 if extra:
                     last = extra.get("until", "never")
@@ -117,17 +134,18 @@ def to_table(report: Report) -> str:
         if report.warn:
             out.append(f"  {len(result.warned)} user(s) warned (limits.warn_at)")
             out.extend(
-                f"    {w.user:<38} {_iso(w.at, zoned=report.zoned):<20} {w.limit} {w.counted}"
+                f"    {printable(w.user):<38} {_iso(w.at, zoned=report.zoned):<20} "
+                f"{w.limit} {w.counted}"
                 for w in sorted(result.warned.values(), key=lambda w: (w.at, w.user))
             )
     if report.peaks:
         out.append("")
         heads = " ".join(f"{format_duration(p):>8}" for p in report.windows)
-        out.append(f"peak failures per window (top 20)\n  {'user':<40} {heads}")
+        out.append(f"peak failures per window (top {TABLE_PEAKS})\n  {'user':<40} {heads}")
         top = sorted(report.peaks.items(), key=lambda item: (-max(item[1].values()), item[0]))
-        for user, per in top[:20]:
+        for user, per in top[:TABLE_PEAKS]:
             cells = " ".join(f"{per.get(p, 0):>8}" for p in report.windows)
-            out.append(f"  {user:<40} {cells}")
+            out.append(f"  {printable(user):<40} {cells}")
     return "\n".join(out) + "\n"
 
 
@@ -157,7 +175,8 @@ def to_html(report: Report) -> str:
         for b in sorted(result.blocked.values(), key=lambda b: (b.at, b.user)):
             times = list(report.timelines.get(b.user, ()))
             parts.append(
-                f"<h3>{esc(b.user)}</h3><p>blocked {esc(_iso(b.at, zoned=report.zoned))} "
+                f"<h3>{esc(printable(b.user))}</h3>"
+                f"<p>blocked {esc(_iso(b.at, zoned=report.zoned))} "
                 f"after {b.failures} failures; {b.frozen_after} later recipients frozen</p>"
             )
             parts.append(_timeline_svg(times, b.at, zoned=report.zoned))
@@ -165,7 +184,7 @@ def to_html(report: Report) -> str:
             warned = sorted(result.warned.values(), key=lambda w: (w.at, w.user))
             parts.append(f"<h3>{len(warned)} warned (limits.warn_at)</h3><ul>")
             parts.extend(
-                f"<li>{esc(w.user)}: {esc(_iso(w.at, zoned=report.zoned))}, "
+                f"<li>{esc(printable(w.user))}: {esc(_iso(w.at, zoned=report.zoned))}, "
                 f"{esc(w.limit)} {esc(w.counted)}</li>"
                 for w in warned
             )
@@ -200,35 +219,75 @@ def _timeline_svg(times: Sequence[float], block_at: float, *, zoned: bool) -> st
     return f"<svg width='{width}' height='{height}' role='img'>{marks}{block}{labels}</svg>"
 
 
+def _own_limit(report: Report, user: str, rate: Rate) -> Rate | None:
+    """The limit *user* is held to in *rate*'s window: its override's (None when the override
+    has no such window), else the candidate's *rate*."""
+    override = report.overrides.get(user)
+    if override is None:
+        return rate
+    return next((own for own in override if own.period == rate.period), None)
+
+
 def _peaks_svg(report: Report, candidate: Candidate) -> str:
-    """Per window of *candidate*: each user's peak as a bar, sorted, with the limit as a line."""
+    """Per window of *candidate*: the highest peaks as bars, sorted, with the limit as a line.
+
+    A bar is red where the user reached the limit it is held to: a user with an override is
+    compared with its own (drawn in purple, its limit as a black tick on the bar when within
+    the chart). Each bar's tooltip names the user, its peak and its limit.
+    """
     out = []
     for rate in candidate.rates:
-        peaks = sorted((per.get(rate.period, 0) for per in report.peaks.values()), reverse=True)[
-            :200
-        ]
-        if not peaks:
+        window = format_duration(rate.period)
+        ranked = sorted(
+            ((per.get(rate.period, 0), user) for user, per in report.peaks.items()),
+            key=lambda item: (-item[0], item[1]),
+        )[:CHART_PEAKS]
+        if not ranked:
             continue
         width, height, pad = 600, 160, 20
-        top = max(*peaks, rate.count) * 1.1
-        bar = (width - 2 * pad) / len(peaks)
+        top = max(ranked[0][0], rate.count) * 1.1
+        bar = (width - 2 * pad) / len(ranked)
 
         def y(n: float, top: float = top, height: int = height, pad: int = pad) -> float:
             return height - pad - n / top * (height - 2 * pad)
 
-        bars = "".join(
-            f"<rect x='{pad + i * bar:.1f}' y='{y(n):.1f}' width='{max(bar - 1, 1):.1f}' "
-            f"height='{height - pad - y(n):.1f}' fill='{'#d00' if n >= rate.count else '#36c'}'/>"
-            for i, n in enumerate(peaks)
-        )
+        bars = []
+        for i, (n, user) in enumerate(ranked):
+            own = _own_limit(report, user, rate)
+            overridden = user in report.overrides
+            if own is not None and n >= own.count:
+                fill = "#d00"
+            else:
+                fill = "#93c" if overridden else "#36c"
+            if own is None:
+                held = f"no limit on {window} (override)"
+            else:
+                held = f"limit {own}" + (" (override)" if overridden else "")
+            left, wide = pad + i * bar, max(bar - 1, 1)
+            bars.append(
+                f"<rect x='{left:.1f}' y='{y(n):.1f}' width='{wide:.1f}' "
+                f"height='{height - pad - y(n):.1f}' fill='{fill}'>"
+                f"<title>{html.escape(printable(user))}: peak {n} within {window}, {held}"
+                "</title></rect>"
+            )
+            if overridden and own is not None and own != rate and own.count <= top:
+                bars.append(
+                    f"<line x1='{left:.1f}' x2='{left + wide:.1f}' y1='{y(own.count):.1f}' "
+                    f"y2='{y(own.count):.1f}' stroke='#000' stroke-width='2'/>"
+                )
         limit = (
             f"<line x1='{pad}' x2='{width - pad}' y1='{y(rate.count):.1f}' "
             f"y2='{y(rate.count):.1f}' stroke='#000' stroke-dasharray='4'/>"
             f"<text x='{width - pad}' y='{y(rate.count) - 3:.1f}' text-anchor='end' "
             f"font-size='11'>limit {rate}</text>"
         )
+        shown = (
+            f" (the {len(ranked)} highest of {len(report.peaks):,} users)"
+            if len(ranked) < len(report.peaks)
+            else ""
+        )
         out.append(
-            f"<h4>peak failures within {format_duration(rate.period)}, per user</h4>"
-            f"<svg width='{width}' height='{height}' role='img'>{bars}{limit}</svg>"
+            f"<h4>peak failures within {window}, per user{shown}</h4>"
+            f"<svg width='{width}' height='{height}' role='img'>{''.join(bars)}{limit}</svg>"
         )
     return "".join(out)
