@@ -288,6 +288,10 @@ class TestUnparsedExamples:
             f"{other}:{len((EXIM / 'rejectlog').read_bytes().splitlines()) + 1}: junk",
         ]
         out.encode("utf-8")  # a lone surrogate would raise
+        # the table shows them as the JSON does, not as Python's repr of the text
+        code, out, _ = run([str(path), str(other)], capsys)
+        assert code == 0
+        assert f"  unparsed: {path}:7: not a log \\xfd line\\tat all\n" in out
 
     def test_standard_input_is_named(
         self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

@@ -117,7 +117,7 @@ def to_table(report: Report) -> str:
         f"  relay {relay.name}: {relay.lines:,} lines read, {relay.unparsed:,} unparsed"
         for relay in report.relays
     )
-    out.extend(f"  unparsed: {example!r}" for example in report.unparsed_examples)
+    out.extend(f"  unparsed: {example}" for example in report.unparsed_examples)
     for result in report.results:
         out.append("")
         out.append(f"limit {result.candidate.label}: {len(result.blocked)} user(s) blocked")
