@@ -86,7 +86,8 @@ class Arrival(NamedTuple):
     auth_id: str | None
     #: The client's IP address (``[ip]`` of ``H=``), or None for a local submission.
     host: str | None
-    #: A bounce (``<= <>``): the shipped ACL counts nothing for the null sender.
+    #: A bounce (``<= <>``): the shipped ACL neither verifies nor counts its recipients' failures,
+    #: but asks about its sender's key all the same, so a blocked user's bounces are frozen.
     null_sender: bool = False
     #: The login of the local user who submitted it (``U=``), for a message without a client.
     local: str | None = None
