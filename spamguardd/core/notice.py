@@ -258,13 +258,19 @@ def _body(notice: Notice) -> str:
     return "\n".join(lines) + "\n"
 
 
+def undecodable_escaped(text: str) -> str:
+    """*text* with the bytes that are not UTF-8 (kept as surrogates) written as ``\\xNN``: what a
+    strict UTF-8 reader (a JSON parser, a terminal) can take."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def printable(text: str) -> str:
     """*text* for one line of a message: control characters and undecodable bytes escaped.
 
     User keys and recipients come from the network: a newline in one must not start a new header
     or a fake line in the body, and bytes that are not UTF-8 (kept as surrogates) must show.
     """
-    raw = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    raw = undecodable_escaped(text)
     if raw.isprintable():
         return raw
     return "".join(c if c.isprintable() else _escape(c) for c in raw)

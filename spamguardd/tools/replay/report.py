@@ -7,7 +7,7 @@ import html
 from collections.abc import Sequence
 from typing import Final
 
-from spamguardd.core.notice import printable
+from spamguardd.core.notice import printable, undecodable_escaped
 from spamguardd.core.rate import Rate, format_duration
 from spamguardd.tools.replay.engine import BlockRecord, Candidate, Report
 
@@ -15,16 +15,6 @@ from spamguardd.tools.replay.engine import BlockRecord, Candidate, Report
 TABLE_PEAKS: Final = 20
 #: Users drawn in each chart of peaks: the highest peaks in that window.
 CHART_PEAKS: Final = 200
-
-
-def _json_text(text: str) -> str:
-    """*text* for the JSON: bytes of the log that are not UTF-8 (kept as lone surrogates, which
-    strict JSON parsers refuse) written as ``\\xNN``, the way the table shows them."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return text
 
 
 def _iso(at: float, *, zoned: bool) -> str:
@@ -52,7 +42,7 @@ def to_json(report: Report) -> dict[str, object]:
             "limit": result.candidate.label,
             "blocked": [
                 {
-                    "user": _json_text(b.user),
+                    "user": undecodable_escaped(b.user),
                     "at": _iso(b.at, zoned=report.zoned),
                     "failures": b.failures,
                     "frozen_after": b.frozen_after,
@@ -65,7 +55,7 @@ def to_json(report: Report) -> dict[str, object]:
         if report.warn:  # only with limits.warn_at: today's documents stay as they were
             entry["warned"] = [
                 {
-                    "user": _json_text(w.user),
+                    "user": undecodable_escaped(w.user),
                     "at": _iso(w.at, zoned=report.zoned),
                     "limit": w.limit,
                     "counted": w.counted,
@@ -80,17 +70,22 @@ def to_json(report: Report) -> dict[str, object]:
     return {
         "limits": limits,
         "peaks": {
-            _json_text(user): {format_duration(period): n for period, n in sorted(per.items())}
+            undecodable_escaped(user): {
+                format_duration(period): n for period, n in sorted(per.items())
+            }
             for user, per in sorted(report.peaks.items())
         },
         "lines": {
             "read": report.lines_read,
             "unparsed": report.unparsed,
-            "unparsed_examples": [_json_text(line) for line in report.unparsed_examples],
+            "unparsed_examples": [undecodable_escaped(line) for line in report.unparsed_examples],
             **(
                 {
                     "relays": {
-                        _json_text(relay.name): {"read": relay.lines, "unparsed": relay.unparsed}
+                        undecodable_escaped(relay.name): {
+                            "read": relay.lines,
+                            "unparsed": relay.unparsed,
+                        }
                         for relay in report.relays
                     }
                 }
