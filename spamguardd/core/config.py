@@ -27,7 +27,7 @@ import attrs
 
 from spamguardd.core.errors import ConfigError
 from spamguardd.core.expiry import DEFAULT_REPEAT_WITHIN, Step, expires, parse_steps
-from spamguardd.core.protocol import Verdict
+from spamguardd.core.protocol import IPAddress, Verdict
 from spamguardd.core.rate import MAX_DURATION, Rate, parse_duration
 from spamguardd.core.storeurl import StoreAddress, parse_store_url
 
@@ -665,6 +665,10 @@ class PolicyConfig:
     exempt_networks: tuple[Network, ...] = setting(
         key="exempt.networks", parse=_networks, default=()
     )
+
+    def exempt_address(self, ip: IPAddress | None) -> bool:
+        """Whether a client at *ip* is never counted (``exempt.networks``)."""
+        return ip is not None and any(ip in net for net in self.exempt_networks)
 
     def limits_for(self, user: str) -> tuple[Rate, ...]:
         """The windows that apply to *user*: its override, else the defaults.

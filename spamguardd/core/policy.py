@@ -320,10 +320,8 @@ class Policy:
         return Decision(Reply(self.config.verdict, block.reason), needs_generation=self.generation)
 
     def _is_exempt(self, request: RcptRequest) -> bool:
-        if request.user in self.config.exempt_users:
-            return True
-        ip = request.ip
-        return ip is not None and any(ip in net for net in self.config.exempt_networks)
+        config = self.config
+        return request.user in config.exempt_users or config.exempt_address(request.ip)
 
     def _rcpt(self, request: RcptRequest, *, now: float, wall_now: float) -> Decision:
         blocked = self._blocked_decision(request.user)
@@ -446,7 +444,7 @@ class Policy:
         if len(failures) == 1:  # the query path
             ((rcpt, verify, ip, now, _),) = failures
             if (verify is Verify.DEFER and not count_defer) or (
-                ip is not None and networks and any(ip in net for net in networks)
+                networks and config.exempt_address(ip)
             ):
                 return [], ACCEPTED
             rcpts: Sequence[str] = (rcpt,)
@@ -456,8 +454,7 @@ class Policy:
                 kept = [
                     index
                     for index, (_, verify, ip, _, _) in enumerate(failures)
-                    if (count_defer or verify is not Verify.DEFER)
-                    and (ip is None or not any(ip in net for net in networks))
+                    if (count_defer or verify is not Verify.DEFER) and not config.exempt_address(ip)
                 ]
             elif count_defer or Verify.DEFER not in [failure[1] for failure in failures]:
                 kept = None  # every one counts (the common case)
@@ -521,16 +518,11 @@ class Policy:
         limit = _recent_limit(rates)
         count_defer = config.count_defer
         exempt = user in config.exempt_users
-        networks = config.exempt_networks
         notable: list[tuple[int, Decision]] = []
         state: UserState | None = None
         last = ACCEPTED
         for index, (rcpt, verify, ip, now, wall_now) in enumerate(failures):
-            if (
-                (verify is Verify.DEFER and not count_defer)
-                or exempt
-                or (ip is not None and any(ip in net for net in networks))
-            ):
+            if (verify is Verify.DEFER and not count_defer) or exempt or config.exempt_address(ip):
                 last = ACCEPTED
                 continue
             if state is None:

@@ -220,12 +220,10 @@ class Replayer:
         self._exempt_users = config.exempt_users
         self._count_failure = self._failure
         if config.exempt_networks:
-            networks = config.exempt_networks
 
             @functools.lru_cache(maxsize=65536)
             def exempt_host(host: str | None) -> bool:
-                ip = _ip(host)
-                return ip is not None and any(ip in net for net in networks)
+                return config.exempt_address(_ip(host))
 
             def failure(user: str, rcpt: str, host: str | None, at: float, verify: Verify) -> None:
                 if not exempt_host(host):
