@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import secrets
 import shutil
 import subprocess
 import time
@@ -90,6 +91,10 @@ INSTALL = shell_blocks(REPO / "docs" / "install.md")
 #: docs/fleet.md: the store on the relay's own host, over Debian's redis Unix socket.
 (FLEET_UNIX,) = [
     block for block in shell_blocks(REPO / "docs" / "fleet.md") if "unixsocketperm" in block
+]
+#: docs/fleet.md: the relay's password file, checked as the daemon's user, and the restart.
+(FLEET_PASSWORD,) = [
+    block for block in shell_blocks(REPO / "docs" / "fleet.md") if "store-password" in block
 ]
 #: docs/operations.md: starting everything again after an exit 78.
 (RECOVER,) = [
@@ -460,10 +465,21 @@ def test_admin_story(story: Story, tmp_path_factory: pytest.TempPathFactory) -> 
         # the admin's edits the block's comments ask for
         socket_lines = [line.strip("# ") for line in FLEET_UNIX.splitlines()[1:3]]
         assert socket_lines[0].startswith("unixsocket /run/redis/"), socket_lines
+        password = secrets.token_hex(16)
         with lab.path("/etc/redis/redis.conf").open("a") as conf:
-            conf.write("\n".join(socket_lines) + "\n")
+            conf.write("\n".join(socket_lines) + f"\nrequirepass {password}\n")
         with lab.path("/etc/spamguardd/spamguardd.toml").open("a") as conf:
-            conf.write('\n[cluster]\nurl = "unix:///run/redis/redis-server.sock"\nname = "lab"\n')
+            conf.write(
+                '\n[cluster]\nurl = "unix:///run/redis/redis-server.sock"\nname = "lab"\n'
+                'password_file = "/etc/spamguardd/store-password"\n'
+            )
+        # the password file as the page makes it; what its editor line asks for is typed in
+        (editor,) = [line for line in FLEET_PASSWORD.splitlines() if line.startswith("editor ")]
+        typed = f"printf '%s\\n' {password} > /etc/spamguardd/store-password"
+        output = story.sh(FLEET_PASSWORD.replace(editor, typed))
+        assert "configuration is valid" in output, output
+        mode = lab.run(["stat", "-c", "%a %U:%G", "/etc/spamguardd/store-password"]).stdout
+        assert mode.strip() == "640 root:spamguardd", mode
         story.sh(FLEET_UNIX)
         fleet = story.wait(
             "the relay to count in the store",
@@ -474,7 +490,16 @@ def test_admin_story(story: Story, tmp_path_factory: pytest.TempPathFactory) -> 
         assert sorted(code for code, _ in sent["replies"].values()) == [550] * 6, sent
         assert "counted:  fleet-wide" in story.ctl("show", "auth:eve").stdout
         stored = lab.run(
-            ["redis-cli", "-s", "/run/redis/redis-server.sock", "HKEYS", "spamguardd:blocks"]
+            [
+                "redis-cli",
+                "-s",
+                "/run/redis/redis-server.sock",
+                "--no-auth-warning",
+                "-a",
+                password,
+                "HKEYS",
+                "spamguardd:blocks",
+            ]
         ).stdout.split()
         assert "auth:eve" in stored, stored
 
